@@ -1,0 +1,628 @@
+//! Reading pipeline files: `include: local`, `extends`, `!reference` and `default`.
+//!
+//! The order is GitLab's: includes are merged first (included files under the main file),
+//! then `extends` is resolved, then `!reference` tags. The result is one YAML tree that the
+//! typed model is read from; spans still point into the file each value came from.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use globset::GlobBuilder;
+
+use crate::diag::{Diagnostic, did_you_mean};
+use crate::source::{Sources, Span};
+use crate::yaml::{self, Key, Limits, Node, Value};
+
+/// GitLab allows 150 included files per pipeline; rave uses the same ceiling.
+const MAX_INCLUDES: usize = 150;
+/// GitLab resolves at most 11 levels of `extends`.
+const MAX_EXTENDS_DEPTH: usize = 11;
+/// GitLab resolves at most 10 levels of nested `!reference`.
+const MAX_REFERENCE_DEPTH: usize = 10;
+
+/// Candidate pipeline files, in the order rave looks for them.
+pub const DEFAULT_FILES: [&str; 2] = ["pipeline.yml", ".gitlab-ci.yml"];
+
+pub struct Loader<'a> {
+    pub root_dir: &'a Path,
+    pub sources: &'a mut Sources,
+    pub diagnostics: &'a mut Vec<Diagnostic>,
+    pub limits: Limits,
+    included: usize,
+}
+
+/// Find the pipeline file: `--file` if given, else `pipeline.yml`, else `.gitlab-ci.yml`.
+pub fn find_pipeline_file(root: &Path, file: Option<&Path>) -> Result<PathBuf, Diagnostic> {
+    if let Some(f) = file {
+        let p = if f.is_absolute() {
+            f.to_path_buf()
+        } else {
+            root.join(f)
+        };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Diagnostic::error(
+                format!("pipeline file `{}` does not exist", f.display()),
+                None,
+            )
+            .with_help("check the path given to --file"))
+        };
+    }
+    for name in DEFAULT_FILES {
+        let p = root.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Diagnostic::error(
+        format!(
+            "no pipeline file in {}: looked for {}",
+            root.display(),
+            DEFAULT_FILES.join(" and ")
+        ),
+        None,
+    )
+    .with_help("run rave in the repository root, or name the file with --file"))
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(
+        root_dir: &'a Path,
+        sources: &'a mut Sources,
+        diagnostics: &'a mut Vec<Diagnostic>,
+    ) -> Self {
+        Loader {
+            root_dir,
+            sources,
+            diagnostics,
+            limits: Limits::default(),
+            included: 0,
+        }
+    }
+
+    fn display(&self, path: &Path) -> String {
+        path.strip_prefix(self.root_dir)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    fn read(&mut self, path: &Path, from: Option<Span>) -> Option<Node> {
+        let display = self.display(path);
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > self.limits.max_file_bytes as u64 => {
+                self.diagnostics.push(
+                    Diagnostic::error(
+                        format!(
+                            "`{display}` is {} bytes, more than the limit of {} bytes",
+                            m.len(),
+                            self.limits.max_file_bytes
+                        ),
+                        from,
+                    )
+                    .with_help("split the pipeline with `include: local`"),
+                );
+                return None;
+            }
+            _ => {}
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.diagnostics.push(Diagnostic::error(
+                    format!("cannot read `{display}`: {e}"),
+                    from,
+                ));
+                return None;
+            }
+        };
+        let id = self.sources.add(path, display, Arc::from(text));
+        let text = self.sources.get(id).map(|f| f.text.clone())?;
+        match yaml::parse(&text, id, self.limits) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.diagnostics
+                    .push(Diagnostic::error(e.message, Some(e.span)).with_help_opt(e.help));
+                None
+            }
+        }
+    }
+
+    /// Load the main file with its includes merged in. Returns None after reporting errors.
+    pub fn load(&mut self, main: &Path) -> Option<Node> {
+        let mut stack = Vec::new();
+        self.load_file(main, None, &mut stack)
+    }
+
+    fn load_file(
+        &mut self,
+        path: &Path,
+        from: Option<Span>,
+        stack: &mut Vec<PathBuf>,
+    ) -> Option<Node> {
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(pos) = stack.iter().position(|p| *p == canon) {
+            let chain: Vec<String> = stack[pos..]
+                .iter()
+                .chain(std::iter::once(&canon))
+                .map(|p| self.display(p))
+                .collect();
+            self.diagnostics.push(
+                Diagnostic::error(format!("include loop: {}", chain.join(" → ")), from)
+                    .with_help("remove one of these includes"),
+            );
+            return None;
+        }
+        let node = self.read(path, from)?;
+        let span = node.span;
+        let Value::Map(mut entries) = node.value else {
+            if node.is_null() {
+                return Some(Node::new(Value::Map(Vec::new()), span));
+            }
+            self.diagnostics.push(
+                Diagnostic::error(
+                    format!(
+                        "a pipeline file must be a mapping of keys to jobs, but `{}` holds {}",
+                        self.display(path),
+                        node.type_name()
+                    ),
+                    Some(span),
+                )
+                .with_help("start the file with `stages:` or a job name followed by `:`"),
+            );
+            return None;
+        };
+        let include_pos = entries.iter().position(|(k, _)| k.name == "include");
+        let Some(pos) = include_pos else {
+            return Some(Node::new(Value::Map(entries), span));
+        };
+        let (_, include) = entries.remove(pos);
+        stack.push(canon);
+        let mut merged = Node::new(Value::Map(Vec::new()), span);
+        for (file, at) in self.include_targets(&include) {
+            self.included += 1;
+            if self.included > MAX_INCLUDES {
+                self.diagnostics.push(Diagnostic::error(
+                    format!("more than {MAX_INCLUDES} included files"),
+                    Some(at),
+                ));
+                break;
+            }
+            if let Some(n) = self.load_file(&file, Some(at), stack) {
+                deep_merge(&mut merged, n);
+            }
+        }
+        stack.pop();
+        deep_merge(&mut merged, Node::new(Value::Map(entries), span));
+        Some(merged)
+    }
+
+    /// The files an `include:` value names, in order. Errors are reported, not returned.
+    fn include_targets(&mut self, include: &Node) -> Vec<(PathBuf, Span)> {
+        let items: Vec<&Node> = match &include.value {
+            Value::Seq(s) => s.iter().collect(),
+            _ => vec![include],
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let (pattern, span) = match &item.value {
+                Value::Str(s) => {
+                    if s.starts_with("http://") || s.starts_with("https://") {
+                        self.unsupported_include("remote", item.span);
+                        continue;
+                    }
+                    (s.clone(), item.span)
+                }
+                Value::Map(m) => {
+                    if let Some((_, v)) = m.iter().find(|(k, _)| k.name == "local") {
+                        match v.as_str() {
+                            Some(s) => (s.to_string(), v.span),
+                            None => {
+                                self.diagnostics.push(Diagnostic::error(
+                                    format!("`include: local` must be a path, not {}", v.type_name()),
+                                    Some(v.span),
+                                ));
+                                continue;
+                            }
+                        }
+                    } else if let Some((k, _)) = m.iter().find(|(k, _)| {
+                        matches!(k.name.as_str(), "remote" | "project" | "template" | "component")
+                    }) {
+                        self.unsupported_include(&k.name, k.span);
+                        continue;
+                    } else {
+                        let first = m.first().map(|(k, _)| k);
+                        let d = Diagnostic::error(
+                            "an `include:` entry needs `local:`".to_string(),
+                            Some(first.map_or(item.span, |k| k.span)),
+                        )
+                        .with_help_opt(first.and_then(|k| {
+                            did_you_mean(&k.name, ["local", "remote", "project", "template"])
+                        }));
+                        self.diagnostics.push(d);
+                        continue;
+                    }
+                }
+                _ => {
+                    self.diagnostics.push(Diagnostic::error(
+                        format!("`include:` takes a path, a mapping or a list, not {}", item.type_name()),
+                        Some(item.span),
+                    ));
+                    continue;
+                }
+            };
+            match self.expand_local(&pattern, span) {
+                Some(files) => out.extend(files.into_iter().map(|f| (f, span))),
+                None => continue,
+            }
+        }
+        out
+    }
+
+    fn unsupported_include(&mut self, kind: &str, span: Span) {
+        self.diagnostics.push(
+            Diagnostic::error(
+                format!("`include: {kind}` is not supported: rave reads pipelines from the repository only"),
+                Some(span),
+            )
+            .with_help("copy the file into the repository and use `include: local`"),
+        );
+    }
+
+    fn expand_local(&mut self, pattern: &str, span: Span) -> Option<Vec<PathBuf>> {
+        let rel = pattern.trim_start_matches('/');
+        let escapes = Path::new(rel)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)));
+        if escapes {
+            self.diagnostics.push(Diagnostic::error(
+                format!("`{pattern}` points outside the repository"),
+                Some(span),
+            ));
+            return None;
+        }
+        if !rel.contains(['*', '?', '[', '{']) {
+            let p = self.root_dir.join(rel);
+            if !p.is_file() {
+                let d = Diagnostic::error(
+                    format!("included file `{pattern}` does not exist"),
+                    Some(span),
+                )
+                .with_label("not found")
+                .with_help("include: local paths are relative to the repository root");
+                self.diagnostics.push(d);
+                return None;
+            }
+            return Some(vec![p]);
+        }
+        // GitLab's include globs: `*` stays inside one directory, `**` crosses directories.
+        let glob = match GlobBuilder::new(rel).literal_separator(true).build() {
+            Ok(g) => g.compile_matcher(),
+            Err(e) => {
+                self.diagnostics.push(Diagnostic::error(
+                    format!("bad glob `{pattern}`: {e}"),
+                    Some(span),
+                ));
+                return None;
+            }
+        };
+        let mut files = Vec::new();
+        walk(self.root_dir, self.root_dir, 0, &mut |rel_path, abs| {
+            if glob.is_match(rel_path) {
+                files.push(abs.to_path_buf());
+            }
+        });
+        files.sort();
+        if files.is_empty() {
+            self.diagnostics.push(
+                Diagnostic::error(format!("`{pattern}` matches no file"), Some(span))
+                    .with_help("include: local globs are relative to the repository root"),
+            );
+        }
+        Some(files)
+    }
+}
+
+/// Visit the repository's files (not `.git`), bounded in depth.
+fn walk(root: &Path, dir: &Path, depth: usize, f: &mut dyn FnMut(&Path, &Path)) {
+    if depth > 32 {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        if name == ".git" || name == "target" || name == "node_modules" {
+            continue;
+        }
+        let path = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            walk(root, &path, depth + 1, f);
+        } else if ft.is_file()
+            && let Ok(rel) = path.strip_prefix(root)
+        {
+            f(rel, &path);
+        }
+    }
+}
+
+/// GitLab's deep merge: mappings merge key by key, anything else is replaced by `over`.
+pub fn deep_merge(base: &mut Node, over: Node) {
+    match (&mut base.value, over.value) {
+        (Value::Map(b), Value::Map(o)) => {
+            for (k, v) in o {
+                if let Some((_, existing)) = b.iter_mut().find(|(bk, _)| bk.name == k.name) {
+                    deep_merge(existing, v);
+                } else {
+                    b.push((k, v));
+                }
+            }
+        }
+        (_, v) => {
+            base.value = v;
+            base.span = over.span;
+            base.tag = over.tag;
+        }
+    }
+}
+
+/// Resolve `extends` on every top-level entry. Errors are reported; entries that fail keep
+/// their own keys only.
+pub fn resolve_extends(root: &mut Node, diagnostics: &mut Vec<Diagnostic>) {
+    let Value::Map(entries) = &root.value else {
+        return;
+    };
+    let names: Vec<String> = entries.iter().map(|(k, _)| k.name.clone()).collect();
+    let mut resolved: Vec<Option<Node>> = vec![None; entries.len()];
+    let mut reported: HashSet<String> = HashSet::new();
+    for i in 0..entries.len() {
+        let mut stack = Vec::new();
+        resolve_one(
+            entries,
+            &names,
+            i,
+            &mut resolved,
+            &mut stack,
+            diagnostics,
+            &mut reported,
+        );
+    }
+    if let Value::Map(entries) = &mut root.value {
+        for (i, (_, v)) in entries.iter_mut().enumerate() {
+            if let Some(r) = resolved[i].take() {
+                *v = r;
+            }
+        }
+    }
+}
+
+fn extends_list(node: &Node) -> Vec<(String, Span)> {
+    match node.get("extends") {
+        Some(Node {
+            value: Value::Str(s),
+            span,
+            ..
+        }) => vec![(s.clone(), *span)],
+        Some(Node {
+            value: Value::Seq(items),
+            ..
+        }) => items
+            .iter()
+            .filter_map(|n| n.as_str().map(|s| (s.to_string(), n.span)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn resolve_one(
+    entries: &[(Key, Node)],
+    names: &[String],
+    i: usize,
+    resolved: &mut Vec<Option<Node>>,
+    stack: &mut Vec<usize>,
+    diagnostics: &mut Vec<Diagnostic>,
+    reported: &mut HashSet<String>,
+) -> Node {
+    if let Some(r) = &resolved[i] {
+        return r.clone();
+    }
+    let node = &entries[i].1;
+    if let Some(ext) = node.get("extends")
+        && !matches!(ext.value, Value::Str(_) | Value::Seq(_))
+    {
+        diagnostics.push(Diagnostic::error(
+            format!("`extends` takes a name or a list of names, not {}", ext.type_name()),
+            Some(ext.span),
+        ));
+    }
+    let parents = extends_list(node);
+    if parents.is_empty() {
+        resolved[i] = Some(node.clone());
+        return node.clone();
+    }
+    stack.push(i);
+    let mut base = Node::new(Value::Map(Vec::new()), node.span);
+    for (parent, span) in parents {
+        let Some(pi) = names.iter().position(|n| *n == parent) else {
+            let help = did_you_mean(&parent, names.iter().map(String::as_str));
+            diagnostics.push(
+                Diagnostic::error(
+                    format!("`{}` extends `{parent}`, which is not defined", names[i]),
+                    Some(span),
+                )
+                .with_label("unknown name")
+                .with_help_opt(help),
+            );
+            continue;
+        };
+        if let Some(pos) = stack.iter().position(|s| *s == pi) {
+            let mut chain: Vec<&str> = stack[pos..].iter().map(|s| names[*s].as_str()).collect();
+            chain.push(&names[pi]);
+            let text = chain.join(" → ");
+            if reported.insert(text.clone()) {
+                diagnostics.push(
+                    Diagnostic::error(format!("extends loop: {text}"), Some(span))
+                        .with_help("remove one `extends` in this loop"),
+                );
+            }
+            continue;
+        }
+        if stack.len() >= MAX_EXTENDS_DEPTH {
+            diagnostics.push(Diagnostic::error(
+                format!(
+                    "`{}` extends more than {MAX_EXTENDS_DEPTH} levels deep",
+                    names[stack[0]]
+                ),
+                Some(span),
+            ));
+            continue;
+        }
+        let p = resolve_one(entries, names, pi, resolved, stack, diagnostics, reported);
+        deep_merge(&mut base, p);
+    }
+    stack.pop();
+    deep_merge(&mut base, node.clone());
+    if let Value::Map(m) = &mut base.value {
+        m.retain(|(k, _)| k.name != "extends");
+    }
+    base.span = node.span;
+    resolved[i] = Some(base.clone());
+    base
+}
+
+/// Replace every `!reference [a, b, …]` with the node it points to.
+pub fn resolve_references(root: &mut Node, diagnostics: &mut Vec<Diagnostic>) {
+    let snapshot = root.clone();
+    resolve_refs_in(root, &snapshot, 0, diagnostics);
+}
+
+fn resolve_refs_in(node: &mut Node, root: &Node, depth: usize, diagnostics: &mut Vec<Diagnostic>) {
+    if node.tag.as_deref() == Some("reference") {
+        let span = node.span;
+        let path: Option<Vec<String>> = node
+            .as_seq()
+            .map(|s| s.iter().filter_map(|n| n.scalar_string()).collect());
+        let Some(path) = path.filter(|p| !p.is_empty()) else {
+            diagnostics.push(
+                Diagnostic::error("`!reference` takes a list of keys", Some(span))
+                    .with_help("write `!reference [.job, script]`"),
+            );
+            return;
+        };
+        if depth >= MAX_REFERENCE_DEPTH {
+            diagnostics.push(Diagnostic::error(
+                format!("`!reference` nested more than {MAX_REFERENCE_DEPTH} levels deep (or a reference loop)"),
+                Some(span),
+            ));
+            node.tag = None;
+            return;
+        }
+        let mut target = root;
+        for (i, key) in path.iter().enumerate() {
+            match target.get(key) {
+                Some(t) => target = t,
+                None => {
+                    let candidates: Vec<&str> = target
+                        .as_map()
+                        .map(|m| m.iter().map(|(k, _)| k.name.as_str()).collect())
+                        .unwrap_or_default();
+                    let help = did_you_mean(key, candidates);
+                    diagnostics.push(
+                        Diagnostic::error(
+                            format!(
+                                "`!reference [{}]` points at nothing: `{}` has no key `{key}`",
+                                path.join(", "),
+                                if i == 0 { "the pipeline".to_string() } else { path[..i].join(".") }
+                            ),
+                            Some(span),
+                        )
+                        .with_help_opt(help),
+                    );
+                    node.tag = None;
+                    node.value = Value::Null;
+                    return;
+                }
+            }
+        }
+        let mut replacement = target.clone();
+        resolve_refs_in(&mut replacement, root, depth + 1, diagnostics);
+        *node = replacement;
+        return;
+    }
+    match &mut node.value {
+        Value::Seq(items) => {
+            for it in items {
+                resolve_refs_in(it, root, depth, diagnostics);
+            }
+        }
+        Value::Map(m) => {
+            for (_, v) in m {
+                resolve_refs_in(v, root, depth, diagnostics);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::FileId;
+
+    fn parse(s: &str) -> Node {
+        yaml::parse(s, FileId(0), Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn extends_merges_deeply_and_job_wins() {
+        let mut n = parse(
+            ".a:\n  variables: {A: 1, B: 1}\n  script: [a]\n.b:\n  extends: .a\n  variables: {B: 2}\njob:\n  extends: .b\n  variables: {C: 3}\n",
+        );
+        let mut d = Vec::new();
+        resolve_extends(&mut n, &mut d);
+        assert!(d.is_empty(), "{d:?}");
+        let job = n.get("job").unwrap();
+        let v = job.get("variables").unwrap();
+        assert_eq!(v.get("A").unwrap().value, Value::Int(1));
+        assert_eq!(v.get("B").unwrap().value, Value::Int(2));
+        assert_eq!(v.get("C").unwrap().value, Value::Int(3));
+        assert!(job.get("script").is_some());
+        assert!(job.get("extends").is_none());
+    }
+
+    #[test]
+    fn extends_loop_is_reported_once_as_a_chain() {
+        let mut n = parse("a:\n  extends: b\nb:\n  extends: c\nc:\n  extends: a\n");
+        let mut d = Vec::new();
+        resolve_extends(&mut n, &mut d);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].message.contains("a → b → c → a"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn references_resolve_nested() {
+        let mut n = parse(
+            ".s:\n  script: [one, two]\n.t:\n  script: [!reference [.s, script], three]\njob:\n  script: !reference [.t, script]\n",
+        );
+        let mut d = Vec::new();
+        resolve_references(&mut n, &mut d);
+        assert!(d.is_empty(), "{d:?}");
+        let s = n.get("job").unwrap().get("script").unwrap().as_seq().unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].as_seq().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reference_loop_is_bounded() {
+        let mut n = parse(".a:\n  x: !reference [.b, x]\n.b:\n  x: !reference [.a, x]\n");
+        let mut d = Vec::new();
+        resolve_references(&mut n, &mut d);
+        assert!(!d.is_empty());
+    }
+}
