@@ -1,0 +1,81 @@
+//! Each instance's memory/CPU request, checked against the budget.
+//!
+//! A request comes from, in order: the `RAVE_MEMORY` / `RAVE_CPUS` variables the job sees
+//! (so rules and matrix rows can change them), the job's `resources:` key, then the
+//! `.rave: defaults`. A request bigger than the whole budget could never be admitted, so it
+//! is an error at plan time rather than a job that waits forever.
+
+use rave_model::units::{format_memory, parse_cpus, parse_memory};
+use rave_model::{Diagnostic, Pipeline};
+
+use crate::{JobInstance, PlanOptions};
+
+pub fn assign(
+    jobs: &mut [JobInstance],
+    pipeline: &Pipeline,
+    opts: &PlanOptions,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let budget = opts.budget;
+    for j in jobs.iter_mut() {
+        let var_span = |name: &str| {
+            j.job
+                .variables
+                .0
+                .get(name)
+                .or_else(|| pipeline.variables.0.get(name))
+                .map(|v| v.span)
+                .or(Some(j.job.span))
+        };
+        let mut memory = j.job.resources.memory_bytes.unwrap_or(pipeline.rave.default_memory_bytes);
+        let mut cpus = j.job.resources.cpus.unwrap_or(pipeline.rave.default_cpus);
+        if let Some(m) = j.variables.get("RAVE_MEMORY").filter(|m| !m.is_empty()) {
+            match parse_memory(m) {
+                Ok(b) => memory = b,
+                Err(e) => diags.push(
+                    Diagnostic::error(format!("job `{}`: RAVE_MEMORY: {e}", j.name), var_span("RAVE_MEMORY"))
+                        .with_help("write a size such as 512M or 1.5G"),
+                ),
+            }
+        }
+        if let Some(c) = j.variables.get("RAVE_CPUS").filter(|m| !m.is_empty()) {
+            match parse_cpus(c) {
+                Ok(v) => cpus = v,
+                Err(e) => diags.push(
+                    Diagnostic::error(format!("job `{}`: RAVE_CPUS: {e}", j.name), var_span("RAVE_CPUS"))
+                        .with_help("write a number such as 1, 2 or 0.5"),
+                ),
+            }
+        }
+        let span = j.job.resources.span.or_else(|| var_span("RAVE_MEMORY"));
+        if memory > budget.memory_bytes {
+            diags.push(
+                Diagnostic::error(
+                    format!(
+                        "job `{}` requests {} of memory, more than the whole budget of {} (profile {})",
+                        j.name,
+                        format_memory(memory),
+                        format_memory(budget.memory_bytes),
+                        opts.profile
+                    ),
+                    span,
+                )
+                .with_help("lower RAVE_MEMORY, or raise the budget with --memory or --profile full"),
+            );
+        }
+        if cpus > budget.cpus + 1e-9 {
+            diags.push(
+                Diagnostic::error(
+                    format!(
+                        "job `{}` requests {cpus} CPUs, more than the whole budget of {} (profile {})",
+                        j.name, budget.cpus, opts.profile
+                    ),
+                    var_span("RAVE_CPUS"),
+                )
+                .with_help("lower RAVE_CPUS, or raise the budget with --cpus or --profile full"),
+            );
+        }
+        j.memory_bytes = memory;
+        j.cpus = cpus;
+    }
+}

@@ -1,0 +1,150 @@
+//! What started a pipeline, and the predefined `CI_*` variables that follow from it.
+
+use indexmap::IndexMap;
+
+/// `CI_PIPELINE_SOURCE` values rave produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Push,
+    Web,
+    Api,
+    Schedule,
+    Trigger,
+    /// `rave run` on a developer's machine. Rules see `push`, as gitlab-ci-local does, so a
+    /// pipeline behaves locally as it does on the server.
+    Local,
+}
+
+impl Source {
+    pub fn parse(s: &str) -> Option<Source> {
+        Some(match s {
+            "push" | "tag" => Source::Push,
+            "web" | "manual" => Source::Web,
+            "api" => Source::Api,
+            "schedule" => Source::Schedule,
+            "trigger" => Source::Trigger,
+            "local" => Source::Local,
+            _ => return None,
+        })
+    }
+
+    /// The value jobs and rules see in `CI_PIPELINE_SOURCE`.
+    pub fn ci_value(self) -> &'static str {
+        match self {
+            Source::Push | Source::Local => "push",
+            Source::Web => "web",
+            Source::Api => "api",
+            Source::Schedule => "schedule",
+            Source::Trigger => "trigger",
+        }
+    }
+}
+
+/// Everything about the event and the repository that the plan needs. Plain data: reading git
+/// is the caller's job, so planning stays pure and testable.
+#[derive(Clone, Debug)]
+pub struct Trigger {
+    /// Branch name, or the tag name for a tag pipeline.
+    pub ref_name: String,
+    pub tag: Option<String>,
+    pub sha: String,
+    pub source: Source,
+    pub default_branch: String,
+    pub project_name: String,
+    pub project_namespace: String,
+    /// Variables given with the trigger (`--var`, API): highest precedence.
+    pub variables: IndexMap<String, String>,
+    /// Files in the repository at `sha`, for `rules: exists`.
+    pub files: Vec<String>,
+    /// Files changed by the push, for `rules: changes`. None when there is nothing to compare
+    /// with (new branch, manual run): then `changes` is true, as in GitLab.
+    pub changed_files: Option<Vec<String>>,
+}
+
+impl Default for Trigger {
+    fn default() -> Self {
+        Trigger {
+            ref_name: "main".into(),
+            tag: None,
+            sha: "0000000000000000000000000000000000000000".into(),
+            source: Source::Local,
+            default_branch: "main".into(),
+            project_name: "project".into(),
+            project_namespace: "local".into(),
+            variables: IndexMap::new(),
+            files: Vec::new(),
+            changed_files: None,
+        }
+    }
+}
+
+/// GitLab's `CI_COMMIT_REF_SLUG`: lowercased, non-alphanumerics to `-`, at most 63 bytes,
+/// no leading or trailing `-`.
+pub fn slug(s: &str) -> String {
+    let mapped: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let cut: String = mapped.chars().take(63).collect();
+    cut.trim_matches('-').to_string()
+}
+
+impl Trigger {
+    /// Pipeline-level predefined variables (job-level ones are added per job instance).
+    pub fn predefined(&self) -> IndexMap<String, String> {
+        let mut v = IndexMap::new();
+        let mut set = |k: &str, val: &str| {
+            v.insert(k.to_string(), val.to_string());
+        };
+        set("CI", "true");
+        set("RAVE", "true");
+        set("CI_SERVER", "yes");
+        set("CI_COMMIT_SHA", &self.sha);
+        set("CI_COMMIT_SHORT_SHA", &self.sha[..self.sha.len().min(8)]);
+        set("CI_COMMIT_REF_NAME", &self.ref_name);
+        set("CI_COMMIT_REF_SLUG", &slug(&self.ref_name));
+        match &self.tag {
+            Some(t) => set("CI_COMMIT_TAG", t),
+            None => set("CI_COMMIT_BRANCH", &self.ref_name),
+        }
+        set("CI_PIPELINE_SOURCE", self.source.ci_value());
+        set("CI_DEFAULT_BRANCH", &self.default_branch);
+        set("CI_PROJECT_NAME", &self.project_name);
+        set("CI_PROJECT_NAMESPACE", &self.project_namespace);
+        set(
+            "CI_PROJECT_PATH",
+            &format!("{}/{}", self.project_namespace, self.project_name),
+        );
+        set(
+            "CI_PROJECT_PATH_SLUG",
+            &slug(&format!("{}/{}", self.project_namespace, self.project_name)),
+        );
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slug_matches_gitlab() {
+        assert_eq!(slug("Feature/ABC_1"), "feature-abc-1");
+        assert_eq!(slug("-x-"), "x");
+        assert_eq!(slug(&"a".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn tag_pipelines_have_no_branch() {
+        let t = Trigger {
+            ref_name: "v1.0".into(),
+            tag: Some("v1.0".into()),
+            ..Trigger::default()
+        };
+        let p = t.predefined();
+        assert_eq!(p.get("CI_COMMIT_TAG").map(String::as_str), Some("v1.0"));
+        assert!(!p.contains_key("CI_COMMIT_BRANCH"));
+    }
+}
