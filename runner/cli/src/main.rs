@@ -1,3 +1,48 @@
+//! `rave`: a self-hosted CI runner. This binary is the command-line edge: it parses
+//! arguments, calls the model/plan/engine crates, and turns their results into output and
+//! exit codes (0 success, 1 pipeline failed, 2 definition or usage error, 130 interrupted).
+
+mod graph;
+mod lint;
+mod project;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "rave", version, about = "A self-hosted CI runner that runs GitLab CI pipelines within a memory budget")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the pipeline file: every error with file:line:col, a snippet and a hint.
+    Lint(lint::LintArgs),
+    /// Print the planned DAG of job instances (dot, mermaid or json).
+    Graph(graph::GraphArgs),
+    /// Print shell completions.
+    Completions {
+        /// Shell to generate completions for.
+        shell: clap_complete::Shell,
+    },
+}
+
 fn main() {
-    println!("Hello, world!");
+    let cli = Cli::parse();
+    let code = match &cli.command {
+        Command::Lint(a) => lint::run(a),
+        Command::Graph(a) => graph::run(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
+            Ok(0)
+        }
+    };
+    match code {
+        Ok(c) => std::process::exit(c),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
 }

@@ -83,7 +83,10 @@ impl<'a> Loader<'a> {
     }
 
     fn display(&self, path: &Path) -> String {
+        let canon_root = self.root_dir.canonicalize().ok();
         path.strip_prefix(self.root_dir)
+            .ok()
+            .or_else(|| canon_root.as_deref().and_then(|r| path.strip_prefix(r).ok()))
             .unwrap_or(path)
             .display()
             .to_string()

@@ -1,0 +1,235 @@
+//! Everything a command needs before it can plan: the project directory, the loaded pipeline,
+//! the trigger (from git and flags) and the budget (from profile and flags).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use rave_model::units::{parse_cpus, parse_memory};
+use rave_model::{Budget, Loaded, Pipeline};
+use rave_plan::{PlanOptions, Source, Trigger};
+
+/// Where the pipeline comes from.
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// Pipeline file (default: pipeline.yml, else .gitlab-ci.yml).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Project directory (default: the repository containing the current directory).
+    #[arg(short = 'C', long = "dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// The event the pipeline is planned for.
+#[derive(Args, Debug, Clone)]
+pub struct TriggerArgs {
+    /// Branch to plan for (default: the checked-out branch).
+    #[arg(long = "ref", value_name = "BRANCH")]
+    pub ref_name: Option<String>,
+    /// Plan a tag pipeline for this tag (sets CI_COMMIT_TAG).
+    #[arg(long, value_name = "TAG", conflicts_with = "ref_name")]
+    pub tag: Option<String>,
+    /// Pipeline source: push, web, api, schedule, trigger, local.
+    #[arg(long, value_name = "SOURCE", default_value = "local")]
+    pub source: String,
+    /// Pipeline variable, highest precedence (repeatable).
+    #[arg(long = "var", short = 'v', value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// Evaluate `rules: changes` against this revision (default: `changes` is true, as in
+    /// GitLab when there is nothing to compare with).
+    #[arg(long, value_name = "REV")]
+    pub compare_to: Option<String>,
+}
+
+/// The resource budget.
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Budget profile: safe (3 GiB, 2 CPUs), full, or one from `.rave: profiles`.
+    /// Default: `.rave: profile`, else safe unless the environment sets SAFE=0.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Memory budget, e.g. 3G or 1536M (overrides the profile).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU budget, e.g. 2 or 1.5 (overrides the profile).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Job slots: most jobs at once (overrides the profile).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<u32>,
+}
+
+pub struct Project {
+    pub root: PathBuf,
+    pub loaded: Loaded,
+    pub repo: Option<rave_repo::Repo>,
+}
+
+impl Project {
+    pub fn load(args: &PipelineArgs) -> anyhow::Result<Project> {
+        let start = match &args.dir {
+            Some(d) => d.clone(),
+            None => std::env::current_dir()?,
+        };
+        let repo = rave_repo::Repo::discover(&start).ok();
+        // The pipeline file is looked up in the given directory; the repository root is only
+        // the fallback when rave is started from a subdirectory.
+        let root = match &repo {
+            Some(r) if args.dir.is_none() && !has_pipeline(&start) => r.root().to_path_buf(),
+            _ => start.clone(),
+        };
+        // A relative --file is relative to where the user is (or to -C DIR), like any CLI
+        // path; the project root only anchors `include: local`.
+        let file = args.file.as_ref().map(|f| start.join(f));
+        let loaded = rave_model::load(&root, file.as_deref());
+        Ok(Project { root, loaded, repo })
+    }
+
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.loaded.pipeline.as_ref()
+    }
+
+    pub fn trigger(&self, t: &TriggerArgs) -> anyhow::Result<Trigger> {
+        let source = Source::parse(&t.source).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown --source `{}`: use push, web, api, schedule, trigger or local",
+                t.source
+            )
+        })?;
+        let mut trigger = Trigger {
+            source,
+            ..Trigger::default()
+        };
+        for kv in &t.vars {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--var `{kv}` must look like KEY=VALUE"))?;
+            trigger.variables.insert(k.to_string(), v.to_string());
+        }
+        let dir_name = self
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "project".into());
+        trigger.project_name = dir_name;
+        if let Some(repo) = &self.repo {
+            let head = repo.head()?;
+            trigger.sha = head.sha;
+            trigger.ref_name = head.branch.unwrap_or_else(|| "HEAD".into());
+            trigger.default_branch = repo.default_branch();
+            let (ns, name) = repo.project_path();
+            trigger.project_namespace = ns;
+            trigger.project_name = name;
+            // Paths in rules are relative to the project directory, which may be a
+            // subdirectory of the repository (a monorepo, or `-C dir`).
+            let prefix = self
+                .root
+                .canonicalize()
+                .ok()
+                .zip(repo.root().canonicalize().ok())
+                .and_then(|(r, top)| r.strip_prefix(&top).ok().map(|p| p.to_string_lossy().to_string()))
+                .filter(|p| !p.is_empty())
+                .map(|p| format!("{p}/"));
+            let relative = |files: Vec<String>| -> Vec<String> {
+                match &prefix {
+                    None => files,
+                    Some(pre) => files
+                        .into_iter()
+                        .filter_map(|f| f.strip_prefix(pre.as_str()).map(str::to_string))
+                        .collect(),
+                }
+            };
+            trigger.files = relative(repo.files()?);
+            if let Some(rev) = &t.compare_to {
+                trigger.changed_files = Some(relative(repo.changed_since(rev)?));
+            }
+        } else {
+            trigger.files = list_files(&self.root);
+            if t.compare_to.is_some() {
+                anyhow::bail!("--compare-to needs a git repository, and {} is not in one", self.root.display());
+            }
+        }
+        if let Some(r) = &t.ref_name {
+            trigger.ref_name = r.clone();
+        }
+        if let Some(tag) = &t.tag {
+            trigger.ref_name = tag.clone();
+            trigger.tag = Some(tag.clone());
+        }
+        Ok(trigger)
+    }
+}
+
+fn has_pipeline(dir: &Path) -> bool {
+    rave_model::loader::DEFAULT_FILES
+        .iter()
+        .any(|f| dir.join(f).is_file())
+}
+
+/// Files under `root` when it is not a git repository (for `rules: exists`).
+fn list_files(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<String>) {
+        if depth > 16 || out.len() > 100_000 {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name();
+            if name == ".git" || name == ".rave" || name == "target" || name == "node_modules" {
+                continue;
+            }
+            match e.file_type() {
+                Ok(ft) if ft.is_dir() => walk(root, &p, depth + 1, out),
+                Ok(_) => {
+                    if let Ok(rel) = p.strip_prefix(root) {
+                        out.push(rel.to_string_lossy().to_string());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, 0, &mut out);
+    out.sort();
+    out
+}
+
+/// Resolve the budget: flag > `.rave: profile` > SAFE=0 → full > safe; then flag overrides.
+pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanOptions> {
+    let safe_off = std::env::var("SAFE").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
+    let profile = b
+        .profile
+        .clone()
+        .or_else(|| pipeline.rave.profile.clone())
+        .unwrap_or_else(|| if safe_off { "full".into() } else { "safe".into() });
+    let mut budget: Budget = *pipeline.rave.profiles.get(&profile).ok_or_else(|| {
+        let names: Vec<&str> = pipeline.rave.profiles.keys().map(String::as_str).collect();
+        anyhow::anyhow!("unknown profile `{profile}`: defined profiles are {}", names.join(", "))
+    })?;
+    if let Some(m) = &b.memory {
+        budget.memory_bytes = parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    }
+    if let Some(c) = &b.cpus {
+        budget.cpus = parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+    }
+    if let Some(j) = b.jobs {
+        anyhow::ensure!(j >= 1, "--jobs must be at least 1");
+        budget.jobs = j;
+    }
+    Ok(PlanOptions { budget, profile })
+}
+
+/// Print diagnostics to stderr, compiler-style. Returns the number of errors.
+pub fn report(loaded_sources: &rave_model::Sources, diags: &[rave_model::Diagnostic]) -> usize {
+    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut errors = 0;
+    for d in diags {
+        if d.is_error() {
+            errors += 1;
+        }
+        eprintln!("{}\n", d.render(loaded_sources, color));
+    }
+    errors
+}

@@ -1,0 +1,286 @@
+//! Facts rave reads from a git repository: where it is, what is checked out, which files it
+//! holds, what changed, and a copy of its files for a job's working directory.
+//!
+//! Reads go through libgit2 (git2), so rave does not depend on a `git` binary at run time.
+
+use std::path::{Path, PathBuf};
+
+use git2::{Repository, Status, StatusOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{path} is not inside a git repository")]
+    NotARepository { path: PathBuf },
+    #[error("git: {context}: {source}")]
+    Git {
+        context: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot copy {path}: {source}")]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn git<T>(r: Result<T, git2::Error>, context: &str) -> Result<T, RepoError> {
+    r.map_err(|source| RepoError::Git {
+        context: context.to_string(),
+        source,
+    })
+}
+
+/// What is checked out.
+#[derive(Clone, Debug)]
+pub struct Head {
+    /// Full sha, or 40 zeros in a repository without commits.
+    pub sha: String,
+    /// Branch name; None when detached.
+    pub branch: Option<String>,
+    /// A tag pointing at HEAD, if any.
+    pub tag: Option<String>,
+}
+
+pub struct Repo {
+    repo: Repository,
+    root: PathBuf,
+}
+
+impl Repo {
+    /// Open the repository containing `dir`.
+    pub fn discover(dir: &Path) -> Result<Repo, RepoError> {
+        let repo = Repository::discover(dir).map_err(|_| RepoError::NotARepository {
+            path: dir.to_path_buf(),
+        })?;
+        let root = repo
+            .workdir()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| RepoError::NotARepository {
+                path: dir.to_path_buf(),
+            })?;
+        Ok(Repo { repo, root })
+    }
+
+    /// The working tree's top directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn head(&self) -> Result<Head, RepoError> {
+        let head = match self.repo.head() {
+            Ok(h) => h,
+            Err(e) if e.code() == git2::ErrorCode::UnbornBranch => {
+                // No commits yet: report the branch HEAD points at.
+                let branch = self
+                    .repo
+                    .find_reference("HEAD")
+                    .ok()
+                    .and_then(|r| r.symbolic_target().ok().flatten().map(str::to_string))
+                    .map(|t| t.trim_start_matches("refs/heads/").to_string());
+                return Ok(Head {
+                    sha: "0".repeat(40),
+                    branch,
+                    tag: None,
+                });
+            }
+            Err(e) => return git(Err(e), "reading HEAD"),
+        };
+        let sha = head
+            .target()
+            .map(|o| o.to_string())
+            .unwrap_or_else(|| "0".repeat(40));
+        let branch = head
+            .is_branch()
+            .then(|| head.shorthand().ok().map(str::to_string))
+            .flatten();
+        let mut tag = None;
+        if let Ok(oid) = git2::Oid::from_str(&sha) {
+            let _ = self.repo.tag_foreach(|tag_oid, name| {
+                let points_here = self
+                    .repo
+                    .find_object(tag_oid, None)
+                    .and_then(|o| o.peel_to_commit())
+                    .is_ok_and(|c| c.id() == oid);
+                if points_here {
+                    tag = std::str::from_utf8(name)
+                        .ok()
+                        .map(|n| n.trim_start_matches("refs/tags/").to_string());
+                    return false;
+                }
+                true
+            });
+        }
+        Ok(Head { sha, branch, tag })
+    }
+
+    /// The remote's default branch (`origin/HEAD`), else `main` or `master` if one exists.
+    pub fn default_branch(&self) -> String {
+        if let Ok(r) = self.repo.find_reference("refs/remotes/origin/HEAD")
+            && let Ok(Some(t)) = r.symbolic_target()
+        {
+            return t.trim_start_matches("refs/remotes/origin/").to_string();
+        }
+        for b in ["main", "master"] {
+            if self.repo.find_branch(b, git2::BranchType::Local).is_ok() {
+                return b.to_string();
+            }
+        }
+        "main".to_string()
+    }
+
+    /// `namespace/name` from the `origin` URL, else `local/<directory name>`.
+    pub fn project_path(&self) -> (String, String) {
+        let dir_name = self
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "project".into());
+        let url = self
+            .repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|r| r.url().ok().map(str::to_string));
+        if let Some(url) = url {
+            let path = url
+                .trim_end_matches('/')
+                .trim_end_matches(".git")
+                .rsplit(['/', ':'])
+                .take(2)
+                .collect::<Vec<_>>();
+            if let [name, ns] = path.as_slice()
+                && !name.is_empty()
+                && !ns.is_empty()
+            {
+                return (ns.to_string(), name.to_string());
+            }
+        }
+        ("local".into(), dir_name)
+    }
+
+    /// Files of the working copy a job sees: tracked files that still exist, plus untracked
+    /// files that are not ignored. Paths are relative, with `/` separators, sorted.
+    pub fn files(&self) -> Result<Vec<String>, RepoError> {
+        let index = git(self.repo.index(), "reading the index")?;
+        let mut files: Vec<String> = index
+            .iter()
+            .filter_map(|e| String::from_utf8(e.path).ok())
+            .filter(|p| self.root.join(p).symlink_metadata().is_ok())
+            .collect();
+        let mut opts = StatusOptions::new();
+        opts.include_untracked(true)
+            .recurse_untracked_dirs(true)
+            .include_ignored(false)
+            .exclude_submodules(true);
+        let statuses = git(self.repo.statuses(Some(&mut opts)), "reading status")?;
+        for s in statuses.iter() {
+            if s.status().contains(Status::WT_NEW)
+                && let Ok(p) = s.path()
+            {
+                files.push(p.to_string());
+            }
+        }
+        files.sort();
+        files.dedup();
+        Ok(files)
+    }
+
+    /// Files that differ between `base` (any revision git understands) and the working tree.
+    pub fn changed_since(&self, base: &str) -> Result<Vec<String>, RepoError> {
+        let obj = git(self.repo.revparse_single(base), &format!("resolving `{base}`"))?;
+        let tree = git(obj.peel_to_tree(), &format!("reading the tree of `{base}`"))?;
+        let mut opts = git2::DiffOptions::new();
+        opts.include_untracked(true).recurse_untracked_dirs(true);
+        let diff = git(
+            self.repo
+                .diff_tree_to_workdir_with_index(Some(&tree), Some(&mut opts)),
+            "computing changes",
+        )?;
+        let mut out: Vec<String> = diff
+            .deltas()
+            .flat_map(|d| [d.old_file().path(), d.new_file().path()])
+            .flatten()
+            .map(|p| p.to_string_lossy().replace('\\', "/"))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Copy `files` (as returned by [`Repo::files`]) into `dest`, keeping symlinks as symlinks.
+    pub fn copy_files(&self, files: &[String], dest: &Path) -> Result<(), RepoError> {
+        copy_tree(&self.root, files, dest)
+    }
+}
+
+/// Copy listed relative paths from `src` to `dest`.
+pub fn copy_tree(src: &Path, files: &[String], dest: &Path) -> Result<(), RepoError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RepoError::Copy { path, source }
+    };
+    for f in files {
+        let from = src.join(f);
+        let to = dest.join(f);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(err(parent))?;
+        }
+        let meta = from.symlink_metadata().map_err(err(&from))?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&from).map_err(err(&from))?;
+            std::os::unix::fs::symlink(target, &to).map_err(err(&to))?;
+        } else if meta.is_file() {
+            std::fs::copy(&from, &to).map_err(err(&from))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn sh(dir: &Path, cmd: &str) {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{cmd}");
+    }
+
+    #[test]
+    fn reads_head_files_and_changes_of_a_real_repository() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        sh(p, "git init -q -b main . && echo a > a.txt && mkdir src && echo b > src/b.rs && echo 'ignored/' > .gitignore && git add -A && git commit -qm one && git tag v1");
+        sh(p, "mkdir ignored && echo x > ignored/x && echo new > new.txt && echo c > src/b.rs");
+        let r = Repo::discover(&p.join("src")).unwrap();
+        let h = r.head().unwrap();
+        assert_eq!(h.branch.as_deref(), Some("main"));
+        assert_eq!(h.tag.as_deref(), Some("v1"));
+        assert_eq!(h.sha.len(), 40);
+        assert_eq!(r.files().unwrap(), [".gitignore", "a.txt", "new.txt", "src/b.rs"]);
+        assert_eq!(r.changed_since("HEAD").unwrap(), ["new.txt", "src/b.rs"]);
+        assert_eq!(r.default_branch(), "main");
+        let out = tempfile::tempdir().unwrap();
+        r.copy_files(&r.files().unwrap(), out.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(out.path().join("src/b.rs")).unwrap(), "c\n");
+        assert!(!out.path().join("ignored").exists());
+    }
+
+    #[test]
+    fn not_a_repository_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Repo::discover(d.path()).err().unwrap();
+        assert!(e.to_string().contains("not inside a git repository"));
+    }
+}

@@ -1,0 +1,96 @@
+//! `rave graph`: the planned DAG for a trigger, in JSON, DOT and Mermaid.
+
+use crate::support::*;
+
+fn graph(dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["graph", "--format", "json"];
+    args.extend_from_slice(extra);
+    let r = rave(dir, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    json(&r.stdout)
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap_or_else(|| panic!("no job {name}"))
+}
+
+#[test]
+fn origin_pipeline_for_a_branch_and_a_tag() {
+    let dir = fixtures().join("origin");
+    let branch = graph(&dir, &["--ref", "main"]);
+    assert_eq!(branch["stages"], serde_json::json!(["lint", "build", "test", "scan", "release"]));
+    assert!(!names(&branch).contains(&"release".to_string()));
+    let tag = graph(&dir, &["--tag", "v1.2.3"]);
+    let release = job(&tag, "release");
+    assert_eq!(release["needs"], serde_json::json!(["vm-test", "unit", "trivy", "npm-audit", "secrets"]));
+    assert_eq!(release["memory_bytes"], 512u64 << 20);
+    assert_eq!(release["priority"], 1);
+    // Critical path: fmt → build → vm-image → vm-test → release.
+    assert_eq!(job(&tag, "fmt")["priority"], 5);
+    assert_eq!(job(&tag, "vm-test")["cpus"], 2.0);
+    assert_eq!(job(&tag, "npm-audit")["allow_failure"], serde_json::json!({"exit_codes": [1]}));
+    // A tag that doesn't look like a version gets no release job.
+    assert!(!names(&graph(&dir, &["--tag", "nightly"])).contains(&"release".to_string()));
+}
+
+#[test]
+fn dot_and_mermaid_show_edges() {
+    let dir = fixtures().join("origin");
+    let r = rave(&dir, &["graph", "--format", "dot"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.starts_with("digraph pipeline {"));
+    assert!(r.stdout.contains("\"build\" -> \"vm-image\";"), "{}", r.stdout);
+    let r = rave(&dir, &["graph", "--format", "mermaid"]);
+    assert!(r.stdout.starts_with("flowchart LR"));
+    assert!(r.stdout.contains(" --> "));
+}
+
+#[test]
+fn rules_see_variables_and_the_repository() {
+    let d = git_repo(&[
+        (
+            ".gitlab-ci.yml",
+            "node:\n  script: npm ci\n  rules:\n    - exists: [package.json]\npy:\n  script: pytest\n  rules:\n    - exists: ['**/*.py']\ndeploy:\n  script: deploy\n  rules:\n    - if: $DEPLOY == \"yes\" && $CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH\n      when: manual\ndocs:\n  script: mkdocs\n  rules:\n    - changes: [docs/**/*]\n",
+        ),
+        ("package.json", "{}"),
+        ("docs/index.md", "# hi"),
+    ]);
+    let v = graph(d.path(), &[]);
+    // Without a comparison base, `changes` is true (GitLab's rule for new refs).
+    assert_eq!(names(&v), ["node", "docs"]);
+    let v = graph(d.path(), &["--var", "DEPLOY=yes"]);
+    assert_eq!(job(&v, "deploy")["when"], "manual");
+    // Against HEAD nothing changed, so `docs` drops out; a change brings it back.
+    let v = graph(d.path(), &["--compare-to", "HEAD"]);
+    assert_eq!(names(&v), ["node"]);
+    std::fs::write(d.path().join("docs/index.md"), "# changed").unwrap();
+    let v = graph(d.path(), &["--compare-to", "HEAD"]);
+    assert_eq!(names(&v), ["node", "docs"]);
+}
+
+#[test]
+fn matrix_instances_use_gitlab_names() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "build:\n  stage: build\n  script: make\n  parallel:\n    matrix:\n      - TARGET: [x86_64, aarch64]\n        PROFILE: release\ntest:\n  needs: ['build']\n  script: make test\n",
+    )]);
+    let v = graph(d.path(), &[]);
+    assert_eq!(names(&v), ["build: [x86_64, release]", "build: [aarch64, release]", "test"]);
+    assert_eq!(job(&v, "test")["needs"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn budget_flags_change_what_fits() {
+    let d = git_repo(&[(".gitlab-ci.yml", "big:\n  script: make\n  variables: {RAVE_MEMORY: 4G}\n")]);
+    let r = rave(d.path(), &["graph"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("more than the whole budget of 3 GiB (profile safe)"), "{}", r.stderr);
+    let v = graph(d.path(), &["--memory", "6G"]);
+    assert_eq!(v["budget"]["memory_bytes"], 6u64 << 30);
+    let r = rave_env(d.path(), &["graph", "--format", "json"], &[("SAFE", "0")]);
+    assert_eq!(json(&r.stdout)["budget"]["profile"], "full");
+}
