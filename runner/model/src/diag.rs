@@ -77,7 +77,10 @@ impl Diagnostic {
         let file = self.span.and_then(|s| sources.get(s.file).map(|f| (s, f)));
         if let Some((span, f)) = file {
             let text: &str = &f.text;
-            let start = span.offset.min(text.len());
+            let mut start = span.offset.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
             let end = start + token_len(&text[start..]);
             let mut annotation = AnnotationKind::Primary.span(start..end);
             if let Some(label) = &self.label {

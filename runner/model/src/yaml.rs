@@ -161,6 +161,7 @@ pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError
         });
     }
     let mut builder = Builder {
+        lines: LineIndex::new(text),
         file,
         limits,
         stack: Vec::new(),
@@ -175,7 +176,7 @@ pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError
         let m = e.marker();
         return Err(YamlError {
             message: format!("invalid YAML: {}", e.info()),
-            span: span_of(file, m),
+            span: builder.lines.span(file, m),
             help: None,
         });
     }
@@ -193,12 +194,35 @@ pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError
     )))
 }
 
-fn span_of(file: FileId, m: &Marker) -> Span {
-    Span {
-        file,
-        offset: m.index(),
-        line: m.line() as u32,
-        col: m.col() as u32 + 1,
+/// yaml-rust2 counts positions in characters; spans hold byte offsets so snippets can be
+/// sliced. Lines are found through a table of line starts, then the column is walked.
+struct LineIndex<'t> {
+    text: &'t str,
+    starts: Vec<usize>,
+}
+
+impl<'t> LineIndex<'t> {
+    fn new(text: &'t str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+        LineIndex { text, starts }
+    }
+
+    fn span(&self, file: FileId, m: &Marker) -> Span {
+        let line = m.line().max(1);
+        let start = self.starts.get(line - 1).copied().unwrap_or(self.text.len());
+        let rest = &self.text[start..];
+        let offset = start
+            + rest
+                .char_indices()
+                .nth(m.col())
+                .map_or(rest.len(), |(i, _)| i);
+        Span {
+            file,
+            offset,
+            line: line as u32,
+            col: m.col() as u32 + 1,
+        }
     }
 }
 
@@ -218,7 +242,8 @@ enum Frame {
     },
 }
 
-struct Builder {
+struct Builder<'t> {
+    lines: LineIndex<'t>,
     file: FileId,
     limits: Limits,
     stack: Vec<Frame>,
@@ -269,7 +294,7 @@ fn resolve_plain(s: String) -> Value {
     Value::Str(s)
 }
 
-impl Builder {
+impl Builder<'_> {
     fn fail(&mut self, message: String, span: Span, help: Option<&str>) {
         if self.error.is_none() {
             self.error = Some(YamlError {
@@ -385,12 +410,12 @@ impl Builder {
     }
 }
 
-impl MarkedEventReceiver for Builder {
+impl MarkedEventReceiver for Builder<'_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         if self.error.is_some() {
             return;
         }
-        let span = span_of(self.file, &mark);
+        let span = self.lines.span(self.file, &mark);
         match ev {
             Event::DocumentStart => {
                 self.documents += 1;
@@ -522,6 +547,15 @@ mod tests {
         let n = p("job:\n  script: echo\n").unwrap();
         let s = n.get("job").unwrap().get("script").unwrap();
         assert_eq!((s.span.line, s.span.col), (2, 11));
+    }
+
+    #[test]
+    fn spans_are_byte_offsets_after_multibyte_text() {
+        let text = "ҟҟ: 1\njob: x\n";
+        let n = p(text).unwrap();
+        let (k, _) = &n.as_map().unwrap()[1];
+        assert_eq!(&text[k.span.offset..k.span.offset + 3], "job");
+        assert_eq!((k.span.line, k.span.col), (2, 1));
     }
 
     #[test]

@@ -1,0 +1,255 @@
+//! Per-job cgroups: a memory limit the kernel enforces, the job's peak memory, whether the
+//! kernel OOM-killed something in it, and a way to kill every process it holds.
+//!
+//! cgroup v2 (unified) is used where it is mounted with the memory controller; otherwise the
+//! v1 `memory` (and `cpu`, when present) hierarchies. rave creates its groups under the cgroup
+//! it runs in (`…/rave-<pid>/<job>`), so it works inside a container or a systemd unit that
+//! delegated its subtree. Where no group can be made, [`Cgroups::detect`] says why and rave
+//! falls back to admission-only budgeting.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const V2_ROOT: &str = "/sys/fs/cgroup";
+
+#[derive(Clone, Debug)]
+enum Layout {
+    V2 { base: PathBuf },
+    V1 { memory: PathBuf, cpu: Option<PathBuf> },
+}
+
+/// The parent group under which rave makes one group per job.
+#[derive(Clone, Debug)]
+pub struct Cgroups {
+    layout: Layout,
+}
+
+/// One job's group.
+#[derive(Debug)]
+pub struct JobCgroup {
+    layout: Layout,
+    /// `cgroup.procs` files a process must write its pid to, to join the group.
+    pub procs_files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+fn own_path(controller: &str) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let _id = parts.next()?;
+        let ctrls = parts.next()?;
+        let path = parts.next()?;
+        let hit = if controller.is_empty() {
+            ctrls.is_empty()
+        } else {
+            ctrls.split(',').any(|c| c == controller)
+        };
+        hit.then(|| path.to_string())
+    })
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl Cgroups {
+    /// Find a place to create job groups. The error says why none could be made.
+    pub fn detect() -> Result<Cgroups, String> {
+        let tag = format!("rave-{}", std::process::id());
+        let v2_controllers = Path::new(V2_ROOT).join("cgroup.controllers");
+        if v2_controllers.exists() {
+            let own = own_path("").unwrap_or_else(|| "/".into());
+            let parent = Path::new(V2_ROOT).join(own.trim_start_matches('/'));
+            let controllers = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+            if !controllers.split_whitespace().any(|c| c == "memory") {
+                return Err(format!(
+                    "cgroup v2 is mounted but the memory controller is not delegated to {}",
+                    parent.display()
+                ));
+            }
+            let base = parent.join(&tag);
+            fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            // Children of `base` get the memory and cpu controllers. `base` itself holds no
+            // process, so the "no internal processes" rule is kept.
+            let _ = write(&base.join("cgroup.subtree_control"), "+memory +cpu");
+            let ok = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+            if !ok.contains("memory") {
+                let _ = fs::remove_dir(&base);
+                return Err(format!("cannot enable the memory controller under {}", parent.display()));
+            }
+            return Ok(Cgroups { layout: Layout::V2 { base } });
+        }
+        let mem_root = Path::new(V2_ROOT).join("memory");
+        if !mem_root.join("memory.limit_in_bytes").exists() {
+            return Err("no cgroup memory controller is mounted (neither v2 nor v1 memory)".into());
+        }
+        let mem_own = own_path("memory").unwrap_or_else(|| "/".into());
+        let memory = mem_root.join(mem_own.trim_start_matches('/')).join(&tag);
+        fs::create_dir_all(&memory).map_err(|e| format!("cannot create {}: {e}", memory.display()))?;
+        let cpu = own_path("cpu").and_then(|own| {
+            let root = ["cpu", "cpu,cpuacct"]
+                .iter()
+                .map(|d| Path::new(V2_ROOT).join(d))
+                .find(|p| p.join("cpu.cfs_quota_us").exists())?;
+            let dir = root.join(own.trim_start_matches('/')).join(&tag);
+            fs::create_dir_all(&dir).ok().map(|_| dir)
+        });
+        Ok(Cgroups {
+            layout: Layout::V1 { memory, cpu },
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.layout {
+            Layout::V2 { base } => format!("cgroup v2 at {}", base.display()),
+            Layout::V1 { memory, cpu } => format!(
+                "cgroup v1 at {}{}",
+                memory.display(),
+                if cpu.is_some() { " (+cpu)" } else { "" }
+            ),
+        }
+    }
+
+    /// Make a group for one job with its limits.
+    pub fn create(&self, name: &str, memory_bytes: u64, cpus: f64) -> io::Result<JobCgroup> {
+        let period: u64 = 100_000;
+        let quota = ((cpus * period as f64) as u64).max(1000);
+        match &self.layout {
+            Layout::V2 { base } => {
+                let dir = base.join(name);
+                let _ = fs::remove_dir(&dir);
+                fs::create_dir(&dir)?;
+                write(&dir.join("memory.max"), &memory_bytes.to_string())?;
+                // Swap would hide an OOM as slowness; the limit is on RAM plus swap.
+                let _ = write(&dir.join("memory.swap.max"), "0");
+                let _ = write(&dir.join("cpu.max"), &format!("{quota} {period}"));
+                Ok(JobCgroup {
+                    layout: self.layout.clone(),
+                    procs_files: vec![dir.join("cgroup.procs")],
+                    dirs: vec![dir],
+                })
+            }
+            Layout::V1 { memory, cpu } => {
+                let dir = memory.join(name);
+                let _ = fs::remove_dir(&dir);
+                fs::create_dir(&dir)?;
+                write(&dir.join("memory.limit_in_bytes"), &memory_bytes.to_string())?;
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    let _ = write(&memsw, &memory_bytes.to_string());
+                }
+                let mut procs = vec![dir.join("cgroup.procs")];
+                let mut dirs = vec![dir];
+                if let Some(cpu) = cpu {
+                    let cdir = cpu.join(name);
+                    let _ = fs::remove_dir(&cdir);
+                    if fs::create_dir(&cdir).is_ok() {
+                        let _ = write(&cdir.join("cpu.cfs_period_us"), &period.to_string());
+                        let _ = write(&cdir.join("cpu.cfs_quota_us"), &quota.to_string());
+                        procs.push(cdir.join("cgroup.procs"));
+                        dirs.push(cdir);
+                    }
+                }
+                Ok(JobCgroup {
+                    layout: self.layout.clone(),
+                    procs_files: procs,
+                    dirs,
+                })
+            }
+        }
+    }
+
+    /// Remove rave's parent groups (at exit; job groups are removed as jobs end).
+    pub fn remove(&self) {
+        match &self.layout {
+            Layout::V2 { base } => {
+                let _ = fs::remove_dir(base);
+            }
+            Layout::V1 { memory, cpu } => {
+                let _ = fs::remove_dir(memory);
+                if let Some(c) = cpu {
+                    let _ = fs::remove_dir(c);
+                }
+            }
+        }
+    }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+impl JobCgroup {
+    fn mem_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Peak memory of everything that ran in the group.
+    pub fn peak_memory(&self) -> Option<u64> {
+        match self.layout {
+            Layout::V2 { .. } => read_u64(&self.mem_dir().join("memory.peak")),
+            Layout::V1 { .. } => read_u64(&self.mem_dir().join("memory.max_usage_in_bytes")),
+        }
+    }
+
+    /// Did the kernel OOM-kill a process of this group?
+    pub fn oom_killed(&self) -> bool {
+        let kills = match self.layout {
+            Layout::V2 { .. } => read_key(&self.mem_dir().join("memory.events"), "oom_kill"),
+            Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill"),
+        };
+        kills.unwrap_or(0) > 0
+    }
+
+    /// Pids currently in the group.
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(&self.procs_files[0])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// SIGKILL everything in the group until it is empty (processes may fork while we kill).
+    pub async fn kill_all(&self) {
+        if let Layout::V2 { .. } = self.layout {
+            let _ = fs::write(self.mem_dir().join("cgroup.kill"), "1");
+        }
+        for _ in 0..100 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Remove the group; it must be empty (call [`JobCgroup::kill_all`] first).
+    pub async fn remove(&self) {
+        for dir in self.dirs.iter().rev() {
+            for _ in 0..50 {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // The kernel frees a group a moment after its last process exits.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }
+    }
+}

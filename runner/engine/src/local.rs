@@ -1,0 +1,258 @@
+//! The `local` executor: the job's script in bash, in its own process group and cgroup.
+//!
+//! Lifecycle of one attempt: make the cgroup → write the script → spawn a small bash wrapper
+//! that moves itself into the cgroup and then `exec`s the script (so no process of the job
+//! ever runs outside the group, with no unsafe pre-exec hook) → stream stdout/stderr → wait,
+//! racing the timeout and cancellation → kill what is left of the tree → after_script →
+//! read peak memory and OOM kills → remove the cgroup.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+use crate::cgroup::{Cgroups, JobCgroup};
+use crate::executor::{Cancel, Executor, JobSpec, LogSink, Stream};
+use crate::outcome::ExecOutcome;
+
+/// Time between SIGTERM and SIGKILL when a job is stopped.
+const GRACE: Duration = Duration::from_secs(5);
+/// Largest piece of output sent at once; longer lines are split.
+const CHUNK: usize = 64 * 1024;
+
+pub struct LocalExecutor {
+    cgroups: Option<Arc<Cgroups>>,
+}
+
+impl LocalExecutor {
+    pub fn new(cgroups: Option<Arc<Cgroups>>) -> Self {
+        LocalExecutor { cgroups }
+    }
+}
+
+/// Quote for a single-quoted bash string.
+fn sq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// GitLab's shell contract: `set -eo pipefail`, each command echoed as `$ cmd`, then run.
+fn script_text(lines: &[String], fail_fast: bool) -> String {
+    let mut s = String::from(if fail_fast {
+        "set -eo pipefail\nset +o noclobber\n"
+    } else {
+        "set +o noclobber\n"
+    });
+    for l in lines {
+        s.push_str(&format!("printf '%s\\n' {}\n", sq(&format!("$ {l}"))));
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+/// Move into the job's cgroup(s), then become the script. `$$` stays the same across `exec`.
+const WRAPPER: &str = r#"for f in "${@:2}"; do echo $$ > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; exec bash --noprofile --norc "$1""#;
+
+fn spawn(spec: &JobSpec, script: &Path, cg: Option<&JobCgroup>, extra_env: &[(String, String)]) -> std::io::Result<Child> {
+    let mut cmd = Command::new("bash");
+    cmd.arg("--noprofile")
+        .arg("--norc")
+        .arg("-c")
+        .arg(WRAPPER)
+        .arg("rave-job")
+        .arg(script);
+    if let Some(cg) = cg {
+        cmd.args(&cg.procs_files);
+    }
+    cmd.current_dir(&spec.workdir)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd.spawn()
+}
+
+/// Forward a pipe to the log in chunks of whole lines.
+async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, log: LogSink) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let cut = match pending.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if pending.len() >= CHUNK => pending.len(),
+            None => continue,
+        };
+        let rest = pending.split_off(cut);
+        let chunk = std::mem::replace(&mut pending, rest);
+        log.write(stream, chunk).await;
+    }
+    if !pending.is_empty() {
+        pending.push(b'\n');
+        log.write(stream, pending).await;
+    }
+}
+
+fn signal_group(pid: Option<u32>, sig: rustix::process::Signal) {
+    if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    }
+}
+
+enum Ended {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+    Canceled,
+    Forced,
+}
+
+/// Run one shell to completion, racing `limit` and cancellation. Returns how it ended, after
+/// its whole tree is gone.
+async fn run_shell(
+    spec: &JobSpec,
+    script: &Path,
+    cg: Option<&JobCgroup>,
+    extra_env: &[(String, String)],
+    limit: Duration,
+    cancel: &Cancel,
+    graceful_stops: bool,
+    log: &LogSink,
+) -> Result<Ended, String> {
+    let mut child = spawn(spec, script, cg, extra_env).map_err(|e| format!("cannot start bash: {e}"))?;
+    let pid = child.id();
+    let out = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, log.clone())));
+    let err = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, log.clone())));
+    let graceful = async {
+        if graceful_stops {
+            cancel.graceful.cancelled().await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let ended = tokio::select! {
+        s = child.wait() => match s {
+            Ok(s) => Ended::Exited(s),
+            Err(e) => return Err(format!("waiting for the job: {e}")),
+        },
+        _ = tokio::time::sleep(limit) => Ended::TimedOut,
+        _ = graceful => Ended::Canceled,
+        _ = cancel.force.cancelled() => Ended::Forced,
+    };
+    if !matches!(ended, Ended::Exited(_)) {
+        // Ask nicely, then insist. A forced stop skips the grace period.
+        signal_group(pid, rustix::process::Signal::TERM);
+        if !matches!(ended, Ended::Forced) {
+            tokio::select! {
+                _ = child.wait() => {}
+                _ = tokio::time::sleep(GRACE) => {}
+                _ = cancel.force.cancelled() => {}
+            }
+        }
+        signal_group(pid, rustix::process::Signal::KILL);
+        let _ = child.wait().await;
+    }
+    // The script is done; anything it left running (background jobs, daemons) goes too, or
+    // it would hold the output pipes open and outlive the job.
+    signal_group(pid, rustix::process::Signal::KILL);
+    if let Some(cg) = cg {
+        cg.kill_all().await;
+    }
+    for h in [out, err].into_iter().flatten() {
+        // A grandchild that escaped the group and the cgroup could keep a pipe open; don't wait
+        // on it forever.
+        let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+    }
+    Ok(ended)
+}
+
+impl Executor for LocalExecutor {
+    async fn run(&self, spec: JobSpec, log: LogSink, cancel: Cancel) -> ExecOutcome {
+        let mut outcome = ExecOutcome::default();
+        let cg = match &self.cgroups {
+            Some(c) => match c.create(&spec.slug, spec.memory_bytes, spec.cpus) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    outcome.runner_error = Some(format!("cannot create the job's cgroup: {e}"));
+                    return outcome;
+                }
+            },
+            None => None,
+        };
+        if let Err(e) = std::fs::create_dir_all(&spec.scratch_dir) {
+            outcome.runner_error = Some(format!("cannot create {}: {e}", spec.scratch_dir.display()));
+            return outcome;
+        }
+        let main = spec.scratch_dir.join("script.sh");
+        if let Err(e) = std::fs::write(&main, script_text(&spec.script, true)) {
+            outcome.runner_error = Some(format!("cannot write {}: {e}", main.display()));
+            return outcome;
+        }
+        match run_shell(&spec, &main, cg.as_ref(), &[], spec.timeout, &cancel, true, &log).await {
+            Ok(Ended::Exited(s)) => {
+                outcome.exit_code = s.code();
+                outcome.signal = s.signal();
+            }
+            Ok(Ended::TimedOut) => outcome.timed_out = true,
+            Ok(Ended::Canceled) | Ok(Ended::Forced) => outcome.canceled = true,
+            Err(e) => outcome.runner_error = Some(e),
+        }
+        if let Some(cg) = &cg {
+            outcome.oom_killed = cg.oom_killed();
+        }
+        if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
+            let status = if outcome.succeeded() {
+                "success"
+            } else if outcome.canceled {
+                "canceled"
+            } else {
+                "failed"
+            };
+            let after = spec.scratch_dir.join("after_script.sh");
+            if std::fs::write(&after, script_text(&spec.after_script, true)).is_ok() {
+                log.system("Running after_script").await;
+                let env = [("CI_JOB_STATUS".to_string(), status.to_string())];
+                match run_shell(&spec, &after, cg.as_ref(), &env, spec.after_script_timeout, &cancel, false, &log).await {
+                    Ok(Ended::Exited(s)) if s.success() => {}
+                    Ok(Ended::Exited(s)) => {
+                        log.system(&format!("after_script failed with exit code {} (ignored)", s.code().unwrap_or(-1)))
+                            .await
+                    }
+                    Ok(Ended::TimedOut) => log.system("after_script timed out (ignored)").await,
+                    Ok(_) => {}
+                    Err(e) => log.system(&format!("after_script could not run: {e}")).await,
+                }
+            }
+        }
+        if let Some(cg) = &cg {
+            outcome.peak_memory_bytes = cg.peak_memory();
+            // after_script may hit the limit too, but only the main script's OOM counts.
+            cg.kill_all().await;
+            cg.remove().await;
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_echoes_and_quotes_commands() {
+        let s = script_text(&["echo 'it''s'".into(), "false".into()], true);
+        assert!(s.starts_with("set -eo pipefail\n"));
+        assert!(s.contains("printf '%s\\n' '$ echo '\\''it'\\'''\\''s'\\'''\n"));
+        assert!(s.ends_with("false\n"));
+    }
+}

@@ -1,0 +1,295 @@
+//! A run's files on disk: job working copies, artifacts, logs, dotenv reports.
+//!
+//! Layout under the run directory (`.rave/runs/<id>/` for `rave run`):
+//!
+//! ```text
+//! jobs/<slug>/          the job's working copy (CI_PROJECT_DIR), removed when it ends
+//! artifacts/<slug>/     files the job declared in `artifacts:`, copied out of its copy
+//! logs/<slug>.log       the job's full log
+//! scratch/<slug>-<n>/   the executor's scripts for attempt n
+//! ```
+//!
+//! Every job gets its own copy of the repository's files, so parallel jobs never see each
+//! other's writes; artifacts of the jobs it depends on are copied in on top.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+pub struct Workspace {
+    pub source_root: PathBuf,
+    pub files: Vec<String>,
+    pub run_dir: PathBuf,
+}
+
+/// A file-system-safe, unique name for a job instance.
+pub fn slug(id: usize, name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .collect();
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    let s = s.trim_matches('-');
+    let s: String = s.chars().take(60).collect();
+    format!("{id:03}-{s}")
+}
+
+impl Workspace {
+    pub fn job_dir(&self, slug: &str) -> PathBuf {
+        self.run_dir.join("jobs").join(slug)
+    }
+    pub fn artifacts_dir(&self, slug: &str) -> PathBuf {
+        self.run_dir.join("artifacts").join(slug)
+    }
+    pub fn log_path(&self, slug: &str) -> PathBuf {
+        self.run_dir.join("logs").join(format!("{slug}.log"))
+    }
+    pub fn scratch_dir(&self, slug: &str, attempt: u32) -> PathBuf {
+        self.run_dir.join("scratch").join(format!("{slug}-{attempt}"))
+    }
+
+    /// A fresh working copy for a job, with the artifacts of `deps` (slugs) copied in.
+    pub fn prepare(&self, slug: &str, deps: &[String]) -> Result<PathBuf, String> {
+        let dir = self.job_dir(slug);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        rave_repo::copy_tree(&self.source_root, &self.files, &dir).map_err(|e| e.to_string())?;
+        for d in deps {
+            let src = self.artifacts_dir(d);
+            if src.is_dir() {
+                copy_dir(&src, &dir).map_err(|e| format!("cannot copy artifacts of {d}: {e}"))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Remove a job's working copy once its artifacts are saved.
+    pub fn discard(&self, slug: &str) {
+        let _ = std::fs::remove_dir_all(self.job_dir(slug));
+    }
+}
+
+fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        let to = dest.join(entry.file_name());
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            copy_dir(&entry.path(), &to)?;
+        } else if ft.is_symlink() {
+            let _ = std::fs::remove_file(&to);
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &to)?;
+        } else {
+            std::fs::copy(entry.path(), &to)?;
+        }
+    }
+    Ok(())
+}
+
+/// Check that an artifact pattern stays inside the working copy.
+fn check_pattern(p: &str) -> Result<String, String> {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        return Err(format!("artifact path `{p}` is absolute; artifact paths are relative to the project directory"));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("artifact path `{p}` leaves the project directory (`..`)"));
+    }
+    Ok(p.trim_start_matches("./").trim_end_matches('/').to_string())
+}
+
+/// What artifact collection found: files copied, and warnings for the job log.
+#[derive(Default, Debug)]
+pub struct Collected {
+    pub files: usize,
+    pub bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+fn globset(patterns: &[String]) -> Result<GlobSet, String> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let g = Glob::new(p).map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;
+        b.add(g);
+        // A directory pattern takes everything under it.
+        let sub = Glob::new(&format!("{p}/**")).map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;
+        b.add(sub);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// Copy the files matching `paths` (minus `exclude`) from `workdir` into `dest`. Symlinks
+/// that point outside the working copy are refused, never followed.
+pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], dest: &Path) -> Collected {
+    let mut c = Collected::default();
+    let mut ok = Vec::new();
+    for p in paths {
+        match check_pattern(p) {
+            Ok(p) => ok.push(p),
+            Err(e) => c.warnings.push(e),
+        }
+    }
+    if ok.is_empty() {
+        return c;
+    }
+    let include = match globset(&ok) {
+        Ok(g) => g,
+        Err(e) => {
+            c.warnings.push(e);
+            return c;
+        }
+    };
+    let exclude = match globset(&exclude.iter().filter_map(|p| check_pattern(p).ok()).collect::<Vec<_>>()) {
+        Ok(g) => g,
+        Err(e) => {
+            c.warnings.push(e);
+            return c;
+        }
+    };
+    let root = workdir.canonicalize().unwrap_or_else(|_| workdir.to_path_buf());
+    let mut matched_any = vec![false; ok.len()];
+    let mut stack = vec![workdir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let path = e.path();
+            let Ok(rel) = path.strip_prefix(workdir) else { continue };
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !include.is_match(rel) || exclude.is_match(rel) {
+                continue;
+            }
+            for (i, m) in include.matches(rel).into_iter().map(|m| m / 2).enumerate() {
+                let _ = i;
+                if let Some(f) = matched_any.get_mut(m) {
+                    *f = true;
+                }
+            }
+            if ft.is_symlink() {
+                let inside = std::fs::canonicalize(&path).is_ok_and(|t| t.starts_with(&root));
+                if !inside {
+                    c.warnings.push(format!(
+                        "artifact `{}` is a symlink pointing outside the project directory; not saved",
+                        rel.display()
+                    ));
+                    continue;
+                }
+            }
+            let to = dest.join(rel);
+            if let Some(parent) = to.parent()
+                && let Err(e) = std::fs::create_dir_all(parent)
+            {
+                c.warnings.push(format!("cannot create {}: {e}", parent.display()));
+                continue;
+            }
+            let res = if ft.is_symlink() {
+                std::fs::read_link(&path).and_then(|t| std::os::unix::fs::symlink(t, &to)).map(|_| 0)
+            } else {
+                std::fs::copy(&path, &to)
+            };
+            match res {
+                Ok(n) => {
+                    c.files += 1;
+                    c.bytes += n;
+                }
+                Err(e) => c.warnings.push(format!("cannot save artifact {}: {e}", rel.display())),
+            }
+        }
+    }
+    for (p, hit) in ok.iter().zip(matched_any) {
+        if !hit {
+            c.warnings.push(format!("{p}: no matching files"));
+        }
+    }
+    c
+}
+
+/// Read a dotenv report: `KEY=VALUE` lines, `#` comments and blank lines ignored, optional
+/// surrounding quotes removed. GitLab's limits apply: names are identifiers, values one line.
+pub fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read dotenv report {}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("{}:{}: expected KEY=VALUE", path.display(), n + 1));
+        };
+        let k = k.trim();
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("{}:{}: `{k}` is not a valid variable name", path.display(), n + 1));
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+            .unwrap_or(v);
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_safe_and_unique() {
+        assert_eq!(slug(3, "build: [linux, amd64]"), "003-build-linux-amd64");
+        assert_eq!(slug(12, "test 1/3"), "012-test-1-3");
+    }
+
+    #[test]
+    fn artifacts_are_collected_and_escapes_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("w");
+        std::fs::create_dir_all(w.join("dist/sub")).unwrap();
+        std::fs::write(w.join("dist/a.bin"), "a").unwrap();
+        std::fs::write(w.join("dist/sub/b.log"), "b").unwrap();
+        std::fs::write(w.join("report.xml"), "r").unwrap();
+        std::fs::write(d.path().join("secret"), "s").unwrap();
+        std::os::unix::fs::symlink(d.path().join("secret"), w.join("dist/leak")).unwrap();
+        let out = d.path().join("out");
+        let c = collect_artifacts(
+            &w,
+            &["dist/".into(), "*.xml".into(), "../secret".into(), "/etc/passwd".into(), "missing/".into()],
+            &["dist/**/*.log".into()],
+            &out,
+        );
+        assert_eq!(c.files, 2, "{c:?}");
+        assert!(out.join("dist/a.bin").exists());
+        assert!(out.join("report.xml").exists());
+        assert!(!out.join("dist/sub/b.log").exists());
+        assert!(!out.join("dist/leak").exists());
+        let w = c.warnings.join("\n");
+        assert!(w.contains("leaves the project directory"), "{w}");
+        assert!(w.contains("is absolute"), "{w}");
+        assert!(w.contains("symlink pointing outside"), "{w}");
+        assert!(w.contains("missing: no matching files"), "{w}");
+    }
+
+    #[test]
+    fn dotenv_parses_gitlab_style() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("build.env");
+        std::fs::write(&p, "# c\nVERSION=1.2\nexport URL=\"http://x\"\n\n").unwrap();
+        let v = read_dotenv(&p).unwrap();
+        assert_eq!(v["VERSION"], "1.2");
+        assert_eq!(v["URL"], "http://x");
+        std::fs::write(&p, "not a pair\n").unwrap();
+        assert!(read_dotenv(&p).is_err());
+    }
+}
