@@ -11,28 +11,47 @@ fn graph(dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 }
 
 fn names(v: &serde_json::Value) -> Vec<String> {
-    v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap().to_string()).collect()
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap_or_else(|| panic!("no job {name}"))
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name}"))
 }
 
 #[test]
 fn origin_pipeline_for_a_branch_and_a_tag() {
     let dir = fixtures().join("origin");
     let branch = graph(&dir, &["--ref", "main"]);
-    assert_eq!(branch["stages"], serde_json::json!(["lint", "build", "test", "scan", "release"]));
+    assert_eq!(
+        branch["stages"],
+        serde_json::json!(["lint", "build", "test", "scan", "release"])
+    );
     assert!(!names(&branch).contains(&"release".to_string()));
     let tag = graph(&dir, &["--tag", "v1.2.3"]);
     let release = job(&tag, "release");
-    assert_eq!(release["needs"], serde_json::json!(["vm-test", "unit", "trivy", "npm-audit", "secrets"]));
+    assert_eq!(
+        release["needs"],
+        serde_json::json!(["vm-test", "unit", "trivy", "npm-audit", "secrets"])
+    );
     assert_eq!(release["memory_bytes"], 512u64 << 20);
     assert_eq!(release["priority"], 1);
     // Critical path: fmt → build → vm-image → vm-test → release.
     assert_eq!(job(&tag, "fmt")["priority"], 5);
     assert_eq!(job(&tag, "vm-test")["cpus"], 2.0);
-    assert_eq!(job(&tag, "npm-audit")["allow_failure"], serde_json::json!({"exit_codes": [1]}));
+    assert_eq!(
+        job(&tag, "npm-audit")["allow_failure"],
+        serde_json::json!({"exit_codes": [1]})
+    );
     // A tag that doesn't look like a version gets no release job.
     assert!(!names(&graph(&dir, &["--tag", "nightly"])).contains(&"release".to_string()));
 }
@@ -43,7 +62,11 @@ fn dot_and_mermaid_show_edges() {
     let r = rave(&dir, &["graph", "--format", "dot"]);
     assert_eq!(r.code, 0);
     assert!(r.stdout.starts_with("digraph pipeline {"));
-    assert!(r.stdout.contains("\"build\" -> \"vm-image\";"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("\"build\" -> \"vm-image\";"),
+        "{}",
+        r.stdout
+    );
     let r = rave(&dir, &["graph", "--format", "mermaid"]);
     assert!(r.stdout.starts_with("flowchart LR"));
     assert!(r.stdout.contains(" --> "));
@@ -79,16 +102,31 @@ fn matrix_instances_use_gitlab_names() {
         "build:\n  stage: build\n  script: make\n  parallel:\n    matrix:\n      - TARGET: [x86_64, aarch64]\n        PROFILE: release\ntest:\n  needs: ['build']\n  script: make test\n",
     )]);
     let v = graph(d.path(), &[]);
-    assert_eq!(names(&v), ["build: [x86_64, release]", "build: [aarch64, release]", "test"]);
+    assert_eq!(
+        names(&v),
+        [
+            "build: [x86_64, release]",
+            "build: [aarch64, release]",
+            "test"
+        ]
+    );
     assert_eq!(job(&v, "test")["needs"].as_array().unwrap().len(), 2);
 }
 
 #[test]
 fn budget_flags_change_what_fits() {
-    let d = git_repo(&[(".gitlab-ci.yml", "big:\n  script: make\n  variables: {RAVE_MEMORY: 4G}\n")]);
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "big:\n  script: make\n  variables: {RAVE_MEMORY: 4G}\n",
+    )]);
     let r = rave(d.path(), &["graph"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("more than the whole budget of 3 GiB (profile safe)"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("more than the whole budget of 3 GiB (profile safe)"),
+        "{}",
+        r.stderr
+    );
     let v = graph(d.path(), &["--memory", "6G"]);
     assert_eq!(v["budget"]["memory_bytes"], 6u64 << 30);
     let r = rave_env(d.path(), &["graph", "--format", "json"], &[("SAFE", "0")]);

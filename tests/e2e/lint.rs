@@ -42,13 +42,27 @@ snapshot_error! {
 fn origin_pipeline_is_valid() {
     let r = rave(&fixtures().join("origin"), &["lint"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains(".gitlab-ci.yml is valid: 9 jobs planned"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(".gitlab-ci.yml is valid: 9 jobs planned"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn json_output_lists_diagnostics_with_positions() {
     let dir = fixtures().join("errors");
-    let r = rave(&dir, &["lint", "--json", "-C", dir.to_str().unwrap(), "-f", "unknown-stage.yml"]);
+    let r = rave(
+        &dir,
+        &[
+            "lint",
+            "--json",
+            "-C",
+            dir.to_str().unwrap(),
+            "-f",
+            "unknown-stage.yml",
+        ],
+    );
     assert_eq!(r.code, 2);
     let v = json(&r.stdout);
     assert_eq!(v["valid"], false);
@@ -68,8 +82,17 @@ fn warnings_do_not_fail() {
     )]);
     let r = rave(d.path(), &["lint"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("warning: `only` is deprecated"), "{}", r.stderr);
-    assert!(r.stderr.contains("warning: hidden job `.unused` is never used"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning: `only` is deprecated"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("warning: hidden job `.unused` is never used"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -79,9 +102,17 @@ fn pipeline_yml_is_preferred_over_gitlab_ci() {
         (".gitlab-ci.yml", "a: {script: x}\n"),
     ]);
     let r = rave(d.path(), &["lint"]);
-    assert!(r.stderr.contains("pipeline.yml is valid: 2 jobs"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("pipeline.yml is valid: 2 jobs"),
+        "{}",
+        r.stderr
+    );
     let r = rave(d.path(), &["lint", "--file", ".gitlab-ci.yml"]);
-    assert!(r.stderr.contains(".gitlab-ci.yml is valid: 1 job planned"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(".gitlab-ci.yml is valid: 1 job planned"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -89,34 +120,61 @@ fn missing_pipeline_file_names_what_was_looked_for() {
     let d = tempfile::tempdir().unwrap();
     let r = rave(d.path(), &["lint"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("looked for pipeline.yml and .gitlab-ci.yml"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("looked for pipeline.yml and .gitlab-ci.yml"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn includes_with_globs_merge_under_the_main_file() {
     let d = git_repo(&[
-        (".gitlab-ci.yml", "include:\n  - local: ci/*.yml\n  - /ci/extra/last.yml\nvariables: {WHO: main}\nbuild: {stage: build, script: make}\n"),
-        ("ci/a.yml", "variables: {WHO: a, A: '1'}\ntest-a: {script: a, needs: [build]}\n"),
+        (
+            ".gitlab-ci.yml",
+            "include:\n  - local: ci/*.yml\n  - /ci/extra/last.yml\nvariables: {WHO: main}\nbuild: {stage: build, script: make}\n",
+        ),
+        (
+            "ci/a.yml",
+            "variables: {WHO: a, A: '1'}\ntest-a: {script: a, needs: [build]}\n",
+        ),
         ("ci/b.yml", "test-b: {script: b}\n"),
-        ("ci/extra/last.yml", ".tmpl: {script: t}\nlast: {extends: .tmpl}\n"),
+        (
+            "ci/extra/last.yml",
+            ".tmpl: {script: t}\nlast: {extends: .tmpl}\n",
+        ),
     ]);
     let r = rave(d.path(), &["graph", "--format", "json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v = json(&r.stdout);
-    let names: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["build", "test-a", "test-b", "last"]);
 }
 
 #[test]
 fn hostile_input_fails_fast_with_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
-    let mut laughs = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    let mut laughs = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
     for (prev, c) in ('a'..'i').zip('b'..='i') {
-        laughs.push_str(&format!("{c}: &{c} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+        laughs.push_str(&format!(
+            "{c}: &{c} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+        ));
     }
     laughs.push_str("job: {script: *i}\n");
     std::fs::write(d.path().join("laughs.yml"), laughs).unwrap();
-    std::fs::write(d.path().join("deep.yml"), format!("job: {}{}", "[".repeat(50_000), "]".repeat(50_000))).unwrap();
+    std::fs::write(
+        d.path().join("deep.yml"),
+        format!("job: {}{}", "[".repeat(50_000), "]".repeat(50_000)),
+    )
+    .unwrap();
     let big = "x: {script: echo}\n".repeat(300_000);
     std::fs::write(d.path().join("big.yml"), big).unwrap();
     std::fs::write(d.path().join("binary.yml"), [0xffu8, 0xfe, 0x00, 0x01]).unwrap();
@@ -146,5 +204,9 @@ fn every_subcommand_has_help() {
     }
     let r = rave(d.path(), &["completions", "bash"]);
     assert_eq!(r.code, 0);
-    assert!(r.stdout.contains("complete -F _rave"), "{}", &r.stdout[..200.min(r.stdout.len())]);
+    assert!(
+        r.stdout.contains("complete -F _rave"),
+        "{}",
+        &r.stdout[..200.min(r.stdout.len())]
+    );
 }

@@ -1,4 +1,5 @@
 //! End-to-end tests: they run the real `rave` binary on real files and git repositories.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up should fail loudly
 
 mod support;
 

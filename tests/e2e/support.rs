@@ -63,7 +63,10 @@ pub fn git_repo(files: &[(&str, &str)]) -> tempfile::TempDir {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, c).expect("write");
     }
-    sh(d.path(), "git init -q -b main . && git add -A && git commit -qm init");
+    sh(
+        d.path(),
+        "git init -q -b main . && git add -A && git commit -qm init",
+    );
     d
 }
 

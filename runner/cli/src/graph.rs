@@ -92,25 +92,42 @@ fn quote(s: &str) -> String {
 }
 
 fn dot(plan: &Plan) -> String {
-    let mut s = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    let mut s =
+        String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
     for (si, stage) in plan.stages.iter().enumerate() {
         let members: Vec<_> = plan.jobs.iter().filter(|j| j.stage_index == si).collect();
         if members.is_empty() {
             continue;
         }
-        let _ = writeln!(s, "  subgraph \"cluster_{}\" {{\n    label=\"{}\";", quote(stage), quote(stage));
+        let _ = writeln!(
+            s,
+            "  subgraph \"cluster_{}\" {{\n    label=\"{}\";",
+            quote(stage),
+            quote(stage)
+        );
         for j in members {
             let style = match j.when {
                 rave_model::When::Manual => ", style=\"rounded,dashed\"",
                 _ => "",
             };
-            let _ = writeln!(s, "    \"{}\" [label=\"{}\\n{}\"{style}];", quote(&j.name), quote(&j.name), rave_model::units::format_memory(j.memory_bytes));
+            let _ = writeln!(
+                s,
+                "    \"{}\" [label=\"{}\\n{}\"{style}];",
+                quote(&j.name),
+                quote(&j.name),
+                rave_model::units::format_memory(j.memory_bytes)
+            );
         }
         s.push_str("  }\n");
     }
     for j in &plan.jobs {
         for &d in &j.deps {
-            let _ = writeln!(s, "  \"{}\" -> \"{}\";", quote(&plan.jobs[d].name), quote(&j.name));
+            let _ = writeln!(
+                s,
+                "  \"{}\" -> \"{}\";",
+                quote(&plan.jobs[d].name),
+                quote(&j.name)
+            );
         }
     }
     s.push_str("}\n");

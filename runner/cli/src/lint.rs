@@ -34,11 +34,12 @@ pub fn run(args: &LintArgs) -> anyhow::Result<i32> {
     diags.sort_by_key(|d| d.span.map(|s| (s.file, s.offset)));
     let errors = diags.iter().filter(|d| d.is_error()).count();
     let warnings = diags.len() - errors;
-    let file = project
-        .loaded
-        .file
-        .as_ref()
-        .map(|f| f.strip_prefix(&project.root).unwrap_or(f).display().to_string());
+    let file = project.loaded.file.as_ref().map(|f| {
+        f.strip_prefix(&project.root)
+            .unwrap_or(f)
+            .display()
+            .to_string()
+    });
     if args.json {
         let doc = json!({
             "valid": errors == 0,
@@ -56,7 +57,11 @@ pub fn run(args: &LintArgs) -> anyhow::Result<i32> {
             eprintln!(
                 "{file} is valid: {jobs} job{} planned{}",
                 if jobs == 1 { "" } else { "s" },
-                if warnings > 0 { format!(", {warnings} warning(s)") } else { String::new() }
+                if warnings > 0 {
+                    format!(", {warnings} warning(s)")
+                } else {
+                    String::new()
+                }
             );
         } else {
             eprintln!("{file}: {errors} error(s), {warnings} warning(s)");

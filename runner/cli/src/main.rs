@@ -2,14 +2,20 @@
 //! arguments, calls the model/plan/engine crates, and turns their results into output and
 //! exit codes (0 success, 1 pipeline failed, 2 definition or usage error, 130 interrupted).
 
+mod console;
 mod graph;
 mod lint;
 mod project;
+mod run;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "rave", version, about = "A self-hosted CI runner that runs GitLab CI pipelines within a memory budget")]
+#[command(
+    name = "rave",
+    version,
+    about = "A self-hosted CI runner that runs GitLab CI pipelines within a memory budget"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +27,8 @@ enum Command {
     Lint(lint::LintArgs),
     /// Print the planned DAG of job instances (dot, mermaid or json).
     Graph(graph::GraphArgs),
+    /// Run the pipeline here, admitting jobs by memory and CPU within the budget.
+    Run(run::RunArgs),
     /// Print shell completions.
     Completions {
         /// Shell to generate completions for.
@@ -33,6 +41,7 @@ fn main() {
     let code = match &cli.command {
         Command::Lint(a) => lint::run(a),
         Command::Graph(a) => graph::run(a),
+        Command::Run(a) => run::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
             Ok(0)
@@ -44,5 +53,15 @@ fn main() {
             eprintln!("error: {e:#}");
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -127,7 +127,11 @@ impl Project {
                 .canonicalize()
                 .ok()
                 .zip(repo.root().canonicalize().ok())
-                .and_then(|(r, top)| r.strip_prefix(&top).ok().map(|p| p.to_string_lossy().to_string()))
+                .and_then(|(r, top)| {
+                    r.strip_prefix(&top)
+                        .ok()
+                        .map(|p| p.to_string_lossy().to_string())
+                })
                 .filter(|p| !p.is_empty())
                 .map(|p| format!("{p}/"));
             let relative = |files: Vec<String>| -> Vec<String> {
@@ -146,7 +150,10 @@ impl Project {
         } else {
             trigger.files = list_files(&self.root);
             if t.compare_to.is_some() {
-                anyhow::bail!("--compare-to needs a git repository, and {} is not in one", self.root.display());
+                anyhow::bail!(
+                    "--compare-to needs a git repository, and {} is not in one",
+                    self.root.display()
+                );
             }
         }
         if let Some(r) = &t.ref_name {
@@ -172,7 +179,9 @@ fn list_files(root: &Path) -> Vec<String> {
         if depth > 16 || out.len() > 100_000 {
             return;
         }
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name();
@@ -203,10 +212,19 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
         .profile
         .clone()
         .or_else(|| pipeline.rave.profile.clone())
-        .unwrap_or_else(|| if safe_off { "full".into() } else { "safe".into() });
+        .unwrap_or_else(|| {
+            if safe_off {
+                "full".into()
+            } else {
+                "safe".into()
+            }
+        });
     let mut budget: Budget = *pipeline.rave.profiles.get(&profile).ok_or_else(|| {
         let names: Vec<&str> = pipeline.rave.profiles.keys().map(String::as_str).collect();
-        anyhow::anyhow!("unknown profile `{profile}`: defined profiles are {}", names.join(", "))
+        anyhow::anyhow!(
+            "unknown profile `{profile}`: defined profiles are {}",
+            names.join(", ")
+        )
     })?;
     if let Some(m) = &b.memory {
         budget.memory_bytes = parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;

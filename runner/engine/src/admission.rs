@@ -84,7 +84,10 @@ impl Admission {
                 break;
             }
             let c = &ready[i];
-            if c.resource_group.as_ref().is_some_and(|g| self.busy_groups.contains(g)) {
+            if c.resource_group
+                .as_ref()
+                .is_some_and(|g| self.busy_groups.contains(g))
+            {
                 continue;
             }
             if self.fits(c.request) {
@@ -114,14 +117,22 @@ mod tests {
     fn cand(id: usize, mem: u64) -> Candidate {
         Candidate {
             id,
-            request: Request { memory_bytes: mem * MIB, cpus: 1.0 },
+            request: Request {
+                memory_bytes: mem * MIB,
+                cpus: 1.0,
+            },
             overtaken: 0,
             resource_group: None,
         }
     }
 
     fn budget(mem: u64, cpus: f64, jobs: u32) -> Budget {
-        Budget { memory_bytes: mem * MIB, cpus, jobs, ..Budget::SAFE }
+        Budget {
+            memory_bytes: mem * MIB,
+            cpus,
+            jobs,
+            ..Budget::SAFE
+        }
     }
 
     #[test]
@@ -138,7 +149,13 @@ mod tests {
         let mut a = Admission::new(budget(2048, 8.0, 8));
         a.overtake_limit = 2;
         // Something holds 1 GiB; the 1.5 GiB job waits while small ones pass it, twice at most.
-        a.take(Request { memory_bytes: 1024 * MIB, cpus: 1.0 }, None);
+        a.take(
+            Request {
+                memory_bytes: 1024 * MIB,
+                cpus: 1.0,
+            },
+            None,
+        );
         let mut ready = vec![cand(0, 1536), cand(1, 128)];
         assert_eq!(a.select(&mut ready), vec![1]);
         a.give_back(ready[1].request, None);
@@ -147,7 +164,13 @@ mod tests {
         assert_eq!(ready[0].overtaken, 2);
         // Now nothing passes it until it fits.
         assert!(a.select(&mut ready).is_empty());
-        a.give_back(Request { memory_bytes: 1024 * MIB, cpus: 1.0 }, None);
+        a.give_back(
+            Request {
+                memory_bytes: 1024 * MIB,
+                cpus: 1.0,
+            },
+            None,
+        );
         assert_eq!(a.select(&mut ready), vec![0, 1]);
     }
 

@@ -8,7 +8,12 @@
 use rave_model::Budget;
 
 /// Environment variables that carry the job's share.
-pub fn env(memory_bytes: u64, cpus: f64, budget: &Budget, user: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+pub fn env(
+    memory_bytes: u64,
+    cpus: f64,
+    budget: &Budget,
+    user: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
     let whole_cpus = (cpus.floor() as u32).max(1);
     let limit_mb = memory_bytes / (1024 * 1024);
     // Nix: cores × max-jobs must not exceed the job's CPUs.
@@ -69,18 +74,28 @@ mod tests {
     use super::*;
 
     fn get(v: &[(String, String)], k: &str) -> String {
-        v.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap()
+        v.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
     }
 
     #[test]
     fn nix_cores_times_jobs_never_exceed_the_share() {
         for cpus in [1.0, 1.5, 2.0, 3.0, 8.0] {
             for max_jobs in [1, 2, 4] {
-                let b = Budget { nix_max_jobs: max_jobs, nix_cores: 0, ..Budget::SAFE };
+                let b = Budget {
+                    nix_max_jobs: max_jobs,
+                    nix_cores: 0,
+                    ..Budget::SAFE
+                };
                 let e = env(1 << 30, cpus, &b, &|_| None);
                 let c: u64 = get(&e, "NIX_BUILD_CORES").parse().unwrap();
                 let j: u64 = get(&e, "NIX_MAX_JOBS").parse().unwrap();
-                assert!(c * j <= (cpus.floor() as u64).max(1), "{cpus} {max_jobs}: {c}×{j}");
+                assert!(
+                    c * j <= (cpus.floor() as u64).max(1),
+                    "{cpus} {max_jobs}: {c}×{j}"
+                );
                 assert!(get(&e, "NIX_CONFIG").contains(&format!("cores = {c}")));
             }
         }

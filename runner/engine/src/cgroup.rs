@@ -16,8 +16,13 @@ const V2_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Clone, Debug)]
 enum Layout {
-    V2 { base: PathBuf },
-    V1 { memory: PathBuf, cpu: Option<PathBuf> },
+    V2 {
+        base: PathBuf,
+    },
+    V1 {
+        memory: PathBuf,
+        cpu: Option<PathBuf>,
+    },
 }
 
 /// The parent group under which rave makes one group per job.
@@ -63,7 +68,8 @@ impl Cgroups {
         if v2_controllers.exists() {
             let own = own_path("").unwrap_or_else(|| "/".into());
             let parent = Path::new(V2_ROOT).join(own.trim_start_matches('/'));
-            let controllers = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+            let controllers =
+                fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
             if !controllers.split_whitespace().any(|c| c == "memory") {
                 return Err(format!(
                     "cgroup v2 is mounted but the memory controller is not delegated to {}",
@@ -71,16 +77,22 @@ impl Cgroups {
                 ));
             }
             let base = parent.join(&tag);
-            fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            fs::create_dir_all(&base)
+                .map_err(|e| format!("cannot create {}: {e}", base.display()))?;
             // Children of `base` get the memory and cpu controllers. `base` itself holds no
             // process, so the "no internal processes" rule is kept.
             let _ = write(&base.join("cgroup.subtree_control"), "+memory +cpu");
             let ok = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
             if !ok.contains("memory") {
                 let _ = fs::remove_dir(&base);
-                return Err(format!("cannot enable the memory controller under {}", parent.display()));
+                return Err(format!(
+                    "cannot enable the memory controller under {}",
+                    parent.display()
+                ));
             }
-            return Ok(Cgroups { layout: Layout::V2 { base } });
+            return Ok(Cgroups {
+                layout: Layout::V2 { base },
+            });
         }
         let mem_root = Path::new(V2_ROOT).join("memory");
         if !mem_root.join("memory.limit_in_bytes").exists() {
@@ -88,7 +100,8 @@ impl Cgroups {
         }
         let mem_own = own_path("memory").unwrap_or_else(|| "/".into());
         let memory = mem_root.join(mem_own.trim_start_matches('/')).join(&tag);
-        fs::create_dir_all(&memory).map_err(|e| format!("cannot create {}: {e}", memory.display()))?;
+        fs::create_dir_all(&memory)
+            .map_err(|e| format!("cannot create {}: {e}", memory.display()))?;
         let cpu = own_path("cpu").and_then(|own| {
             let root = ["cpu", "cpu,cpuacct"]
                 .iter()
@@ -136,7 +149,10 @@ impl Cgroups {
                 let dir = memory.join(name);
                 let _ = fs::remove_dir(&dir);
                 fs::create_dir(&dir)?;
-                write(&dir.join("memory.limit_in_bytes"), &memory_bytes.to_string())?;
+                write(
+                    &dir.join("memory.limit_in_bytes"),
+                    &memory_bytes.to_string(),
+                )?;
                 let memsw = dir.join("memory.memsw.limit_in_bytes");
                 if memsw.exists() {
                     let _ = write(&memsw, &memory_bytes.to_string());

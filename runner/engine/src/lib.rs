@@ -1,14 +1,38 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! rave's engine: runs a planned pipeline on this machine.
+//!
+//! # Architecture
+//!
+//! ```text
+//!            ┌──────────── scheduler (one task) ─────────────┐
+//!  Plan ───► │ DAG state · admission (budget) · retry · skip │ ──► Event stream ──► console,
+//!            └──────┬────────────────────────────▲───────────┘                    --json, store
+//!                   │ start                      │ finished
+//!             job task: prepare working copy → Executor::run → save artifacts
+//!                   │ output (bounded channel) ──► log files, live console
+//! ```
+//!
+//! - [`scheduler`] owns the state of every job and the budget; nothing else mutates them.
+//! - [`admission`] decides which ready jobs fit (memory, CPUs, slots), never starving big ones.
+//! - [`executor`] is the contract every executor follows; [`local`] runs bash in a process
+//!   group and a [`cgroup`] with the job's memory limit, so an OOM kill is seen as one.
+//! - [`caps`] turns the job's share into `CARGO_BUILD_JOBS`, `NIX_CONFIG`, `MAKEFLAGS`, …
+//! - [`workspace`] lays out working copies, artifacts and dotenv reports; [`logs`] writes logs.
+//!
+//! A failed job is a result ([`outcome::ExecOutcome`]), not an error; only the runner's own
+//! failures are `runner_error`.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod admission;
+pub mod caps;
+pub mod cgroup;
+pub mod event;
+pub mod executor;
+pub mod local;
+pub mod logs;
+pub mod outcome;
+pub mod scheduler;
+pub mod workspace;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use event::{Event, JobRecord};
+pub use executor::{Cancel, Executor, JobSpec, LogChunk, LogSink, Stream};
+pub use outcome::{ExecOutcome, FailureReason, JobStatus};
+pub use scheduler::{PipelineStatus, RunConfig, RunResult};

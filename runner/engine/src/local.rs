@@ -57,7 +57,12 @@ fn script_text(lines: &[String], fail_fast: bool) -> String {
 /// Move into the job's cgroup(s), then become the script. `$$` stays the same across `exec`.
 const WRAPPER: &str = r#"for f in "${@:2}"; do echo $$ > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; exec bash --noprofile --norc "$1""#;
 
-fn spawn(spec: &JobSpec, script: &Path, cg: Option<&JobCgroup>, extra_env: &[(String, String)]) -> std::io::Result<Child> {
+fn spawn(
+    spec: &JobSpec,
+    script: &Path,
+    cg: Option<&JobCgroup>,
+    extra_env: &[(String, String)],
+) -> std::io::Result<Child> {
     let mut cmd = Command::new("bash");
     cmd.arg("--noprofile")
         .arg("--norc")
@@ -117,63 +122,83 @@ enum Ended {
     Forced,
 }
 
-/// Run one shell to completion, racing `limit` and cancellation. Returns how it ended, after
-/// its whole tree is gone.
-async fn run_shell(
-    spec: &JobSpec,
-    script: &Path,
-    cg: Option<&JobCgroup>,
-    extra_env: &[(String, String)],
-    limit: Duration,
-    cancel: &Cancel,
-    graceful_stops: bool,
-    log: &LogSink,
-) -> Result<Ended, String> {
-    let mut child = spawn(spec, script, cg, extra_env).map_err(|e| format!("cannot start bash: {e}"))?;
-    let pid = child.id();
-    let out = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, log.clone())));
-    let err = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, log.clone())));
-    let graceful = async {
-        if graceful_stops {
-            cancel.graceful.cancelled().await
-        } else {
-            std::future::pending().await
-        }
-    };
-    let ended = tokio::select! {
-        s = child.wait() => match s {
-            Ok(s) => Ended::Exited(s),
-            Err(e) => return Err(format!("waiting for the job: {e}")),
-        },
-        _ = tokio::time::sleep(limit) => Ended::TimedOut,
-        _ = graceful => Ended::Canceled,
-        _ = cancel.force.cancelled() => Ended::Forced,
-    };
-    if !matches!(ended, Ended::Exited(_)) {
-        // Ask nicely, then insist. A forced stop skips the grace period.
-        signal_group(pid, rustix::process::Signal::TERM);
-        if !matches!(ended, Ended::Forced) {
-            tokio::select! {
-                _ = child.wait() => {}
-                _ = tokio::time::sleep(GRACE) => {}
-                _ = cancel.force.cancelled() => {}
+/// What every shell of one job attempt shares.
+struct Shell<'a> {
+    spec: &'a JobSpec,
+    cg: Option<&'a JobCgroup>,
+    cancel: &'a Cancel,
+    log: &'a LogSink,
+}
+
+impl Shell<'_> {
+    /// Run one shell to completion, racing `limit` and cancellation. Returns how it ended, after
+    /// its whole tree is gone.
+    async fn run(
+        &self,
+        script: &Path,
+        extra_env: &[(String, String)],
+        limit: Duration,
+        graceful_stops: bool,
+    ) -> Result<Ended, String> {
+        let Shell {
+            spec,
+            cg,
+            cancel,
+            log,
+        } = *self;
+        let mut child =
+            spawn(spec, script, cg, extra_env).map_err(|e| format!("cannot start bash: {e}"))?;
+        let pid = child.id();
+        let out = child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(pump(o, Stream::Stdout, log.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(pump(e, Stream::Stderr, log.clone())));
+        let graceful = async {
+            if graceful_stops {
+                cancel.graceful.cancelled().await
+            } else {
+                std::future::pending().await
             }
+        };
+        let ended = tokio::select! {
+            s = child.wait() => match s {
+                Ok(s) => Ended::Exited(s),
+                Err(e) => return Err(format!("waiting for the job: {e}")),
+            },
+            _ = tokio::time::sleep(limit) => Ended::TimedOut,
+            _ = graceful => Ended::Canceled,
+            _ = cancel.force.cancelled() => Ended::Forced,
+        };
+        if !matches!(ended, Ended::Exited(_)) {
+            // Ask nicely, then insist. A forced stop skips the grace period.
+            signal_group(pid, rustix::process::Signal::TERM);
+            if !matches!(ended, Ended::Forced) {
+                tokio::select! {
+                    _ = child.wait() => {}
+                    _ = tokio::time::sleep(GRACE) => {}
+                    _ = cancel.force.cancelled() => {}
+                }
+            }
+            signal_group(pid, rustix::process::Signal::KILL);
+            let _ = child.wait().await;
         }
+        // The script is done; anything it left running (background jobs, daemons) goes too, or
+        // it would hold the output pipes open and outlive the job.
         signal_group(pid, rustix::process::Signal::KILL);
-        let _ = child.wait().await;
+        if let Some(cg) = cg {
+            cg.kill_all().await;
+        }
+        for h in [out, err].into_iter().flatten() {
+            // A grandchild that escaped the group and the cgroup could keep a pipe open; don't wait
+            // on it forever.
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        Ok(ended)
     }
-    // The script is done; anything it left running (background jobs, daemons) goes too, or
-    // it would hold the output pipes open and outlive the job.
-    signal_group(pid, rustix::process::Signal::KILL);
-    if let Some(cg) = cg {
-        cg.kill_all().await;
-    }
-    for h in [out, err].into_iter().flatten() {
-        // A grandchild that escaped the group and the cgroup could keep a pipe open; don't wait
-        // on it forever.
-        let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
-    }
-    Ok(ended)
 }
 
 impl Executor for LocalExecutor {
@@ -190,7 +215,8 @@ impl Executor for LocalExecutor {
             None => None,
         };
         if let Err(e) = std::fs::create_dir_all(&spec.scratch_dir) {
-            outcome.runner_error = Some(format!("cannot create {}: {e}", spec.scratch_dir.display()));
+            outcome.runner_error =
+                Some(format!("cannot create {}: {e}", spec.scratch_dir.display()));
             return outcome;
         }
         let main = spec.scratch_dir.join("script.sh");
@@ -198,7 +224,13 @@ impl Executor for LocalExecutor {
             outcome.runner_error = Some(format!("cannot write {}: {e}", main.display()));
             return outcome;
         }
-        match run_shell(&spec, &main, cg.as_ref(), &[], spec.timeout, &cancel, true, &log).await {
+        let shell = Shell {
+            spec: &spec,
+            cg: cg.as_ref(),
+            cancel: &cancel,
+            log: &log,
+        };
+        match shell.run(&main, &[], spec.timeout, true).await {
             Ok(Ended::Exited(s)) => {
                 outcome.exit_code = s.code();
                 outcome.signal = s.signal();
@@ -222,15 +254,24 @@ impl Executor for LocalExecutor {
             if std::fs::write(&after, script_text(&spec.after_script, true)).is_ok() {
                 log.system("Running after_script").await;
                 let env = [("CI_JOB_STATUS".to_string(), status.to_string())];
-                match run_shell(&spec, &after, cg.as_ref(), &env, spec.after_script_timeout, &cancel, false, &log).await {
+                match shell
+                    .run(&after, &env, spec.after_script_timeout, false)
+                    .await
+                {
                     Ok(Ended::Exited(s)) if s.success() => {}
                     Ok(Ended::Exited(s)) => {
-                        log.system(&format!("after_script failed with exit code {} (ignored)", s.code().unwrap_or(-1)))
-                            .await
+                        log.system(&format!(
+                            "after_script failed with exit code {} (ignored)",
+                            s.code().unwrap_or(-1)
+                        ))
+                        .await
                     }
                     Ok(Ended::TimedOut) => log.system("after_script timed out (ignored)").await,
                     Ok(_) => {}
-                    Err(e) => log.system(&format!("after_script could not run: {e}")).await,
+                    Err(e) => {
+                        log.system(&format!("after_script could not run: {e}"))
+                            .await
+                    }
                 }
             }
         }

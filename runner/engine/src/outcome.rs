@@ -61,7 +61,10 @@ impl FailureReason {
         when.iter().any(|w| match w.as_str() {
             "always" => true,
             "script_failure" | "unknown_failure" => {
-                matches!(self, FailureReason::ScriptFailure | FailureReason::OomKilled)
+                matches!(
+                    self,
+                    FailureReason::ScriptFailure | FailureReason::OomKilled
+                )
             }
             "job_execution_timeout" | "stuck_or_timeout_failure" => self == FailureReason::Timeout,
             "runner_system_failure" | "runner_unsupported" | "data_integrity_failure" => {

@@ -27,7 +27,13 @@ pub struct Workspace {
 pub fn slug(id: usize, name: &str) -> String {
     let mut s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     while s.contains("--") {
         s = s.replace("--", "-");
@@ -48,16 +54,20 @@ impl Workspace {
         self.run_dir.join("logs").join(format!("{slug}.log"))
     }
     pub fn scratch_dir(&self, slug: &str, attempt: u32) -> PathBuf {
-        self.run_dir.join("scratch").join(format!("{slug}-{attempt}"))
+        self.run_dir
+            .join("scratch")
+            .join(format!("{slug}-{attempt}"))
     }
 
     /// A fresh working copy for a job, with the artifacts of `deps` (slugs) copied in.
     pub fn prepare(&self, slug: &str, deps: &[String]) -> Result<PathBuf, String> {
         let dir = self.job_dir(slug);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
         }
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         rave_repo::copy_tree(&self.source_root, &self.files, &dir).map_err(|e| e.to_string())?;
         for d in deps {
             let src = self.artifacts_dir(d);
@@ -96,10 +106,14 @@ fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
 fn check_pattern(p: &str) -> Result<String, String> {
     let path = Path::new(p);
     if path.is_absolute() {
-        return Err(format!("artifact path `{p}` is absolute; artifact paths are relative to the project directory"));
+        return Err(format!(
+            "artifact path `{p}` is absolute; artifact paths are relative to the project directory"
+        ));
     }
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!("artifact path `{p}` leaves the project directory (`..`)"));
+        return Err(format!(
+            "artifact path `{p}` leaves the project directory (`..`)"
+        ));
     }
     Ok(p.trim_start_matches("./").trim_end_matches('/').to_string())
 }
@@ -118,7 +132,8 @@ fn globset(patterns: &[String]) -> Result<GlobSet, String> {
         let g = Glob::new(p).map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;
         b.add(g);
         // A directory pattern takes everything under it.
-        let sub = Glob::new(&format!("{p}/**")).map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;
+        let sub = Glob::new(&format!("{p}/**"))
+            .map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;
         b.add(sub);
     }
     b.build().map_err(|e| e.to_string())
@@ -126,7 +141,12 @@ fn globset(patterns: &[String]) -> Result<GlobSet, String> {
 
 /// Copy the files matching `paths` (minus `exclude`) from `workdir` into `dest`. Symlinks
 /// that point outside the working copy are refused, never followed.
-pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], dest: &Path) -> Collected {
+pub fn collect_artifacts(
+    workdir: &Path,
+    paths: &[String],
+    exclude: &[String],
+    dest: &Path,
+) -> Collected {
     let mut c = Collected::default();
     let mut ok = Vec::new();
     for p in paths {
@@ -145,21 +165,32 @@ pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], d
             return c;
         }
     };
-    let exclude = match globset(&exclude.iter().filter_map(|p| check_pattern(p).ok()).collect::<Vec<_>>()) {
+    let exclude = match globset(
+        &exclude
+            .iter()
+            .filter_map(|p| check_pattern(p).ok())
+            .collect::<Vec<_>>(),
+    ) {
         Ok(g) => g,
         Err(e) => {
             c.warnings.push(e);
             return c;
         }
     };
-    let root = workdir.canonicalize().unwrap_or_else(|_| workdir.to_path_buf());
+    let root = workdir
+        .canonicalize()
+        .unwrap_or_else(|_| workdir.to_path_buf());
     let mut matched_any = vec![false; ok.len()];
     let mut stack = vec![workdir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let path = e.path();
-            let Ok(rel) = path.strip_prefix(workdir) else { continue };
+            let Ok(rel) = path.strip_prefix(workdir) else {
+                continue;
+            };
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
                 stack.push(path);
@@ -168,9 +199,9 @@ pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], d
             if !include.is_match(rel) || exclude.is_match(rel) {
                 continue;
             }
-            for (i, m) in include.matches(rel).into_iter().map(|m| m / 2).enumerate() {
-                let _ = i;
-                if let Some(f) = matched_any.get_mut(m) {
+            // Each pattern was added twice (itself and `pattern/**`).
+            for m in include.matches(rel) {
+                if let Some(f) = matched_any.get_mut(m / 2) {
                     *f = true;
                 }
             }
@@ -188,11 +219,14 @@ pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], d
             if let Some(parent) = to.parent()
                 && let Err(e) = std::fs::create_dir_all(parent)
             {
-                c.warnings.push(format!("cannot create {}: {e}", parent.display()));
+                c.warnings
+                    .push(format!("cannot create {}: {e}", parent.display()));
                 continue;
             }
             let res = if ft.is_symlink() {
-                std::fs::read_link(&path).and_then(|t| std::os::unix::fs::symlink(t, &to)).map(|_| 0)
+                std::fs::read_link(&path)
+                    .and_then(|t| std::os::unix::fs::symlink(t, &to))
+                    .map(|_| 0)
             } else {
                 std::fs::copy(&path, &to)
             };
@@ -201,7 +235,9 @@ pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], d
                     c.files += 1;
                     c.bytes += n;
                 }
-                Err(e) => c.warnings.push(format!("cannot save artifact {}: {e}", rel.display())),
+                Err(e) => c
+                    .warnings
+                    .push(format!("cannot save artifact {}: {e}", rel.display())),
             }
         }
     }
@@ -216,7 +252,8 @@ pub fn collect_artifacts(workdir: &Path, paths: &[String], exclude: &[String], d
 /// Read a dotenv report: `KEY=VALUE` lines, `#` comments and blank lines ignored, optional
 /// surrounding quotes removed. GitLab's limits apply: names are identifiers, values one line.
 pub fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read dotenv report {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read dotenv report {}: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -229,7 +266,11 @@ pub fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, String> {
         };
         let k = k.trim();
         if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("{}:{}: `{k}` is not a valid variable name", path.display(), n + 1));
+            return Err(format!(
+                "{}:{}: `{k}` is not a valid variable name",
+                path.display(),
+                n + 1
+            ));
         }
         let v = v.trim();
         let v = v
@@ -265,7 +306,13 @@ mod tests {
         let out = d.path().join("out");
         let c = collect_artifacts(
             &w,
-            &["dist/".into(), "*.xml".into(), "../secret".into(), "/etc/passwd".into(), "missing/".into()],
+            &[
+                "dist/".into(),
+                "*.xml".into(),
+                "../secret".into(),
+                "/etc/passwd".into(),
+                "missing/".into(),
+            ],
             &["dist/**/*.log".into()],
             &out,
         );

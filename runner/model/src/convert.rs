@@ -41,7 +41,10 @@ impl Reader<'_> {
         match &n.value {
             Value::Map(m) => Some(m),
             _ => {
-                self.err(format!("{what} must be a mapping, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("{what} must be a mapping, not {}", n.type_name()),
+                    n.span,
+                );
                 None
             }
         }
@@ -55,9 +58,11 @@ impl Reader<'_> {
                 self.diags.push(
                     Diagnostic::error(format!("unknown key `{}` in {what}", k.name), Some(k.span))
                         .with_label("unknown key")
-                        .with_help_opt(help.or_else(|| {
-                            Some(format!("valid keys are: {}", allowed.join(", ")))
-                        })),
+                        .with_help_opt(
+                            help.or_else(|| {
+                                Some(format!("valid keys are: {}", allowed.join(", ")))
+                            }),
+                        ),
                 );
             }
         }
@@ -68,7 +73,10 @@ impl Reader<'_> {
             Value::Str(s) => Some(s.clone()),
             Value::Int(_) | Value::Float(_) | Value::Bool(_) => n.scalar_string(),
             _ => {
-                self.err(format!("{what} must be a string, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("{what} must be a string, not {}", n.type_name()),
+                    n.span,
+                );
                 None
             }
         }
@@ -78,7 +86,10 @@ impl Reader<'_> {
         match n.value {
             Value::Bool(b) => Some(b),
             _ => {
-                self.err(format!("{what} must be true or false, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("{what} must be true or false, not {}", n.type_name()),
+                    n.span,
+                );
                 None
             }
         }
@@ -89,13 +100,20 @@ impl Reader<'_> {
             Value::Int(i) if range.contains(&i) => Some(i),
             Value::Int(i) => {
                 self.err(
-                    format!("{what} is {i}, but must be between {} and {}", range.start(), range.end()),
+                    format!(
+                        "{what} is {i}, but must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
                     n.span,
                 );
                 None
             }
             _ => {
-                self.err(format!("{what} must be an integer, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("{what} must be an integer, not {}", n.type_name()),
+                    n.span,
+                );
                 None
             }
         }
@@ -159,7 +177,10 @@ impl Reader<'_> {
         };
         for (k, v) in m {
             if k.name.is_empty()
-                || !k.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                || !k
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
             {
                 self.err_help(
                     format!("`{}` is not a valid variable name", k.name),
@@ -170,7 +191,11 @@ impl Reader<'_> {
             }
             let (value, raw) = match &v.value {
                 Value::Map(vm) => {
-                    self.check_keys(vm, &["value", "description", "expand", "options"], "a variable");
+                    self.check_keys(
+                        vm,
+                        &["value", "description", "expand", "options"],
+                        "a variable",
+                    );
                     let value = v
                         .get("value")
                         .and_then(|x| self.string(x, "a variable's `value`"))
@@ -180,7 +205,10 @@ impl Reader<'_> {
                 }
                 Value::Seq(_) => {
                     self.err(
-                        format!("variable `{}` must be a string or number, not a list", k.name),
+                        format!(
+                            "variable `{}` must be a string or number, not a list",
+                            k.name
+                        ),
                         v.span,
                     );
                     continue;
@@ -234,7 +262,10 @@ impl Reader<'_> {
             }
             _ => {
                 self.err(
-                    format!("`allow_failure` must be true, false or `exit_codes:`, not {}", n.type_name()),
+                    format!(
+                        "`allow_failure` must be true, false or `exit_codes:`, not {}",
+                        n.type_name()
+                    ),
                     n.span,
                 );
                 None
@@ -266,7 +297,10 @@ impl Reader<'_> {
             Value::Seq(s) => s.iter().collect(),
             Value::Null => return Some(Vec::new()),
             _ => {
-                self.err(format!("`needs` must be a list, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("`needs` must be a list, not {}", n.type_name()),
+                    n.span,
+                );
                 return None;
             }
         };
@@ -290,7 +324,8 @@ impl Reader<'_> {
                         );
                         continue;
                     }
-                    let Some(job) = it.get("job").and_then(|j| self.string(j, "`needs: job`")) else {
+                    let Some(job) = it.get("job").and_then(|j| self.string(j, "`needs: job`"))
+                    else {
                         self.err("a `needs` entry needs `job:`", it.span);
                         continue;
                     };
@@ -313,7 +348,10 @@ impl Reader<'_> {
                                     Some(
                                         rm.iter()
                                             .map(|(k, v)| {
-                                                (k.name.clone(), v.scalar_string().unwrap_or_default())
+                                                (
+                                                    k.name.clone(),
+                                                    v.scalar_string().unwrap_or_default(),
+                                                )
                                             })
                                             .collect::<IndexMap<_, _>>(),
                                     )
@@ -330,7 +368,10 @@ impl Reader<'_> {
                     });
                 }
                 _ => self.err(
-                    format!("a `needs` entry must be a job name or a mapping, not {}", it.type_name()),
+                    format!(
+                        "a `needs` entry must be a job name or a mapping, not {}",
+                        it.type_name()
+                    ),
                     it.span,
                 ),
             }
@@ -340,7 +381,10 @@ impl Reader<'_> {
 
     fn rules(&mut self, n: &Node, allowed: &[&str]) -> Vec<Rule> {
         let Some(items) = n.as_seq() else {
-            self.err(format!("`rules` must be a list, not {}", n.type_name()), n.span);
+            self.err(
+                format!("`rules` must be a list, not {}", n.type_name()),
+                n.span,
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -353,8 +397,13 @@ impl Reader<'_> {
                 Value::Map(cm) => {
                     self.check_keys(cm, &["paths", "compare_to"], "`changes`");
                     Changes {
-                        paths: c.get("paths").map(|p| self.strings(p, "`changes: paths`")).unwrap_or_default(),
-                        compare_to: c.get("compare_to").and_then(|x| self.string(x, "`compare_to`")),
+                        paths: c
+                            .get("paths")
+                            .map(|p| self.strings(p, "`changes: paths`"))
+                            .unwrap_or_default(),
+                        compare_to: c
+                            .get("compare_to")
+                            .and_then(|x| self.string(x, "`compare_to`")),
                     }
                 }
                 _ => Changes {
@@ -363,13 +412,22 @@ impl Reader<'_> {
                 },
             });
             let exists = it.get("exists").map(|c| match &c.value {
-                Value::Map(_) => c.get("paths").map(|p| self.strings(p, "`exists: paths`")).unwrap_or_default(),
+                Value::Map(_) => c
+                    .get("paths")
+                    .map(|p| self.strings(p, "`exists: paths`"))
+                    .unwrap_or_default(),
                 _ => self.strings(c, "`exists`"),
             });
             let when = it.get("when").and_then(|w| self.when(w));
-            let start_in = it.get("start_in").and_then(|d| self.duration(d, "`start_in`"));
+            let start_in = it
+                .get("start_in")
+                .and_then(|d| self.duration(d, "`start_in`"));
             if when == Some(When::Delayed) && start_in.is_none() {
-                self.err_help("`when: delayed` needs `start_in`", it.span, Some("add e.g. `start_in: 5 minutes`".into()));
+                self.err_help(
+                    "`when: delayed` needs `start_in`",
+                    it.span,
+                    Some("add e.g. `start_in: 5 minutes`".into()),
+                );
             }
             out.push(Rule {
                 span: it.span,
@@ -398,10 +456,16 @@ impl Reader<'_> {
             }),
             Value::Map(m) => {
                 self.check_keys(m, keywords::RETRY, "`retry`");
-                let max = n.get("max").and_then(|x| self.int(x, "`retry: max`", 0..=2)).unwrap_or(0) as u32;
+                let max = n
+                    .get("max")
+                    .and_then(|x| self.int(x, "`retry: max`", 0..=2))
+                    .unwrap_or(0) as u32;
                 Some(Retry {
                     max,
-                    when: n.get("when").map(|w| self.strings(w, "`retry: when`")).unwrap_or_default(),
+                    when: n
+                        .get("when")
+                        .map(|w| self.strings(w, "`retry: when`"))
+                        .unwrap_or_default(),
                     exit_codes: n
                         .get("exit_codes")
                         .map(|w| {
@@ -418,7 +482,13 @@ impl Reader<'_> {
                 })
             }
             _ => {
-                self.err(format!("`retry` must be a number or a mapping, not {}", n.type_name()), n.span);
+                self.err(
+                    format!(
+                        "`retry` must be a number or a mapping, not {}",
+                        n.type_name()
+                    ),
+                    n.span,
+                );
                 None
             }
         }
@@ -426,7 +496,11 @@ impl Reader<'_> {
 
     fn parallel(&mut self, n: &Node) -> Option<Parallel> {
         match &n.value {
-            Value::Int(_) => Some(Parallel::Count(self.int(n, "`parallel`", 1..=MAX_PARALLEL as i64)? as u32)),
+            Value::Int(_) => {
+                Some(Parallel::Count(
+                    self.int(n, "`parallel`", 1..=MAX_PARALLEL as i64)? as u32,
+                ))
+            }
             Value::Map(m) => {
                 self.check_keys(m, &["matrix"], "`parallel`");
                 let rows = n.get("matrix")?;
@@ -437,7 +511,9 @@ impl Reader<'_> {
                 let mut out = Vec::new();
                 let mut total: usize = 0;
                 for r in rows {
-                    let Some(rm) = self.map(r, "a `matrix` entry") else { continue };
+                    let Some(rm) = self.map(r, "a `matrix` entry") else {
+                        continue;
+                    };
                     let mut row = IndexMap::new();
                     let mut combos: usize = 1;
                     for (k, v) in rm {
@@ -459,7 +535,13 @@ impl Reader<'_> {
                 Some(Parallel::Matrix(out))
             }
             _ => {
-                self.err(format!("`parallel` must be a number or `matrix:`, not {}", n.type_name()), n.span);
+                self.err(
+                    format!(
+                        "`parallel` must be a number or `matrix:`, not {}",
+                        n.type_name()
+                    ),
+                    n.span,
+                );
                 None
             }
         }
@@ -469,12 +551,23 @@ impl Reader<'_> {
         let m = self.map(n, "`artifacts`")?;
         self.check_keys(m, keywords::ARTIFACTS, "`artifacts`");
         let mut a = Artifacts {
-            name: n.get("name").and_then(|x| self.string(x, "`artifacts: name`")),
-            paths: n.get("paths").map(|x| self.strings(x, "`artifacts: paths`")).unwrap_or_default(),
-            exclude: n.get("exclude").map(|x| self.strings(x, "`artifacts: exclude`")).unwrap_or_default(),
+            name: n
+                .get("name")
+                .and_then(|x| self.string(x, "`artifacts: name`")),
+            paths: n
+                .get("paths")
+                .map(|x| self.strings(x, "`artifacts: paths`"))
+                .unwrap_or_default(),
+            exclude: n
+                .get("exclude")
+                .map(|x| self.strings(x, "`artifacts: exclude`"))
+                .unwrap_or_default(),
             expire_in: None,
             when: ArtifactsWhen::OnSuccess,
-            untracked: n.get("untracked").and_then(|x| self.bool(x, "`untracked`")).unwrap_or(false),
+            untracked: n
+                .get("untracked")
+                .and_then(|x| self.bool(x, "`untracked`"))
+                .unwrap_or(false),
             reports: Reports::default(),
         };
         if let Some(e) = n.get("expire_in")
@@ -488,7 +581,10 @@ impl Reader<'_> {
                 Some("on_failure") => ArtifactsWhen::OnFailure,
                 Some("always") => ArtifactsWhen::Always,
                 _ => {
-                    self.err("`artifacts: when` must be on_success, on_failure or always", w.span);
+                    self.err(
+                        "`artifacts: when` must be on_success, on_failure or always",
+                        w.span,
+                    );
                     ArtifactsWhen::OnSuccess
                 }
             };
@@ -515,13 +611,23 @@ impl Reader<'_> {
         };
         let mut out = Vec::new();
         for it in items {
-            let Some(m) = self.map(it, "`cache`") else { continue };
+            let Some(m) = self.map(it, "`cache`") else {
+                continue;
+            };
             self.check_keys(m, keywords::CACHE, "`cache`");
             let mut c = Cache {
-                paths: it.get("paths").map(|x| self.strings(x, "`cache: paths`")).unwrap_or_default(),
-                policy: it.get("policy").and_then(|x| self.string(x, "`cache: policy`")),
+                paths: it
+                    .get("paths")
+                    .map(|x| self.strings(x, "`cache: paths`"))
+                    .unwrap_or_default(),
+                policy: it
+                    .get("policy")
+                    .and_then(|x| self.string(x, "`cache: policy`")),
                 when: it.get("when").and_then(|x| self.string(x, "`cache: when`")),
-                untracked: it.get("untracked").and_then(|x| self.bool(x, "`untracked`")).unwrap_or(false),
+                untracked: it
+                    .get("untracked")
+                    .and_then(|x| self.bool(x, "`untracked`"))
+                    .unwrap_or(false),
                 ..Cache::default()
             };
             if let Some(p) = &c.policy
@@ -534,8 +640,13 @@ impl Reader<'_> {
             if let Some(k) = it.get("key") {
                 match &k.value {
                     Value::Map(_) => {
-                        c.key_files = k.get("files").map(|x| self.strings(x, "`key: files`")).unwrap_or_default();
-                        c.key = k.get("prefix").and_then(|x| self.string(x, "`key: prefix`"));
+                        c.key_files = k
+                            .get("files")
+                            .map(|x| self.strings(x, "`key: files`"))
+                            .unwrap_or_default();
+                        c.key = k
+                            .get("prefix")
+                            .and_then(|x| self.string(x, "`key: prefix`"));
                     }
                     _ => c.key = self.string(k, "`cache: key`"),
                 }
@@ -552,15 +663,27 @@ impl Reader<'_> {
                 ..Image::default()
             }),
             Value::Map(m) => {
-                self.check_keys(m, &["name", "entrypoint", "pull_policy", "docker", "kubernetes"], "`image`");
+                self.check_keys(
+                    m,
+                    &["name", "entrypoint", "pull_policy", "docker", "kubernetes"],
+                    "`image`",
+                );
                 Some(Image {
-                    name: n.get("name").and_then(|x| self.string(x, "`image: name`"))?,
+                    name: n
+                        .get("name")
+                        .and_then(|x| self.string(x, "`image: name`"))?,
                     entrypoint: n.get("entrypoint").map(|x| self.strings(x, "`entrypoint`")),
-                    pull_policy: n.get("pull_policy").map(|x| self.strings(x, "`pull_policy`")).unwrap_or_default(),
+                    pull_policy: n
+                        .get("pull_policy")
+                        .map(|x| self.strings(x, "`pull_policy`"))
+                        .unwrap_or_default(),
                 })
             }
             _ => {
-                self.err(format!("`image` must be a name or a mapping, not {}", n.type_name()), n.span);
+                self.err(
+                    format!("`image` must be a name or a mapping, not {}", n.type_name()),
+                    n.span,
+                );
                 None
             }
         }
@@ -568,7 +691,10 @@ impl Reader<'_> {
 
     fn services(&mut self, n: &Node) -> Vec<Service> {
         let Some(items) = n.as_seq() else {
-            self.err(format!("`services` must be a list, not {}", n.type_name()), n.span);
+            self.err(
+                format!("`services` must be a list, not {}", n.type_name()),
+                n.span,
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -581,26 +707,49 @@ impl Reader<'_> {
                 Value::Map(m) => {
                     self.check_keys(
                         m,
-                        &["name", "alias", "entrypoint", "command", "variables", "pull_policy", "docker", "kubernetes"],
+                        &[
+                            "name",
+                            "alias",
+                            "entrypoint",
+                            "command",
+                            "variables",
+                            "pull_policy",
+                            "docker",
+                            "kubernetes",
+                        ],
                         "a service",
                     );
-                    let Some(name) = it.get("name").and_then(|x| self.string(x, "service `name`")) else {
+                    let Some(name) = it
+                        .get("name")
+                        .and_then(|x| self.string(x, "service `name`"))
+                    else {
                         self.err("a service needs `name:`", it.span);
                         continue;
                     };
                     out.push(Service {
                         name,
                         alias: it.get("alias").and_then(|x| self.string(x, "`alias`")),
-                        entrypoint: it.get("entrypoint").map(|x| self.strings(x, "`entrypoint`")),
+                        entrypoint: it
+                            .get("entrypoint")
+                            .map(|x| self.strings(x, "`entrypoint`")),
                         command: it.get("command").map(|x| self.strings(x, "`command`")),
                         variables: it
                             .get("variables")
                             .map(|v| self.variables(v, "service `variables`"))
                             .unwrap_or_default(),
-                        pull_policy: it.get("pull_policy").map(|x| self.strings(x, "`pull_policy`")).unwrap_or_default(),
+                        pull_policy: it
+                            .get("pull_policy")
+                            .map(|x| self.strings(x, "`pull_policy`"))
+                            .unwrap_or_default(),
                     });
                 }
-                _ => self.err(format!("a service must be a name or a mapping, not {}", it.type_name()), it.span),
+                _ => self.err(
+                    format!(
+                        "a service must be a name or a mapping, not {}",
+                        it.type_name()
+                    ),
+                    it.span,
+                ),
             }
         }
         out
@@ -615,18 +764,34 @@ impl Reader<'_> {
             Value::Map(m) => {
                 self.check_keys(
                     m,
-                    &["name", "url", "action", "on_stop", "auto_stop_in", "deployment_tier", "kubernetes"],
+                    &[
+                        "name",
+                        "url",
+                        "action",
+                        "on_stop",
+                        "auto_stop_in",
+                        "deployment_tier",
+                        "kubernetes",
+                    ],
                     "`environment`",
                 );
                 Some(Environment {
-                    name: n.get("name").and_then(|x| self.string(x, "environment `name`"))?,
+                    name: n
+                        .get("name")
+                        .and_then(|x| self.string(x, "environment `name`"))?,
                     url: n.get("url").and_then(|x| self.string(x, "`url`")),
                     action: n.get("action").and_then(|x| self.string(x, "`action`")),
                     on_stop: n.get("on_stop").and_then(|x| self.string(x, "`on_stop`")),
                 })
             }
             _ => {
-                self.err(format!("`environment` must be a name or a mapping, not {}", n.type_name()), n.span);
+                self.err(
+                    format!(
+                        "`environment` must be a name or a mapping, not {}",
+                        n.type_name()
+                    ),
+                    n.span,
+                );
                 None
             }
         }
@@ -637,7 +802,9 @@ impl Reader<'_> {
             span: Some(n.span),
             ..Resources::default()
         };
-        let Some(m) = self.map(n, "`resources`") else { return r };
+        let Some(m) = self.map(n, "`resources`") else {
+            return r;
+        };
         self.check_keys(m, keywords::RESOURCES, "`resources`");
         if let Some(mem) = n.get("memory").and_then(|x| x.scalar_string()) {
             match units::parse_memory(&mem) {
@@ -663,8 +830,15 @@ impl Reader<'_> {
         let mut oe = OnlyExcept::default();
         match &n.value {
             Value::Map(m) => {
-                self.check_keys(m, &["refs", "variables", "changes", "kubernetes"], &format!("`{}`", key.name));
-                oe.refs = n.get("refs").map(|x| self.strings(x, "`refs`")).unwrap_or_default();
+                self.check_keys(
+                    m,
+                    &["refs", "variables", "changes", "kubernetes"],
+                    &format!("`{}`", key.name),
+                );
+                oe.refs = n
+                    .get("refs")
+                    .map(|x| self.strings(x, "`refs`"))
+                    .unwrap_or_default();
                 if let Some(v) = n.get("variables") {
                     let exprs = match &v.value {
                         Value::Seq(items) => items.iter().collect::<Vec<_>>(),
@@ -672,7 +846,10 @@ impl Reader<'_> {
                     };
                     oe.variables = exprs.into_iter().filter_map(|e| self.expr(e)).collect();
                 }
-                oe.changes = n.get("changes").map(|x| self.strings(x, "`changes`")).unwrap_or_default();
+                oe.changes = n
+                    .get("changes")
+                    .map(|x| self.strings(x, "`changes`"))
+                    .unwrap_or_default();
             }
             _ => oe.refs = self.strings(n, &format!("`{}`", key.name)),
         }
@@ -684,7 +861,9 @@ impl Reader<'_> {
             span: Some(n.span),
             ..RaveConfig::default()
         };
-        let Some(m) = self.map(n, "`.rave`") else { return cfg };
+        let Some(m) = self.map(n, "`.rave`") else {
+            return cfg;
+        };
         self.check_keys(m, keywords::RAVE, "`.rave`");
         cfg.profile = n.get("profile").and_then(|x| self.string(x, "`profile`"));
         cfg.executor = n.get("executor").and_then(|x| self.string(x, "`executor`"));
@@ -692,9 +871,15 @@ impl Reader<'_> {
             && !matches!(e.as_str(), "local" | "docker")
         {
             let help = did_you_mean(e, ["local", "docker"]);
-            self.err_help(format!("unknown executor `{e}`"), n.get("executor").map_or(n.span, |x| x.span), help);
+            self.err_help(
+                format!("unknown executor `{e}`"),
+                n.get("executor").map_or(n.span, |x| x.span),
+                help,
+            );
         }
-        cfg.default_image = n.get("default_image").and_then(|x| self.string(x, "`default_image`"));
+        cfg.default_image = n
+            .get("default_image")
+            .and_then(|x| self.string(x, "`default_image`"));
         if let Some(d) = n.get("defaults") {
             let r = self.resources(d);
             if let Some(m) = r.memory_bytes {
@@ -708,7 +893,11 @@ impl Reader<'_> {
             && let Some(pm) = self.map(p, "`profiles`")
         {
             for (name, body) in pm {
-                let base = cfg.profiles.get(&name.name).copied().unwrap_or(Budget::SAFE);
+                let base = cfg
+                    .profiles
+                    .get(&name.name)
+                    .copied()
+                    .unwrap_or(Budget::SAFE);
                 if let Some(b) = self.profile(body, base) {
                     cfg.profiles.insert(name.name.clone(), b);
                 }
@@ -718,7 +907,11 @@ impl Reader<'_> {
             && !cfg.profiles.contains_key(p)
         {
             let help = did_you_mean(p, cfg.profiles.keys().map(String::as_str));
-            self.err_help(format!("profile `{p}` is not defined"), n.get("profile").map_or(n.span, |x| x.span), help);
+            self.err_help(
+                format!("profile `{p}` is not defined"),
+                n.get("profile").map_or(n.span, |x| x.span),
+                help,
+            );
         }
         cfg
     }
@@ -764,7 +957,10 @@ impl Reader<'_> {
                 Some("downstream pipelines are not supported yet; run the other pipeline with its own `rave run`".into()),
             );
         }
-        let script = n.get("script").map(|s| self.script(s, "`script`")).unwrap_or_default();
+        let script = n
+            .get("script")
+            .map(|s| self.script(s, "`script`"))
+            .unwrap_or_default();
         if n.get("script").is_none() && n.get("trigger").is_none() {
             self.err_help(
                 format!("job `{}` has no `script`", key.name),
@@ -780,32 +976,56 @@ impl Reader<'_> {
                         .or_else(|| Some(format!("declared stages are: {}", stages.join(", "))));
                     self.diags.push(
                         Diagnostic::error(
-                            format!("job `{}` is in stage `{name}`, which is not in `stages:`", key.name),
+                            format!(
+                                "job `{}` is in stage `{name}`, which is not in `stages:`",
+                                key.name
+                            ),
                             Some(s.span),
                         )
                         .with_label("unknown stage")
                         .with_help_opt(help),
                     );
                 }
-                Spanned { value: name, span: s.span }
+                Spanned {
+                    value: name,
+                    span: s.span,
+                }
             }
-            None => Spanned { value: "test".into(), span: key.span },
+            None => Spanned {
+                value: "test".into(),
+                span: key.span,
+            },
         };
         if n.get("stage").is_none() && !stages.iter().any(|s| s == "test") {
             self.err_help(
-                format!("job `{}` has no `stage`, and the default stage `test` is not in `stages:`", key.name),
+                format!(
+                    "job `{}` has no `stage`, and the default stage `test` is not in `stages:`",
+                    key.name
+                ),
                 key.span,
                 Some("add `stage:` to the job".into()),
             );
         }
         let when = n.get("when").and_then(|w| self.when(w)).unwrap_or_default();
-        let start_in = n.get("start_in").and_then(|d| self.duration(d, "`start_in`"));
+        let start_in = n
+            .get("start_in")
+            .and_then(|d| self.duration(d, "`start_in`"));
         if when == When::Delayed && start_in.is_none() {
-            self.err_help("`when: delayed` needs `start_in`", key.span, Some("add e.g. `start_in: 5 minutes`".into()));
+            self.err_help(
+                "`when: delayed` needs `start_in`",
+                key.span,
+                Some("add e.g. `start_in: 5 minutes`".into()),
+            );
         }
         let rules = n.get("rules").map(|r| self.rules(r, keywords::RULE));
-        let only = m.iter().find(|(k, _)| k.name == "only").and_then(|(k, v)| self.only_except(k, v));
-        let except = m.iter().find(|(k, _)| k.name == "except").and_then(|(k, v)| self.only_except(k, v));
+        let only = m
+            .iter()
+            .find(|(k, _)| k.name == "only")
+            .and_then(|(k, v)| self.only_except(k, v));
+        let except = m
+            .iter()
+            .find(|(k, _)| k.name == "except")
+            .and_then(|(k, v)| self.only_except(k, v));
         if rules.is_some() && (only.is_some() || except.is_some()) {
             self.err_help(
                 format!("job `{}` uses both `rules` and `only`/`except`", key.name),
@@ -821,7 +1041,9 @@ impl Reader<'_> {
                 match i.get("variables").map(|v| &v.value) {
                     Some(Value::Bool(false)) => InheritVariables::None,
                     Some(Value::Seq(_)) => InheritVariables::Only(
-                        i.get("variables").map(|v| self.strings(v, "`inherit: variables`")).unwrap_or_default(),
+                        i.get("variables")
+                            .map(|v| self.strings(v, "`inherit: variables`"))
+                            .unwrap_or_default(),
                     ),
                     _ => InheritVariables::All,
                 }
@@ -831,7 +1053,12 @@ impl Reader<'_> {
         let dependencies = n.get("dependencies").map(|d| match d.as_seq() {
             Some(items) => items
                 .iter()
-                .filter_map(|i| self.string(i, "a dependency").map(|v| Spanned { value: v, span: i.span }))
+                .filter_map(|i| {
+                    self.string(i, "a dependency").map(|v| Spanned {
+                        value: v,
+                        span: i.span,
+                    })
+                })
                 .collect(),
             None => {
                 self.err("`dependencies` must be a list of job names", d.span);
@@ -842,12 +1069,21 @@ impl Reader<'_> {
             name: key.name.clone(),
             span: key.span,
             stage,
-            before_script: n.get("before_script").map(|s| self.script(s, "`before_script`")).unwrap_or_default(),
+            before_script: n
+                .get("before_script")
+                .map(|s| self.script(s, "`before_script`"))
+                .unwrap_or_default(),
             script,
-            after_script: n.get("after_script").map(|s| self.script(s, "`after_script`")).unwrap_or_default(),
+            after_script: n
+                .get("after_script")
+                .map(|s| self.script(s, "`after_script`"))
+                .unwrap_or_default(),
             needs: n.get("needs").and_then(|x| self.needs(x)),
             dependencies,
-            variables: n.get("variables").map(|v| self.variables(v, "job `variables`")).unwrap_or_default(),
+            variables: n
+                .get("variables")
+                .map(|v| self.variables(v, "job `variables`"))
+                .unwrap_or_default(),
             inherit_variables,
             rules,
             only,
@@ -861,13 +1097,27 @@ impl Reader<'_> {
             artifacts: n.get("artifacts").and_then(|a| self.artifacts(a)),
             cache: n.get("cache").map(|c| self.cache(c)).unwrap_or_default(),
             image: n.get("image").and_then(|i| self.image(i)),
-            services: n.get("services").map(|s| self.services(s)).unwrap_or_default(),
-            resource_group: n.get("resource_group").and_then(|r| self.string(r, "`resource_group`")),
+            services: n
+                .get("services")
+                .map(|s| self.services(s))
+                .unwrap_or_default(),
+            resource_group: n
+                .get("resource_group")
+                .and_then(|r| self.string(r, "`resource_group`")),
             environment: n.get("environment").and_then(|e| self.environment(e)),
-            interruptible: n.get("interruptible").and_then(|i| self.bool(i, "`interruptible`")).unwrap_or(false),
-            tags: n.get("tags").map(|t| self.strings(t, "`tags`")).unwrap_or_default(),
+            interruptible: n
+                .get("interruptible")
+                .and_then(|i| self.bool(i, "`interruptible`"))
+                .unwrap_or(false),
+            tags: n
+                .get("tags")
+                .map(|t| self.strings(t, "`tags`"))
+                .unwrap_or_default(),
             coverage: n.get("coverage").and_then(|c| self.string(c, "`coverage`")),
-            resources: n.get("resources").map(|r| self.resources(r)).unwrap_or_default(),
+            resources: n
+                .get("resources")
+                .map(|r| self.resources(r))
+                .unwrap_or_default(),
         })
     }
 
@@ -875,14 +1125,22 @@ impl Reader<'_> {
         let m = self.map(n, "`workflow`")?;
         self.check_keys(m, &["rules", "name", "auto_cancel"], "`workflow`");
         Some(Workflow {
-            name: n.get("name").and_then(|x| self.string(x, "`workflow: name`")),
-            rules: n.get("rules").map(|r| self.rules(r, keywords::WORKFLOW_RULE)).unwrap_or_default(),
+            name: n
+                .get("name")
+                .and_then(|x| self.string(x, "`workflow: name`")),
+            rules: n
+                .get("rules")
+                .map(|r| self.rules(r, keywords::WORKFLOW_RULE))
+                .unwrap_or_default(),
         })
     }
 
     pub fn stages(&mut self, n: &Node) -> Vec<Spanned<String>> {
         let Some(items) = n.as_seq() else {
-            self.err(format!("`stages` must be a list, not {}", n.type_name()), n.span);
+            self.err(
+                format!("`stages` must be a list, not {}", n.type_name()),
+                n.span,
+            );
             return Vec::new();
         };
         let mut out: Vec<Spanned<String>> = Vec::new();
@@ -892,7 +1150,10 @@ impl Reader<'_> {
                     self.err(format!("stage `{s}` is listed twice"), i.span);
                     continue;
                 }
-                out.push(Spanned { value: s, span: i.span });
+                out.push(Spanned {
+                    value: s,
+                    span: i.span,
+                });
             }
         }
         out

@@ -73,7 +73,8 @@ impl Diagnostic {
             Severity::Error => Level::ERROR,
             Severity::Warning => Level::WARNING,
         };
-        let mut group = annotate_snippets::Group::with_title(level.primary_title(self.message.as_str()));
+        let mut group =
+            annotate_snippets::Group::with_title(level.primary_title(self.message.as_str()));
         let file = self.span.and_then(|s| sources.get(s.file).map(|f| (s, f)));
         if let Some((span, f)) = file {
             let text: &str = &f.text;

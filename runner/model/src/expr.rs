@@ -401,7 +401,10 @@ mod tests {
 
     #[test]
     fn regex_with_flags_and_variables() {
-        assert!(ev("$CI_COMMIT_TAG =~ /^v\\d+/", &[("CI_COMMIT_TAG", "v1.2")]));
+        assert!(ev(
+            "$CI_COMMIT_TAG =~ /^v\\d+/",
+            &[("CI_COMMIT_TAG", "v1.2")]
+        ));
         assert!(ev("$B =~ /^MAIN$/i", &[("B", "main")]));
         assert!(ev("$B !~ /^rel/", &[("B", "main")]));
         assert!(!ev("$U =~ /.*/", &[]));

@@ -85,7 +85,14 @@ pub const RULE: &[&str] = &[
     "interruptible",
 ];
 
-pub const WORKFLOW_RULE: &[&str] = &["if", "changes", "exists", "when", "variables", "auto_cancel"];
+pub const WORKFLOW_RULE: &[&str] = &[
+    "if",
+    "changes",
+    "exists",
+    "when",
+    "variables",
+    "auto_cancel",
+];
 
 pub const NEED: &[&str] = &[
     "job",
@@ -122,7 +129,13 @@ pub const CACHE: &[&str] = &[
 
 pub const RETRY: &[&str] = &["max", "when", "exit_codes"];
 
-pub const RAVE: &[&str] = &["profile", "profiles", "defaults", "executor", "default_image"];
+pub const RAVE: &[&str] = &[
+    "profile",
+    "profiles",
+    "defaults",
+    "executor",
+    "default_image",
+];
 
 pub const PROFILE: &[&str] = &["memory", "cpus", "jobs", "nix_cores", "nix_max_jobs"];
 

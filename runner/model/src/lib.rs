@@ -79,21 +79,24 @@ pub fn load_str(text: &str) -> Loaded {
     );
     let pipeline = match yaml::parse(text, id, yaml::Limits::default()) {
         Ok(mut root) => {
-            if let Some(Value::Map(m)) = Some(&mut root.value) {
-                if let Some(pos) = m.iter().position(|(k, _)| k.name == "include") {
-                    let span = m[pos].0.span;
-                    diagnostics.push(Diagnostic::error(
-                        "`include` needs a project directory; use rave::load",
-                        Some(span),
-                    ));
-                    m.remove(pos);
-                }
+            if let Value::Map(m) = &mut root.value
+                && let Some(pos) = m.iter().position(|(k, _)| k.name == "include")
+            {
+                let span = m[pos].0.span;
+                diagnostics.push(Diagnostic::error(
+                    "`include` needs a project directory; load the pipeline from its repository",
+                    Some(span),
+                ));
+                m.remove(pos);
             }
             if root.is_null() || root.as_map().is_some() {
                 from_tree(root, &mut diagnostics)
             } else {
                 diagnostics.push(Diagnostic::error(
-                    format!("a pipeline file must be a mapping, not {}", root.type_name()),
+                    format!(
+                        "a pipeline file must be a mapping, not {}",
+                        root.type_name()
+                    ),
                     Some(root.span),
                 ));
                 None
@@ -128,7 +131,9 @@ fn used_hidden(node: &Node, out: &mut HashSet<String>) {
                         Value::Str(s) => {
                             out.insert(s.clone());
                         }
-                        Value::Seq(items) => out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_string))),
+                        Value::Seq(items) => {
+                            out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_string)))
+                        }
                         _ => {}
                     }
                 }
@@ -169,7 +174,10 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
         );
         stage_names.push(".post".into());
     } else {
-        stage_names = keywords::DEFAULT_STAGES.iter().map(|s| s.to_string()).collect();
+        stage_names = keywords::DEFAULT_STAGES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     }
     let span0 = root.span;
     p.stages = stage_names
@@ -180,7 +188,10 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
                 .iter()
                 .find(|x| x.value == *s)
                 .map_or(span0, |x| x.span);
-            Spanned { value: s.clone(), span }
+            Spanned {
+                value: s.clone(),
+                span,
+            }
         })
         .collect();
 
@@ -201,10 +212,16 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
                     if !keywords::DEFAULT.contains(&k.name.as_str()) {
                         let help = diag::did_you_mean(&k.name, keywords::DEFAULT.iter().copied());
                         r.diags.push(
-                            Diagnostic::error(format!("`default:` cannot set `{}`", k.name), Some(k.span))
-                                .with_help_opt(help.or_else(|| {
-                                    Some(format!("`default:` may set: {}", keywords::DEFAULT.join(", ")))
-                                })),
+                            Diagnostic::error(
+                                format!("`default:` cannot set `{}`", k.name),
+                                Some(k.span),
+                            )
+                            .with_help_opt(help.or_else(|| {
+                                Some(format!(
+                                    "`default:` may set: {}",
+                                    keywords::DEFAULT.join(", ")
+                                ))
+                            })),
                         );
                         continue;
                     }
@@ -239,10 +256,17 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
                 if v.as_map().is_none() && !is_global_typo(&k.name) {
                     r.diags.push(
                         Diagnostic::error(
-                            format!("job `{}` must be a mapping with `script:`, not {}", k.name, v.type_name()),
+                            format!(
+                                "job `{}` must be a mapping with `script:`, not {}",
+                                k.name,
+                                v.type_name()
+                            ),
                             Some(k.span),
                         )
-                        .with_help_opt(diag::did_you_mean(&k.name, keywords::GLOBAL.iter().copied())),
+                        .with_help_opt(diag::did_you_mean(
+                            &k.name,
+                            keywords::GLOBAL.iter().copied(),
+                        )),
                     );
                     continue;
                 }

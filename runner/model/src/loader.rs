@@ -86,7 +86,11 @@ impl<'a> Loader<'a> {
         let canon_root = self.root_dir.canonicalize().ok();
         path.strip_prefix(self.root_dir)
             .ok()
-            .or_else(|| canon_root.as_deref().and_then(|r| path.strip_prefix(r).ok()))
+            .or_else(|| {
+                canon_root
+                    .as_deref()
+                    .and_then(|r| path.strip_prefix(r).ok())
+            })
             .unwrap_or(path)
             .display()
             .to_string()
@@ -224,14 +228,20 @@ impl<'a> Loader<'a> {
                             Some(s) => (s.to_string(), v.span),
                             None => {
                                 self.diagnostics.push(Diagnostic::error(
-                                    format!("`include: local` must be a path, not {}", v.type_name()),
+                                    format!(
+                                        "`include: local` must be a path, not {}",
+                                        v.type_name()
+                                    ),
                                     Some(v.span),
                                 ));
                                 continue;
                             }
                         }
                     } else if let Some((k, _)) = m.iter().find(|(k, _)| {
-                        matches!(k.name.as_str(), "remote" | "project" | "template" | "component")
+                        matches!(
+                            k.name.as_str(),
+                            "remote" | "project" | "template" | "component"
+                        )
                     }) {
                         self.unsupported_include(&k.name, k.span);
                         continue;
@@ -250,7 +260,10 @@ impl<'a> Loader<'a> {
                 }
                 _ => {
                     self.diagnostics.push(Diagnostic::error(
-                        format!("`include:` takes a path, a mapping or a list, not {}", item.type_name()),
+                        format!(
+                            "`include:` takes a path, a mapping or a list, not {}",
+                            item.type_name()
+                        ),
                         Some(item.span),
                     ));
                     continue;
@@ -440,7 +453,10 @@ fn resolve_one(
         && !matches!(ext.value, Value::Str(_) | Value::Seq(_))
     {
         diagnostics.push(Diagnostic::error(
-            format!("`extends` takes a name or a list of names, not {}", ext.type_name()),
+            format!(
+                "`extends` takes a name or a list of names, not {}",
+                ext.type_name()
+            ),
             Some(ext.span),
         ));
     }
@@ -541,7 +557,11 @@ fn resolve_refs_in(node: &mut Node, root: &Node, depth: usize, diagnostics: &mut
                             format!(
                                 "`!reference [{}]` points at nothing: `{}` has no key `{key}`",
                                 path.join(", "),
-                                if i == 0 { "the pipeline".to_string() } else { path[..i].join(".") }
+                                if i == 0 {
+                                    "the pipeline".to_string()
+                                } else {
+                                    path[..i].join(".")
+                                }
                             ),
                             Some(span),
                         )
@@ -616,7 +636,13 @@ mod tests {
         let mut d = Vec::new();
         resolve_references(&mut n, &mut d);
         assert!(d.is_empty(), "{d:?}");
-        let s = n.get("job").unwrap().get("script").unwrap().as_seq().unwrap();
+        let s = n
+            .get("job")
+            .unwrap()
+            .get("script")
+            .unwrap()
+            .as_seq()
+            .unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].as_seq().unwrap().len(), 2);
     }

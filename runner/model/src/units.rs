@@ -77,7 +77,11 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
         "k" | "kb" | "ki" | "kib" => 1024.0,
         "g" | "gb" | "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" | "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown memory unit `{other}` in `{s}` (use K, M, G)")),
+        other => {
+            return Err(format!(
+                "unknown memory unit `{other}` in `{s}` (use K, M, G)"
+            ));
+        }
     };
     let bytes = n * mult;
     if !(1.0..=1e18).contains(&bytes) {
@@ -104,7 +108,7 @@ pub fn parse_cpus(s: &str) -> Result<f64, String> {
 /// Human form of a byte count, in MiB or GiB.
 pub fn format_memory(bytes: u64) -> String {
     const MIB: u64 = 1024 * 1024;
-    if bytes >= 1024 * MIB && bytes % (1024 * MIB) == 0 {
+    if bytes >= 1024 * MIB && bytes.is_multiple_of(1024 * MIB) {
         format!("{} GiB", bytes / (1024 * MIB))
     } else if bytes >= MIB {
         let mib = bytes as f64 / MIB as f64;

@@ -204,13 +204,22 @@ struct LineIndex<'t> {
 impl<'t> LineIndex<'t> {
     fn new(text: &'t str) -> Self {
         let mut starts = vec![0];
-        starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+        starts.extend(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
         LineIndex { text, starts }
     }
 
     fn span(&self, file: FileId, m: &Marker) -> Span {
         let line = m.line().max(1);
-        let start = self.starts.get(line - 1).copied().unwrap_or(self.text.len());
+        let start = self
+            .starts
+            .get(line - 1)
+            .copied()
+            .unwrap_or(self.text.len());
         let rest = &self.text[start..];
         let offset = start
             + rest
@@ -445,11 +454,19 @@ impl MarkedEventReceiver for Builder<'_> {
                 } else {
                     Value::Str(value)
                 };
-                self.push_value(Node { value: v, span, tag }, anchor);
+                self.push_value(
+                    Node {
+                        value: v,
+                        span,
+                        tag,
+                    },
+                    anchor,
+                );
             }
             Event::SequenceStart(..) | Event::MappingStart(..) => {
                 let is_seq = matches!(ev, Event::SequenceStart(..));
-                let (Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag)) = ev else {
+                let (Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag)) = ev
+                else {
                     return;
                 };
                 if !self.charge(1, span) {
@@ -596,7 +613,11 @@ mod tests {
         // Below the parser's own limit, rave's depth cap applies.
         let s = format!("{}{}", "[".repeat(100), "]".repeat(100));
         let e = p(&s).unwrap_err();
-        assert!(e.message.contains("nesting is deeper than 64"), "{}", e.message);
+        assert!(
+            e.message.contains("nesting is deeper than 64"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -62,16 +62,23 @@ fn resolve_needs(
     let mut deps = Vec::new();
     let mut artifacts = Vec::new();
     for need in needs {
-        let mut targets: Vec<&JobInstance> = jobs.iter().filter(|j| j.job_name == need.job).collect();
+        let mut targets: Vec<&JobInstance> =
+            jobs.iter().filter(|j| j.job_name == need.job).collect();
         if targets.is_empty() {
             if need.optional {
                 if !pipeline.jobs.contains_key(&need.job) {
                     diags.push(
                         Diagnostic::warning(
-                            format!("`{}` optionally needs `{}`, which is not defined", me.name, need.job),
+                            format!(
+                                "`{}` optionally needs `{}`, which is not defined",
+                                me.name, need.job
+                            ),
                             Some(need.span),
                         )
-                        .with_help_opt(did_you_mean(&need.job, pipeline.jobs.keys().map(String::as_str))),
+                        .with_help_opt(did_you_mean(
+                            &need.job,
+                            pipeline.jobs.keys().map(String::as_str),
+                        )),
                     );
                 }
                 continue;
@@ -86,10 +93,16 @@ fn resolve_needs(
                         Some(need.span),
                     )
                     .with_label("not in this pipeline")
-                    .with_help("write `needs: [{job: …, optional: true}]`, or make both jobs' rules agree"),
+                    .with_help(
+                        "write `needs: [{job: …, optional: true}]`, or make both jobs' rules agree",
+                    ),
                 );
             } else {
-                let candidates = pipeline.jobs.keys().map(String::as_str).filter(|n| *n != me.job_name);
+                let candidates = pipeline
+                    .jobs
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|n| *n != me.job_name);
                 diags.push(
                     Diagnostic::error(
                         format!("`{}` needs `{}`, which is not defined", me.name, need.job),
@@ -111,13 +124,23 @@ fn resolve_needs(
                 })
                 .collect();
             if selected.is_empty() {
-                diags.push(Diagnostic::error(
-                    format!("`{}` needs a matrix instance of `{}` that does not exist", me.name, need.job),
-                    Some(need.span),
-                ).with_help(format!(
-                    "instances are: {}",
-                    targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("; ")
-                )));
+                diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "`{}` needs a matrix instance of `{}` that does not exist",
+                            me.name, need.job
+                        ),
+                        Some(need.span),
+                    )
+                    .with_help(format!(
+                        "instances are: {}",
+                        targets
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )),
+                );
                 continue;
             }
             targets = selected;
@@ -181,11 +204,17 @@ fn filter_dependencies(
         if !pipeline.jobs.contains_key(&d.value) {
             diags.push(
                 Diagnostic::error(
-                    format!("`{}` has dependency `{}`, which is not defined", me.name, d.value),
+                    format!(
+                        "`{}` has dependency `{}`, which is not defined",
+                        me.name, d.value
+                    ),
                     Some(d.span),
                 )
                 .with_label("unknown job")
-                .with_help_opt(did_you_mean(&d.value, pipeline.jobs.keys().map(String::as_str))),
+                .with_help_opt(did_you_mean(
+                    &d.value,
+                    pipeline.jobs.keys().map(String::as_str),
+                )),
             );
             continue;
         }

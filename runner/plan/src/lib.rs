@@ -167,7 +167,10 @@ pub fn plan(
                 .then(rules::RuleOutcome::default),
         };
         match outcome {
-            Some(o) if o.when != Some(When::Never) && !(o.when.is_none() && job.when == When::Never) => {
+            Some(o)
+                if o.when != Some(When::Never)
+                    && !(o.when.is_none() && job.when == When::Never) =>
+            {
                 included.push((job, o))
             }
             _ => excluded.push(&job.name),
@@ -177,7 +180,10 @@ pub fn plan(
     // Expand parallel/matrix into instances.
     let mut jobs: Vec<JobInstance> = Vec::new();
     for (job, outcome) in &included {
-        let stage_index = stages.iter().position(|s| *s == job.stage.value).unwrap_or(0);
+        let stage_index = stages
+            .iter()
+            .position(|s| *s == job.stage.value)
+            .unwrap_or(0);
         for inst in matrix::expand(job) {
             let mut vars = job_variables(
                 pipeline,
@@ -245,13 +251,17 @@ pub fn plan(
 
     dag::link(&mut jobs, pipeline, &excluded, &mut diags);
     resources::assign(&mut jobs, pipeline, opts, &mut diags);
-    if !diags.iter().any(Diagnostic::is_error) {
-        if let Err(cycle) = dag::priorities(&mut jobs) {
+    if !diags.iter().any(Diagnostic::is_error)
+        && let Err(cycle) = dag::priorities(&mut jobs)
+    {
+        {
             let names: Vec<&str> = cycle.iter().map(|&i| jobs[i].name.as_str()).collect();
             let span: Option<Span> = cycle.first().map(|&i| jobs[i].job.span);
             diags.push(
                 Diagnostic::error(format!("`needs` form a cycle: {}", names.join(" → ")), span)
-                    .with_help("a job cannot wait for itself; remove one `needs` entry in this cycle"),
+                    .with_help(
+                        "a job cannot wait for itself; remove one `needs` entry in this cycle",
+                    ),
             );
         }
     }
@@ -316,7 +326,11 @@ fn lookup_expanded(vars: &IndexMap<String, String>, name: &str) -> Option<String
             return Some(v.clone());
         }
         Some(rave_model::vars::expand(v, &|n| {
-            if n == name { None } else { go(vars, n, depth + 1) }
+            if n == name {
+                None
+            } else {
+                go(vars, n, depth + 1)
+            }
         }))
     }
     go(vars, name, 0)

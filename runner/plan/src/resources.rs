@@ -27,14 +27,21 @@ pub fn assign(
                 .map(|v| v.span)
                 .or(Some(j.job.span))
         };
-        let mut memory = j.job.resources.memory_bytes.unwrap_or(pipeline.rave.default_memory_bytes);
+        let mut memory = j
+            .job
+            .resources
+            .memory_bytes
+            .unwrap_or(pipeline.rave.default_memory_bytes);
         let mut cpus = j.job.resources.cpus.unwrap_or(pipeline.rave.default_cpus);
         if let Some(m) = j.variables.get("RAVE_MEMORY").filter(|m| !m.is_empty()) {
             match parse_memory(m) {
                 Ok(b) => memory = b,
                 Err(e) => diags.push(
-                    Diagnostic::error(format!("job `{}`: RAVE_MEMORY: {e}", j.name), var_span("RAVE_MEMORY"))
-                        .with_help("write a size such as 512M or 1.5G"),
+                    Diagnostic::error(
+                        format!("job `{}`: RAVE_MEMORY: {e}", j.name),
+                        var_span("RAVE_MEMORY"),
+                    )
+                    .with_help("write a size such as 512M or 1.5G"),
                 ),
             }
         }
@@ -42,8 +49,11 @@ pub fn assign(
             match parse_cpus(c) {
                 Ok(v) => cpus = v,
                 Err(e) => diags.push(
-                    Diagnostic::error(format!("job `{}`: RAVE_CPUS: {e}", j.name), var_span("RAVE_CPUS"))
-                        .with_help("write a number such as 1, 2 or 0.5"),
+                    Diagnostic::error(
+                        format!("job `{}`: RAVE_CPUS: {e}", j.name),
+                        var_span("RAVE_CPUS"),
+                    )
+                    .with_help("write a number such as 1, 2 or 0.5"),
                 ),
             }
         }

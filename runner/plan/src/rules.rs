@@ -91,9 +91,11 @@ impl RuleEnv<'_> {
             "schedules" => t.source == Source::Schedule,
             "triggers" => t.source == Source::Trigger,
             "merge_requests" | "external_pull_requests" | "chat" | "external" => false,
-            pattern if pattern.starts_with('/') => rave_model::expr::parse(&format!("$R =~ {pattern}"))
-                .map(|e| e.eval(&|_| Some(t.ref_name.clone())))
-                .unwrap_or(false),
+            pattern if pattern.starts_with('/') => {
+                rave_model::expr::parse(&format!("$R =~ {pattern}"))
+                    .map(|e| e.eval(&|_| Some(t.ref_name.clone())))
+                    .unwrap_or(false)
+            }
             name => name == t.ref_name,
         })
     }

@@ -2,7 +2,12 @@ use super::*;
 
 fn load(yaml: &str) -> Pipeline {
     let l = rave_model::load_str(yaml);
-    let errs: Vec<String> = l.diagnostics.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
+    let errs: Vec<String> = l
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.message.clone())
+        .collect();
     assert!(errs.is_empty(), "{errs:?}");
     l.pipeline.expect("pipeline")
 }
@@ -13,7 +18,11 @@ fn plan_with(yaml: &str, t: &Trigger) -> (Option<Plan>, Vec<Diagnostic>) {
 
 fn ok(yaml: &str) -> Plan {
     let (p, d) = plan_with(yaml, &Trigger::default());
-    let errs: Vec<&str> = d.iter().filter(|d| d.is_error()).map(|d| d.message.as_str()).collect();
+    let errs: Vec<&str> = d
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.message.as_str())
+        .collect();
     assert!(errs.is_empty(), "{errs:?}");
     p.expect("plan")
 }
@@ -21,18 +30,30 @@ fn ok(yaml: &str) -> Plan {
 fn err(yaml: &str) -> String {
     let (p, d) = plan_with(yaml, &Trigger::default());
     assert!(p.is_none());
-    d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect::<Vec<_>>().join("\n")
+    d.iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.message.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn deps(p: &Plan, name: &str) -> Vec<String> {
-    let mut v: Vec<String> = p.by_name(name).expect(name).deps.iter().map(|&d| p.jobs[d].name.clone()).collect();
+    let mut v: Vec<String> = p
+        .by_name(name)
+        .expect(name)
+        .deps
+        .iter()
+        .map(|&d| p.jobs[d].name.clone())
+        .collect();
     v.sort();
     v
 }
 
 #[test]
 fn stage_order_makes_later_stages_wait() {
-    let p = ok("stages: [a, b, c]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z}\nw: {stage: c, script: w}\n");
+    let p = ok(
+        "stages: [a, b, c]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z}\nw: {stage: c, script: w}\n",
+    );
     assert_eq!(deps(&p, "z"), ["x", "y"]);
     // w waits for z, which already waits for x and y.
     assert_eq!(deps(&p, "w"), ["z"]);
@@ -44,36 +65,56 @@ fn stage_order_makes_later_stages_wait() {
 
 #[test]
 fn needs_override_stage_order() {
-    let p = ok("stages: [a, b]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z, needs: [x]}\nq: {stage: b, script: q, needs: []}\n");
+    let p = ok(
+        "stages: [a, b]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z, needs: [x]}\nq: {stage: b, script: q, needs: []}\n",
+    );
     assert_eq!(deps(&p, "z"), ["x"]);
     assert!(deps(&p, "q").is_empty());
 }
 
 #[test]
 fn needs_without_artifacts() {
-    let p = ok("stages: [a, b]\nx: {stage: a, script: x}\nz: {stage: b, script: z, needs: [{job: x, artifacts: false}]}\n");
+    let p = ok(
+        "stages: [a, b]\nx: {stage: a, script: x}\nz: {stage: b, script: z, needs: [{job: x, artifacts: false}]}\n",
+    );
     assert_eq!(deps(&p, "z"), ["x"]);
     assert!(p.by_name("z").unwrap().artifacts_from.is_empty());
 }
 
 #[test]
 fn dependencies_limit_artifacts() {
-    let p = ok("stages: [a, b]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z, dependencies: [y]}\n");
+    let p = ok(
+        "stages: [a, b]\nx: {stage: a, script: x}\ny: {stage: a, script: y}\nz: {stage: b, script: z, dependencies: [y]}\n",
+    );
     let z = p.by_name("z").unwrap();
     assert_eq!(z.artifacts_from, vec![p.by_name("y").unwrap().id]);
 }
 
 #[test]
 fn cycle_is_named_in_order() {
-    let e = err("a: {script: x, needs: [b]}\nb: {script: x, needs: [c]}\nc: {script: x, needs: [a]}\n");
-    assert!(e.contains("a → b → c → a") || e.contains("b → c → a → b") || e.contains("c → a → b → c"), "{e}");
+    let e =
+        err("a: {script: x, needs: [b]}\nb: {script: x, needs: [c]}\nc: {script: x, needs: [a]}\n");
+    assert!(
+        e.contains("a → b → c → a") || e.contains("b → c → a → b") || e.contains("c → a → b → c"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_need_suggests() {
-    let l = rave_model::load_str("build: {stage: build, script: x}\ntest: {script: x, needs: [biuld]}\n");
-    let (_, d) = plan(l.pipeline.as_ref().unwrap(), &Trigger::default(), &PlanOptions::default());
-    assert!(d[0].message.contains("`biuld`, which is not defined"), "{:?}", d);
+    let l = rave_model::load_str(
+        "build: {stage: build, script: x}\ntest: {script: x, needs: [biuld]}\n",
+    );
+    let (_, d) = plan(
+        l.pipeline.as_ref().unwrap(),
+        &Trigger::default(),
+        &PlanOptions::default(),
+    );
+    assert!(
+        d[0].message.contains("`biuld`, which is not defined"),
+        "{:?}",
+        d
+    );
     assert_eq!(d[0].help.as_deref(), Some("did you mean `build`?"));
 }
 
@@ -131,9 +172,22 @@ fn workflow_rules_can_skip_the_pipeline() {
     let y = "workflow:\n  rules:\n    - if: $CI_COMMIT_TAG\n      variables: {KIND: release}\n    - if: $CI_COMMIT_BRANCH == 'main'\n    - when: never\njob: {script: echo $KIND}\n";
     let p = ok(y);
     assert!(!p.skipped_by_workflow);
-    let (p, _) = plan_with(y, &Trigger { ref_name: "dev".into(), ..Trigger::default() });
+    let (p, _) = plan_with(
+        y,
+        &Trigger {
+            ref_name: "dev".into(),
+            ..Trigger::default()
+        },
+    );
     assert!(p.unwrap().skipped_by_workflow);
-    let (p, _) = plan_with(y, &Trigger { ref_name: "v2".into(), tag: Some("v2".into()), ..Trigger::default() });
+    let (p, _) = plan_with(
+        y,
+        &Trigger {
+            ref_name: "v2".into(),
+            tag: Some("v2".into()),
+            ..Trigger::default()
+        },
+    );
     assert_eq!(p.unwrap().jobs[0].variables["KIND"], "release");
 }
 
@@ -164,7 +218,14 @@ fn matrix_expands_with_gitlab_names_and_needs_select_instances() {
     let names: Vec<&str> = p.jobs.iter().map(|j| j.name.as_str()).collect();
     assert_eq!(
         names,
-        ["build: [linux, amd64]", "build: [linux, arm64]", "build: [mac, amd64]", "build: [mac, arm64]", "build: [win, amd64]", "test"]
+        [
+            "build: [linux, amd64]",
+            "build: [linux, arm64]",
+            "build: [mac, amd64]",
+            "build: [mac, arm64]",
+            "build: [win, amd64]",
+            "test"
+        ]
     );
     assert_eq!(deps(&p, "test"), ["build: [linux, arm64]"]);
     let b = p.by_name("build: [mac, arm64]").unwrap();
@@ -225,7 +286,13 @@ fn only_except_refs() {
     assert!(p.by_name("a").is_none());
     assert!(p.by_name("b").is_none());
     assert!(p.by_name("c").is_none());
-    let (p, _) = plan_with(y, &Trigger { ref_name: "rel-1".into(), ..Trigger::default() });
+    let (p, _) = plan_with(
+        y,
+        &Trigger {
+            ref_name: "rel-1".into(),
+            ..Trigger::default()
+        },
+    );
     let p = p.unwrap();
     assert!(p.by_name("b").is_some() && p.by_name("c").is_some());
 }
@@ -239,15 +306,24 @@ mod props {
     fn acyclic() -> impl Strategy<Value = String> {
         (2usize..25).prop_flat_map(|n| {
             let stages = proptest::collection::vec(0usize..3, n);
-            let needs = proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<prop::sample::Index>(), 0..4)), n);
+            let needs = proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(
+                    any::<prop::sample::Index>(),
+                    0..4,
+                )),
+                n,
+            );
             (stages, needs).prop_map(move |(mut stages, needs)| {
                 stages.sort();
                 let mut y = String::from("stages: [s0, s1, s2]\n");
                 for i in 0..n {
                     y.push_str(&format!("j{i}:\n  stage: s{}\n  script: x\n", stages[i]));
                     if let Some(idx) = &needs[i] {
-                        let picks: std::collections::BTreeSet<usize> =
-                            if i == 0 { Default::default() } else { idx.iter().map(|x| x.index(i)).collect() };
+                        let picks: std::collections::BTreeSet<usize> = if i == 0 {
+                            Default::default()
+                        } else {
+                            idx.iter().map(|x| x.index(i)).collect()
+                        };
                         let list: Vec<String> = picks.iter().map(|p| format!("j{p}")).collect();
                         y.push_str(&format!("  needs: [{}]\n", list.join(", ")));
                     }

@@ -54,12 +54,12 @@ impl Repo {
         let repo = Repository::discover(dir).map_err(|_| RepoError::NotARepository {
             path: dir.to_path_buf(),
         })?;
-        let root = repo
-            .workdir()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| RepoError::NotARepository {
-                path: dir.to_path_buf(),
-            })?;
+        let root =
+            repo.workdir()
+                .map(Path::to_path_buf)
+                .ok_or_else(|| RepoError::NotARepository {
+                    path: dir.to_path_buf(),
+                })?;
         Ok(Repo { repo, root })
     }
 
@@ -188,7 +188,10 @@ impl Repo {
 
     /// Files that differ between `base` (any revision git understands) and the working tree.
     pub fn changed_since(&self, base: &str) -> Result<Vec<String>, RepoError> {
-        let obj = git(self.repo.revparse_single(base), &format!("resolving `{base}`"))?;
+        let obj = git(
+            self.repo.revparse_single(base),
+            &format!("resolving `{base}`"),
+        )?;
         let tree = git(obj.peel_to_tree(), &format!("reading the tree of `{base}`"))?;
         let mut opts = git2::DiffOptions::new();
         opts.include_untracked(true).recurse_untracked_dirs(true);
@@ -261,19 +264,31 @@ mod tests {
     fn reads_head_files_and_changes_of_a_real_repository() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();
-        sh(p, "git init -q -b main . && echo a > a.txt && mkdir src && echo b > src/b.rs && echo 'ignored/' > .gitignore && git add -A && git commit -qm one && git tag v1");
-        sh(p, "mkdir ignored && echo x > ignored/x && echo new > new.txt && echo c > src/b.rs");
+        sh(
+            p,
+            "git init -q -b main . && echo a > a.txt && mkdir src && echo b > src/b.rs && echo 'ignored/' > .gitignore && git add -A && git commit -qm one && git tag v1",
+        );
+        sh(
+            p,
+            "mkdir ignored && echo x > ignored/x && echo new > new.txt && echo c > src/b.rs",
+        );
         let r = Repo::discover(&p.join("src")).unwrap();
         let h = r.head().unwrap();
         assert_eq!(h.branch.as_deref(), Some("main"));
         assert_eq!(h.tag.as_deref(), Some("v1"));
         assert_eq!(h.sha.len(), 40);
-        assert_eq!(r.files().unwrap(), [".gitignore", "a.txt", "new.txt", "src/b.rs"]);
+        assert_eq!(
+            r.files().unwrap(),
+            [".gitignore", "a.txt", "new.txt", "src/b.rs"]
+        );
         assert_eq!(r.changed_since("HEAD").unwrap(), ["new.txt", "src/b.rs"]);
         assert_eq!(r.default_branch(), "main");
         let out = tempfile::tempdir().unwrap();
         r.copy_files(&r.files().unwrap(), out.path()).unwrap();
-        assert_eq!(std::fs::read_to_string(out.path().join("src/b.rs")).unwrap(), "c\n");
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("src/b.rs")).unwrap(),
+            "c\n"
+        );
         assert!(!out.path().join("ignored").exists());
     }
 

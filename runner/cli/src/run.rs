@@ -1,0 +1,329 @@
+//! `rave run`: plan the pipeline of this repository and run it here, under the budget.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use rave_engine::cgroup::Cgroups;
+use rave_engine::local::LocalExecutor;
+use rave_engine::logs::LogFiles;
+use rave_engine::scheduler::{
+    self, AFTER_SCRIPT_TIMEOUT, DEFAULT_TIMEOUT, PipelineStatus, RunConfig,
+};
+use rave_engine::workspace::{self, Workspace};
+use rave_engine::{Cancel, JobRecord};
+use rave_model::diag::did_you_mean;
+use rave_plan::Plan;
+use serde_json::json;
+
+use crate::console::{self, Console};
+use crate::project::{BudgetArgs, PipelineArgs, Project, TriggerArgs, plan_options, report};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub trigger: TriggerArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    /// Jobs to run (instance names like `test 1/2` or job names); default: the whole pipeline.
+    #[arg(value_name = "JOB", id = "job_names")]
+    pub job_names: Vec<String>,
+    /// With JOB names: also run what they need, transitively.
+    #[arg(long)]
+    pub needs: bool,
+    /// Print one JSON document with the results on stdout (live output goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Do not use cgroups even where available (admission-only budgeting).
+    #[arg(long)]
+    pub no_cgroups: bool,
+    /// Keep each job's working copy under .rave/runs/<id>/jobs after it ends.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Choose the instances to run from the names on the command line.
+fn select(plan: &Plan, names: &[String], needs: bool) -> Result<Option<HashSet<usize>>, String> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut set = HashSet::new();
+    for n in names {
+        let hits: Vec<usize> = plan
+            .jobs
+            .iter()
+            .filter(|j| j.name == *n || j.job_name == *n)
+            .map(|j| j.id)
+            .collect();
+        if hits.is_empty() {
+            let help = did_you_mean(n, plan.jobs.iter().map(|j| j.name.as_str()))
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
+            return Err(format!("no job `{n}` in this pipeline{help}"));
+        }
+        set.extend(hits);
+    }
+    if needs {
+        let mut stack: Vec<usize> = set.iter().copied().collect();
+        while let Some(i) = stack.pop() {
+            for &d in &plan.jobs[i].deps {
+                if set.insert(d) {
+                    stack.push(d);
+                }
+            }
+        }
+    }
+    Ok(Some(set))
+}
+
+/// `.rave/runs/<n>` with the next free number.
+fn next_run_dir(root: &Path) -> std::io::Result<(u64, PathBuf)> {
+    let runs = root.join(".rave").join("runs");
+    std::fs::create_dir_all(&runs)?;
+    let last = std::fs::read_dir(&runs)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    for id in last + 1.. {
+        let dir = runs.join(id.to_string());
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok((id, dir)),
+            // Another `rave run` took this number a moment ago.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("run ids are unbounded")
+}
+
+/// Keep `.rave/` out of git without editing the user's `.gitignore`.
+fn ignore_rave_dir(root: &Path) {
+    let git = root.join(".git");
+    if !git.is_dir() {
+        return;
+    }
+    let exclude = git.join("info").join("exclude");
+    let current = std::fs::read_to_string(&exclude).unwrap_or_default();
+    if current
+        .lines()
+        .any(|l| l.trim() == "/.rave/" || l.trim() == ".rave/")
+    {
+        return;
+    }
+    let _ = std::fs::create_dir_all(git.join("info"));
+    let mut text = current;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# rave's runs, logs and artifacts\n/.rave/\n");
+    let _ = std::fs::write(&exclude, text);
+}
+
+pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
+    let project = Project::load(&args.pipeline)?;
+    let Some(pipeline) = project.pipeline() else {
+        report(&project.loaded.sources, &project.loaded.diagnostics);
+        return Ok(2);
+    };
+    let opts = plan_options(pipeline, &args.budget)?;
+    let trigger = project.trigger(&args.trigger)?;
+    let (plan, diags) = rave_plan::plan(pipeline, &trigger, &opts);
+    let warnings: Vec<_> = project
+        .loaded
+        .diagnostics
+        .iter()
+        .chain(diags.iter())
+        .cloned()
+        .collect();
+    let Some(plan) = plan else {
+        report(&project.loaded.sources, &warnings);
+        return Ok(2);
+    };
+    if plan.skipped_by_workflow {
+        eprintln!(
+            "workflow: rules create no pipeline for {} ({})",
+            trigger.ref_name,
+            trigger.source.ci_value()
+        );
+        return Ok(0);
+    }
+    let selected = match select(&plan, &args.job_names, args.needs) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    let (pipeline_id, run_dir) = next_run_dir(&project.root)?;
+    ignore_rave_dir(&project.root);
+    let cgroups = if args.no_cgroups {
+        None
+    } else {
+        match Cgroups::detect() {
+            Ok(c) => Some(Arc::new(c)),
+            Err(why) => {
+                eprintln!(
+                    "rave: no per-job cgroups ({why}); memory is budgeted at admission only, and OOM kills cannot be told apart"
+                );
+                None
+            }
+        }
+    };
+    let files: Vec<String> = trigger
+        .files
+        .iter()
+        .filter(|f| !f.starts_with(".rave/"))
+        .cloned()
+        .collect();
+    let ws = Arc::new(Workspace {
+        source_root: project.root.clone(),
+        files,
+        run_dir: run_dir.clone(),
+    });
+    let names: Vec<String> = plan.jobs.iter().map(|j| j.name.clone()).collect();
+    let log_paths = plan
+        .jobs
+        .iter()
+        .map(|j| ws.log_path(&workspace::slug(j.id, &j.name)))
+        .collect();
+    let to_stderr = args.json;
+    let color = if to_stderr {
+        std::io::stderr().is_terminal()
+    } else {
+        std::io::stdout().is_terminal()
+    } && std::env::var_os("NO_COLOR").is_none();
+    let width = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| selected.as_ref().is_none_or(|s| s.contains(i)))
+        .map(|(_, n)| n.chars().count())
+        .max()
+        .unwrap_or(4)
+        .min(32);
+    let cache_dir = project.root.join(".rave").join("cache");
+    let cfg = RunConfig {
+        budget: plan.budget,
+        selected,
+        pipeline_id,
+        default_timeout: DEFAULT_TIMEOUT,
+        after_script_timeout: AFTER_SCRIPT_TIMEOUT,
+        env: vec![
+            (
+                "RAVE_CACHE_DIR".into(),
+                cache_dir.to_string_lossy().into_owned(),
+            ),
+            (
+                "RAVE_RUN_DIR".into(),
+                run_dir.to_string_lossy().into_owned(),
+            ),
+            ("CI_SERVER_NAME".into(), "rave".into()),
+            ("CI_RUNNER_DESCRIPTION".into(), "rave local".into()),
+        ],
+        keep_workdirs: args.keep,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (log_tx, log_rx) = tokio::sync::mpsc::channel(256);
+        let console = Console {
+            names,
+            color,
+            to_stderr,
+            width,
+        };
+        let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));
+        let cancel = Cancel::default();
+        let signals = tokio::spawn(watch_signals(cancel.clone()));
+        let exec = Arc::new(LocalExecutor::new(cgroups.clone()));
+        let result = scheduler::run(&plan, exec, ws, cfg, ev_tx, log_tx, cancel).await;
+        signals.abort();
+        let _ = printer.await;
+        result
+    });
+    if let Some(c) = &cgroups {
+        c.remove();
+    }
+    let records: Vec<&JobRecord> = result.records.iter().flatten().collect();
+    let doc = json!({
+        "pipeline": {
+            "id": pipeline_id,
+            "status": result.status,
+            "duration_ms": result.duration.as_millis() as u64,
+            "ref": trigger.ref_name,
+            "sha": trigger.sha,
+            "profile": plan.profile,
+            "budget": {"memory_bytes": plan.budget.memory_bytes, "cpus": plan.budget.cpus, "jobs": plan.budget.jobs},
+        },
+        "jobs": records,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    let _ = std::fs::write(run_dir.join("summary.json"), &text);
+    if args.json {
+        println!("{text}");
+    } else {
+        println!();
+        print!("{}", console::summary(&records, color));
+        println!(
+            "pipeline #{pipeline_id} {} in {} ({} profile: {}, {} CPUs, {} slots) — logs in {}",
+            match result.status {
+                PipelineStatus::Success => "passed",
+                PipelineStatus::Failed => "failed",
+                PipelineStatus::Canceled => "canceled",
+                PipelineStatus::Skipped => "had nothing to run",
+            },
+            console::duration(Some(result.duration.as_millis() as u64)),
+            plan.profile,
+            rave_model::units::format_memory(plan.budget.memory_bytes),
+            rave_engine::caps::format_cpus(plan.budget.cpus),
+            plan.budget.jobs,
+            run_dir
+                .join("logs")
+                .strip_prefix(&project.root)
+                .unwrap_or(&run_dir)
+                .display(),
+        );
+    }
+    Ok(match result.status {
+        PipelineStatus::Success | PipelineStatus::Skipped => 0,
+        PipelineStatus::Failed => 1,
+        PipelineStatus::Canceled => 130,
+    })
+}
+
+/// Ctrl-C once: stop gracefully (after_script runs). Twice: kill now. Three times: exit.
+async fn watch_signals(cancel: Cancel) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        count += 1;
+        match count {
+            1 => {
+                eprintln!("\nrave: canceling the pipeline (Ctrl-C again to kill jobs at once)");
+                cancel.graceful.cancel();
+            }
+            2 => {
+                eprintln!("\nrave: killing jobs now (Ctrl-C again to exit at once)");
+                cancel.force.cancel();
+            }
+            _ => std::process::exit(130),
+        }
+    }
+}

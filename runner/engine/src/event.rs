@@ -1,0 +1,59 @@
+//! The run's event stream: the engine emits, subscribers (console, `--json`, store) read.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::outcome::{FailureReason, JobStatus};
+
+/// The recorded result of one job instance.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobRecord {
+    pub name: String,
+    pub stage: String,
+    pub status: JobStatus,
+    pub failure_reason: Option<FailureReason>,
+    pub exit_code: Option<i32>,
+    #[serde(serialize_with = "ser_time")]
+    pub started_at: Option<SystemTime>,
+    #[serde(serialize_with = "ser_time")]
+    pub finished_at: Option<SystemTime>,
+    pub duration_ms: Option<u64>,
+    pub peak_memory_bytes: Option<u64>,
+    pub memory_limit_bytes: u64,
+    pub cpus: f64,
+    pub attempts: u32,
+    /// Why a job was skipped, or a one-line explanation of its failure.
+    pub note: Option<String>,
+}
+
+fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&rfc3339_millis(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    JobStarted {
+        id: usize,
+        attempt: u32,
+        memory_bytes: u64,
+        cpus: f64,
+    },
+    JobRetrying {
+        id: usize,
+        attempt: u32,
+        reason: FailureReason,
+    },
+    JobFinished {
+        id: usize,
+        record: JobRecord,
+    },
+}

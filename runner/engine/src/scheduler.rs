@@ -1,0 +1,638 @@
+//! The scheduler: owns the DAG state and the budget, decides what runs next, and turns each
+//! executor outcome into a job result.
+//!
+//! It is event-driven: it sleeps until a job ends, a delayed job's timer fires, or the run is
+//! cancelled; then it settles every job whose dependencies are done (run, skip, or hold as
+//! manual), admits what fits (see [`crate::admission`]), and sleeps again. Each running job
+//! is a task of its own (prepare the working copy → execute → save artifacts) that reports
+//! back over a channel; the scheduler never waits on a job directly.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rave_model::units::format_memory;
+use rave_model::{ArtifactsWhen, Budget, When};
+use rave_plan::{JobInstance, Plan};
+use tokio::sync::mpsc;
+
+use crate::admission::{Admission, Candidate, Request};
+use crate::caps;
+use crate::event::{Event, JobRecord};
+use crate::executor::{Cancel, Executor, JobSpec, LogChunk, LogSink};
+use crate::outcome::{ExecOutcome, FailureReason, JobStatus};
+use crate::workspace::{self, Workspace};
+
+/// GitLab's default job timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// GitLab's after_script timeout.
+pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub budget: Budget,
+    /// Instances to run; None runs the whole plan. Manual jobs named here are started.
+    pub selected: Option<HashSet<usize>>,
+    pub pipeline_id: u64,
+    pub default_timeout: Duration,
+    pub after_script_timeout: Duration,
+    /// Variables every job gets (runner-level), below job variables.
+    pub env: Vec<(String, String)>,
+    /// Keep job working copies after they end (for debugging).
+    pub keep_workdirs: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineStatus {
+    Success,
+    Failed,
+    Canceled,
+    Skipped,
+}
+
+#[derive(Debug)]
+pub struct RunResult {
+    pub status: PipelineStatus,
+    pub duration: Duration,
+    /// One record per plan instance that took part (None for instances not selected).
+    pub records: Vec<Option<JobRecord>>,
+}
+
+enum State {
+    /// Not part of this run.
+    Inactive,
+    Waiting,
+    Delayed,
+    Ready {
+        overtaken: u32,
+    },
+    Running,
+    Done,
+}
+
+struct Finished {
+    id: usize,
+    attempt: u32,
+    outcome: ExecOutcome,
+    started_at: SystemTime,
+    started: Instant,
+    dotenv: HashMap<String, String>,
+}
+
+enum Msg {
+    Finished(Box<Finished>),
+    DelayOver(usize),
+}
+
+struct Run<'p, E: Executor> {
+    plan: &'p Plan,
+    exec: Arc<E>,
+    ws: Arc<Workspace>,
+    cfg: RunConfig,
+    events: mpsc::UnboundedSender<Event>,
+    logs: mpsc::Sender<LogChunk>,
+    cancel: Cancel,
+    tx: mpsc::UnboundedSender<Msg>,
+    state: Vec<State>,
+    deps: Vec<Vec<usize>>,
+    records: Vec<Option<JobRecord>>,
+    /// A failed (not allowed) or canceled job at or above this one.
+    upstream_failed: Vec<bool>,
+    attempts: Vec<u32>,
+    dotenv: Vec<HashMap<String, String>>,
+    admission: Admission,
+    canceled: bool,
+}
+
+/// Run a plan to the end (or until cancelled).
+pub async fn run<E: Executor>(
+    plan: &Plan,
+    exec: Arc<E>,
+    ws: Arc<Workspace>,
+    cfg: RunConfig,
+    events: mpsc::UnboundedSender<Event>,
+    logs: mpsc::Sender<LogChunk>,
+    cancel: Cancel,
+) -> RunResult {
+    let started = Instant::now();
+    let n = plan.jobs.len();
+    let active: Vec<bool> = (0..n)
+        .map(|i| cfg.selected.as_ref().is_none_or(|s| s.contains(&i)))
+        .collect();
+    let deps = (0..n).map(|i| effective_deps(plan, &active, i)).collect();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut r = Run {
+        plan,
+        exec,
+        ws,
+        admission: Admission::new(cfg.budget),
+        cfg,
+        events,
+        logs,
+        cancel,
+        tx,
+        state: active
+            .iter()
+            .map(|a| if *a { State::Waiting } else { State::Inactive })
+            .collect(),
+        deps,
+        records: vec![None; n],
+        upstream_failed: vec![false; n],
+        attempts: vec![0; n],
+        dotenv: vec![HashMap::new(); n],
+        canceled: false,
+    };
+    loop {
+        r.settle();
+        if !r.canceled {
+            r.admit();
+        }
+        if r.state
+            .iter()
+            .all(|s| matches!(s, State::Done | State::Inactive))
+        {
+            break;
+        }
+        let graceful = r.cancel.graceful.clone();
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Finished(f)) => r.finish(*f),
+                Some(Msg::DelayOver(id)) => {
+                    if matches!(r.state[id], State::Delayed) {
+                        r.state[id] = State::Ready { overtaken: 0 };
+                    }
+                }
+                None => break,
+            },
+            _ = graceful.cancelled(), if !r.canceled => r.cancel_pending(),
+        }
+    }
+    let records = r.records;
+    let status = pipeline_status(&records, r.canceled);
+    RunResult {
+        status,
+        duration: started.elapsed(),
+        records,
+    }
+}
+
+fn pipeline_status(records: &[Option<JobRecord>], canceled: bool) -> PipelineStatus {
+    let done: Vec<&JobRecord> = records.iter().flatten().collect();
+    if canceled || done.iter().any(|r| r.status == JobStatus::Canceled) {
+        PipelineStatus::Canceled
+    } else if done.iter().any(|r| r.status == JobStatus::Failed) {
+        PipelineStatus::Failed
+    } else if done
+        .iter()
+        .all(|r| matches!(r.status, JobStatus::Skipped | JobStatus::Manual))
+    {
+        PipelineStatus::Skipped
+    } else {
+        PipelineStatus::Success
+    }
+}
+
+/// Dependencies among the jobs taking part: an inactive dependency is looked through to the
+/// active jobs it waits for, so ordering holds when only some jobs run.
+fn effective_deps(plan: &Plan, active: &[bool], id: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack: Vec<usize> = plan.jobs[id].deps.clone();
+    while let Some(d) = stack.pop() {
+        if !seen.insert(d) {
+            continue;
+        }
+        if active[d] {
+            out.push(d);
+        } else {
+            stack.extend(plan.jobs[d].deps.iter().copied());
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+impl<'p, E: Executor> Run<'p, E> {
+    fn job(&self, id: usize) -> &'p JobInstance {
+        &self.plan.jobs[id]
+    }
+
+    fn record(&self, id: usize, status: JobStatus, note: Option<String>) -> JobRecord {
+        let j = self.job(id);
+        JobRecord {
+            name: j.name.clone(),
+            stage: j.stage.clone(),
+            status,
+            failure_reason: None,
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            peak_memory_bytes: None,
+            memory_limit_bytes: j.memory_bytes,
+            cpus: j.cpus,
+            attempts: self.attempts[id],
+            note,
+        }
+    }
+
+    fn done(&mut self, id: usize, record: JobRecord) {
+        let failed = matches!(record.status, JobStatus::Failed | JobStatus::Canceled);
+        self.upstream_failed[id] = self.upstream_failed[id] || failed;
+        self.state[id] = State::Done;
+        self.records[id] = Some(record.clone());
+        let _ = self.events.send(Event::JobFinished { id, record });
+    }
+
+    /// Decide every waiting job whose dependencies are all done.
+    fn settle(&mut self) {
+        let mut progress = true;
+        while progress {
+            progress = false;
+            for id in 0..self.state.len() {
+                if !matches!(self.state[id], State::Waiting) {
+                    continue;
+                }
+                if !self.deps[id]
+                    .iter()
+                    .all(|&d| matches!(self.state[d], State::Done))
+                {
+                    continue;
+                }
+                progress = true;
+                self.decide(id);
+            }
+        }
+    }
+
+    fn decide(&mut self, id: usize) {
+        let j = self.job(id);
+        let upstream_failed = self.deps[id].iter().any(|&d| self.upstream_failed[d]);
+        self.upstream_failed[id] = upstream_failed;
+        // A manual job nobody started blocks its dependents unless it may fail.
+        let blocked_by = self.deps[id].iter().copied().find(|&d| {
+            self.records[d]
+                .as_ref()
+                .is_some_and(|r| r.status == JobStatus::Manual)
+                && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
+        });
+        let named = self.cfg.selected.as_ref().is_some_and(|s| s.contains(&id));
+        if self.canceled {
+            let r = self.record(
+                id,
+                JobStatus::Canceled,
+                Some("the pipeline was canceled".into()),
+            );
+            return self.done(id, r);
+        }
+        if let Some(b) = blocked_by {
+            let note = format!(
+                "waits for manual job `{}`; run it with `rave run \"{}\"`",
+                self.job(b).name,
+                self.job(b).name
+            );
+            let r = self.record(id, JobStatus::Skipped, Some(note));
+            return self.done(id, r);
+        }
+        let run = match j.when {
+            When::OnSuccess | When::Delayed => !upstream_failed,
+            When::OnFailure => upstream_failed,
+            When::Always => true,
+            When::Manual => named && !upstream_failed,
+            When::Never => false,
+        };
+        if !run {
+            let (status, note) = match j.when {
+                When::Manual if !upstream_failed => (
+                    JobStatus::Manual,
+                    Some(format!("manual: start it with `rave run \"{}\"`", j.name)),
+                ),
+                When::OnFailure => (
+                    JobStatus::Skipped,
+                    Some("when: on_failure, and nothing failed".into()),
+                ),
+                _ => (JobStatus::Skipped, Some("an earlier job failed".into())),
+            };
+            let r = self.record(id, status, note);
+            return self.done(id, r);
+        }
+        match (j.when, j.start_in) {
+            (When::Delayed, Some(d)) => {
+                self.state[id] = State::Delayed;
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = tx.send(Msg::DelayOver(id));
+                });
+            }
+            _ => self.state[id] = State::Ready { overtaken: 0 },
+        }
+    }
+
+    fn request(&self, id: usize) -> Request {
+        let j = self.job(id);
+        Request {
+            memory_bytes: j.memory_bytes,
+            cpus: j.cpus,
+        }
+    }
+
+    fn admit(&mut self) {
+        let mut ready: Vec<Candidate> = self
+            .state
+            .iter()
+            .enumerate()
+            .filter_map(|(id, s)| match s {
+                State::Ready { overtaken } => Some(Candidate {
+                    id,
+                    request: self.request(id),
+                    overtaken: *overtaken,
+                    resource_group: self.job(id).job.resource_group.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        ready.sort_by_key(|c| (std::cmp::Reverse(self.job(c.id).priority), c.id));
+        let started = self.admission.select(&mut ready);
+        for c in &ready {
+            if let State::Ready { overtaken } = &mut self.state[c.id] {
+                *overtaken = c.overtaken;
+            }
+        }
+        for i in started {
+            self.start(ready[i].id);
+        }
+    }
+
+    fn job_env(&self, id: usize, workdir: &std::path::Path) -> Vec<(String, String)> {
+        let j = self.job(id);
+        let mut env: Vec<(String, String)> = self.cfg.env.clone();
+        let mut vars = j.variables.clone();
+        // dotenv reports of the jobs whose artifacts this job gets, below its own variables.
+        for &a in &j.artifacts_from {
+            for (k, v) in &self.dotenv[a] {
+                if !j.job.variables.0.contains_key(k) {
+                    vars.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let dir = workdir.to_string_lossy().to_string();
+        vars.insert("CI_PROJECT_DIR".into(), dir.clone());
+        vars.insert(
+            "CI_BUILDS_DIR".into(),
+            self.ws.run_dir.join("jobs").to_string_lossy().to_string(),
+        );
+        vars.insert("CI_PIPELINE_ID".into(), self.cfg.pipeline_id.to_string());
+        vars.insert("CI_PIPELINE_IID".into(), self.cfg.pipeline_id.to_string());
+        vars.insert(
+            "CI_JOB_ID".into(),
+            (self.cfg.pipeline_id * 10_000 + id as u64 + 1).to_string(),
+        );
+        vars.insert(
+            "CI_JOB_STARTED_AT".into(),
+            crate::event::rfc3339_millis(SystemTime::now()),
+        );
+        vars.insert(
+            "CI_RUNNER_EXECUTABLE_ARCH".into(),
+            format!("linux/{}", std::env::consts::ARCH),
+        );
+        vars.insert(
+            "CI_RETRY_ATTEMPT".into(),
+            self.attempts[id].saturating_sub(1).to_string(),
+        );
+        let lookup = |k: &str| vars.get(k).cloned();
+        let caps = caps::env(j.memory_bytes, j.cpus, &self.cfg.budget, &lookup);
+        for (k, v) in vars.iter() {
+            env.push((k.clone(), v.clone()));
+        }
+        env.extend(caps);
+        env
+    }
+
+    fn start(&mut self, id: usize) {
+        self.attempts[id] += 1;
+        let attempt = self.attempts[id];
+        self.state[id] = State::Running;
+        let j = self.job(id).clone();
+        let slug = workspace::slug(id, &j.name);
+        let deps: Vec<String> = j
+            .artifacts_from
+            .iter()
+            .map(|&a| workspace::slug(a, &self.job(a).name))
+            .collect();
+        let workdir = self.ws.job_dir(&slug);
+        let env = self.job_env(id, &workdir);
+        let mut script = j.job.before_script.clone();
+        script.extend(j.job.script.iter().cloned());
+        let spec = JobSpec {
+            name: j.name.clone(),
+            slug: slug.clone(),
+            workdir: workdir.clone(),
+            scratch_dir: self.ws.scratch_dir(&slug, attempt),
+            env,
+            script,
+            after_script: j.job.after_script.clone(),
+            timeout: j.job.timeout.unwrap_or(self.cfg.default_timeout),
+            after_script_timeout: self.cfg.after_script_timeout,
+            memory_bytes: j.memory_bytes,
+            cpus: j.cpus,
+            image: j.job.image.as_ref().map(|i| i.name.clone()),
+        };
+        let _ = self.events.send(Event::JobStarted {
+            id,
+            attempt,
+            memory_bytes: j.memory_bytes,
+            cpus: j.cpus,
+        });
+        let exec = self.exec.clone();
+        let ws = self.ws.clone();
+        let log = LogSink::new(id, self.logs.clone());
+        let cancel = self.cancel.clone();
+        let tx = self.tx.clone();
+        let keep = self.cfg.keep_workdirs;
+        tokio::spawn(async move {
+            let started_at = SystemTime::now();
+            let started = Instant::now();
+            let prep = {
+                let ws = ws.clone();
+                let slug = slug.clone();
+                tokio::task::spawn_blocking(move || ws.prepare(&slug, &deps))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("preparing the working copy panicked: {e}")))
+            };
+            let outcome = match prep {
+                Ok(_) => exec.run(spec, log.clone(), cancel).await,
+                Err(e) => ExecOutcome {
+                    runner_error: Some(e),
+                    ..ExecOutcome::default()
+                },
+            };
+            let (dotenv, notes) = {
+                let ws = ws.clone();
+                let outcome = outcome.clone();
+                let slug = slug.clone();
+                tokio::task::spawn_blocking(move || save_outputs(&ws, &j, &slug, &outcome, keep))
+                    .await
+                    .unwrap_or_default()
+            };
+            for n in notes {
+                log.system(&n).await;
+            }
+            let _ = tx.send(Msg::Finished(Box::new(Finished {
+                id,
+                attempt,
+                outcome,
+                started_at,
+                started,
+                dotenv,
+            })));
+        });
+    }
+
+    fn finish(&mut self, f: Finished) {
+        let id = f.id;
+        self.admission
+            .give_back(self.request(id), self.job(id).job.resource_group.as_deref());
+        let j = self.job(id);
+        let reason = f.outcome.failure_reason();
+        // Retry as GitLab does: up to `max` more attempts, for the listed failure kinds.
+        if let (Some(reason), Some(retry)) = (reason, &j.job.retry)
+            && reason != FailureReason::Canceled
+            && !self.canceled
+            && f.attempt <= retry.max
+            && reason.retry_matches(&retry.when)
+            && (retry.exit_codes.is_empty()
+                || f.outcome
+                    .exit_code
+                    .is_some_and(|c| retry.exit_codes.contains(&c)))
+        {
+            let _ = self.events.send(Event::JobRetrying {
+                id,
+                attempt: f.attempt + 1,
+                reason,
+            });
+            self.state[id] = State::Ready { overtaken: 0 };
+            return;
+        }
+        let status = match reason {
+            None => JobStatus::Success,
+            Some(FailureReason::Canceled) => JobStatus::Canceled,
+            Some(_) if j.allow_failure.allows(f.outcome.exit_code) => JobStatus::Warning,
+            Some(_) => JobStatus::Failed,
+        };
+        let note = match reason {
+            Some(FailureReason::OomKilled) => Some(oom_message(
+                &j.name,
+                j.memory_bytes,
+                f.outcome.peak_memory_bytes,
+            )),
+            Some(FailureReason::Timeout) => Some(format!(
+                "exceeded its timeout of {}",
+                humantime::format_duration(j.job.timeout.unwrap_or(self.cfg.default_timeout))
+            )),
+            Some(FailureReason::RunnerError) => f.outcome.runner_error.clone(),
+            Some(FailureReason::ScriptFailure) => match (f.outcome.exit_code, f.outcome.signal) {
+                (Some(c), _) => Some(format!("script exited with code {c}")),
+                (None, Some(s)) => Some(format!("script killed by signal {s}")),
+                _ => None,
+            },
+            _ => None,
+        };
+        if status == JobStatus::Success || status == JobStatus::Warning {
+            self.dotenv[id] = f.dotenv;
+        }
+        let finished_at = SystemTime::now();
+        let mut record = self.record(id, status, note);
+        record.failure_reason = reason;
+        record.exit_code = f.outcome.exit_code;
+        record.started_at = Some(f.started_at);
+        record.finished_at = Some(finished_at);
+        record.duration_ms = Some(f.started.elapsed().as_millis() as u64);
+        record.peak_memory_bytes = f.outcome.peak_memory_bytes;
+        self.done(id, record);
+    }
+
+    fn cancel_pending(&mut self) {
+        self.canceled = true;
+        for id in 0..self.state.len() {
+            if matches!(
+                self.state[id],
+                State::Waiting | State::Ready { .. } | State::Delayed
+            ) {
+                let r = self.record(
+                    id,
+                    JobStatus::Canceled,
+                    Some("the pipeline was canceled".into()),
+                );
+                self.done(id, r);
+            }
+        }
+    }
+}
+
+/// The message for an OOM kill, in the log and the summary.
+pub fn oom_message(name: &str, limit: u64, peak: Option<u64>) -> String {
+    let peak = peak.map_or("unknown".to_string(), format_memory);
+    format!(
+        "{name}: killed: exceeded its memory limit of {} (peak {peak}); raise RAVE_MEMORY or lower its parallelism",
+        format_memory(limit)
+    )
+}
+
+/// After a job: save its artifacts and read its dotenv report. Returns the dotenv variables
+/// and lines for the job log.
+fn save_outputs(
+    ws: &Workspace,
+    j: &JobInstance,
+    slug: &str,
+    outcome: &ExecOutcome,
+    keep: bool,
+) -> (HashMap<String, String>, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut dotenv = HashMap::new();
+    let workdir = ws.job_dir(slug);
+    if let Some(a) = &j.job.artifacts {
+        let ok = outcome.succeeded();
+        let wanted = match a.when {
+            ArtifactsWhen::OnSuccess => ok,
+            ArtifactsWhen::OnFailure => !ok,
+            ArtifactsWhen::Always => true,
+        };
+        if wanted && workdir.is_dir() {
+            let expand = |p: &String| rave_model::vars::expand(p, &|k| j.variables.get(k).cloned());
+            let mut paths: Vec<String> = a.paths.iter().map(expand).collect();
+            paths.extend(a.reports.junit.iter().map(expand));
+            paths.extend(a.reports.dotenv.iter().map(expand));
+            for (_, files) in &a.reports.other {
+                paths.extend(files.iter().map(expand));
+            }
+            let exclude: Vec<String> = a.exclude.iter().map(expand).collect();
+            let c =
+                workspace::collect_artifacts(&workdir, &paths, &exclude, &ws.artifacts_dir(slug));
+            for w in c.warnings {
+                notes.push(format!("WARNING: {w}"));
+            }
+            notes.push(format!(
+                "Saved {} artifact file(s), {}",
+                c.files,
+                format_memory(c.bytes)
+            ));
+            if ok {
+                for f in &a.reports.dotenv {
+                    match workspace::read_dotenv(&workdir.join(expand(f))) {
+                        Ok(v) => dotenv.extend(v),
+                        Err(e) => notes.push(format!("WARNING: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    if !keep {
+        ws.discard(slug);
+    }
+    (dotenv, notes)
+}
