@@ -5,3 +5,4 @@ mod support;
 
 mod graph;
 mod lint;
+mod run;

@@ -454,6 +454,7 @@ impl<'p, E: Executor> Run<'p, E> {
         let cancel = self.cancel.clone();
         let tx = self.tx.clone();
         let keep = self.cfg.keep_workdirs;
+        let (j_memory, spec_name) = (j.memory_bytes, j.name.clone());
         tokio::spawn(async move {
             let started_at = SystemTime::now();
             let started = Instant::now();
@@ -479,6 +480,10 @@ impl<'p, E: Executor> Run<'p, E> {
                     .await
                     .unwrap_or_default()
             };
+            if outcome.failure_reason() == Some(FailureReason::OomKilled) {
+                let msg = oom_message(j_memory, outcome.peak_memory_bytes);
+                log.system(&format!("{}: {msg}", spec_name)).await;
+            }
             for n in notes {
                 log.system(&n).await;
             }
@@ -525,11 +530,9 @@ impl<'p, E: Executor> Run<'p, E> {
             Some(_) => JobStatus::Failed,
         };
         let note = match reason {
-            Some(FailureReason::OomKilled) => Some(oom_message(
-                &j.name,
-                j.memory_bytes,
-                f.outcome.peak_memory_bytes,
-            )),
+            Some(FailureReason::OomKilled) => {
+                Some(oom_message(j.memory_bytes, f.outcome.peak_memory_bytes))
+            }
             Some(FailureReason::Timeout) => Some(format!(
                 "exceeded its timeout of {}",
                 humantime::format_duration(j.job.timeout.unwrap_or(self.cfg.default_timeout))
@@ -575,10 +578,10 @@ impl<'p, E: Executor> Run<'p, E> {
 }
 
 /// The message for an OOM kill, in the log and the summary.
-pub fn oom_message(name: &str, limit: u64, peak: Option<u64>) -> String {
+pub fn oom_message(limit: u64, peak: Option<u64>) -> String {
     let peak = peak.map_or("unknown".to_string(), format_memory);
     format!(
-        "{name}: killed: exceeded its memory limit of {} (peak {peak}); raise RAVE_MEMORY or lower its parallelism",
+        "killed: exceeded its memory limit of {} (peak {peak}); raise RAVE_MEMORY or lower its parallelism",
         format_memory(limit)
     )
 }

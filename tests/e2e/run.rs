@@ -1,0 +1,259 @@
+//! `rave run` with real processes, real cgroups and real git repositories.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn run_json(dir: &Path, extra: &[&str]) -> (Run, serde_json::Value) {
+    let mut args = vec!["run", "--json"];
+    args.extend_from_slice(extra);
+    let r = rave(dir, &args);
+    let v = json(&r.stdout);
+    (r, v)
+}
+
+fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name} in {v:#}"))
+}
+
+fn time(v: &serde_json::Value, key: &str) -> std::time::SystemTime {
+    humantime::parse_rfc3339(v[key].as_str().unwrap()).unwrap()
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn five_stage_pipeline_runs_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    sh(d.path(), &format!("cp -r {}/. . && git init -q -b main . && git add -A && git commit -qm init && git tag v1.4.2", fixtures().join("five-stage").display()));
+    let (r, v) = run_json(d.path(), &["--tag", "v1.4.2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(v["pipeline"]["status"], "success");
+    let names: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["lint", "build", "vm-image", "unit", "vm-test", "scan", "release"]);
+    for j in v["jobs"].as_array().unwrap() {
+        assert_eq!(j["status"], "success", "{j:#}");
+        assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0, "{j:#}");
+    }
+    // vm-test asked for 1.5 GiB: QEMU gets at most 3/4 of it, whatever the pipeline said;
+    // vm-image has 1 CPU, so Nix gets 1 core though the pipeline sets NIX_BUILD_CORES=2.
+    assert!(r.stderr.contains("vm-test  > qemu -m 1152 -smp 2"), "{}", r.stderr);
+    assert!(r.stderr.contains("vm-image > nix cores=1 max-jobs=1"), "{}", r.stderr);
+    let run_dir = d.path().join(".rave/runs/1");
+    let sums = std::fs::read_to_string(run_dir.join("artifacts/006-release/release/SHA256SUMS")).unwrap();
+    assert!(sums.contains("app") && sums.contains("rootfs.tar"), "{sums}");
+    assert!(run_dir.join("logs/003-unit.log").exists());
+    assert_eq!(json(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())["pipeline"]["status"], "success");
+    // .rave/ is kept out of git.
+    sh(d.path(), "test -z \"$(git status --porcelain)\"");
+}
+
+#[test]
+fn oom_kill_is_named_with_limit_and_peak() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "hog:\n  variables: {RAVE_MEMORY: 128M}\n  script:\n    - head -c 600M /dev/zero | tail > /dev/null\n    - echo unreachable\n",
+    )]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let hog = job(&v, "hog");
+    assert_eq!(hog["status"], "failed");
+    assert_eq!(hog["failure_reason"], "oom_killed");
+    assert_eq!(hog["memory_limit_bytes"], 128u64 << 20);
+    let peak = hog["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak > 100 << 20 && peak <= 128 << 20, "peak {peak}");
+    assert!(
+        r.stderr.contains("hog: killed: exceeded its memory limit of 128 MiB (peak 128 MiB); raise RAVE_MEMORY or lower its parallelism"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("unreachable\n"), "{}", r.stderr);
+}
+
+#[test]
+fn big_jobs_never_overlap_when_the_budget_holds_one() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "a:\n  variables: {RAVE_MEMORY: 1536M}\n  script: [sleep 1]\nb:\n  variables: {RAVE_MEMORY: 1536M}\n  script: [sleep 1]\nsmall:\n  variables: {RAVE_MEMORY: 256M}\n  script: [sleep 1]\n",
+    )]);
+    let (r, v) = run_json(d.path(), &["--memory", "2G", "--jobs", "4", "--cpus", "4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (a, b) = (job(&v, "a"), job(&v, "b"));
+    let overlap = time(a, "started_at") < time(b, "finished_at") && time(b, "started_at") < time(a, "finished_at");
+    assert!(!overlap, "a and b overlapped:\n{a:#}\n{b:#}");
+    // The small one fits next to either.
+    let s = job(&v, "small");
+    let with_a = time(s, "started_at") < time(a, "finished_at") && time(a, "started_at") < time(s, "finished_at");
+    let with_b = time(s, "started_at") < time(b, "finished_at") && time(b, "started_at") < time(s, "finished_at");
+    assert!(with_a || with_b, "small should run beside a big job:\n{v:#}");
+}
+
+#[test]
+fn ctrl_c_kills_the_whole_tree_and_runs_after_script() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "long:\n  script:\n    - (sleep 987651; echo never) &\n    - setsid sleep 987652 &\n    - echo READY\n    - sleep 987653\n  after_script:\n    - echo AFTER=$CI_JOB_STATUS\n",
+    )]);
+    let child = std::process::Command::new(rave_bin())
+        .args(["run", "--json"])
+        .current_dir(d.path())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = d.path().join(".rave/runs/1/logs/000-long.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("READY") && processes_with("sleep 987653").is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(30), "job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(processes_with("sleep 98765").len(), 3, "{:?}", processes_with("sleep 98765"));
+    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(job(&v, "long")["status"], "canceled");
+    assert_eq!(job(&v, "long")["failure_reason"], "canceled");
+    // Everything is gone, the setsid'd one included (it stayed in the job's cgroup).
+    assert!(processes_with("sleep 98765").is_empty(), "{:?}", processes_with("sleep 98765"));
+    let log = std::fs::read_to_string(d.path().join(".rave/runs/1/logs/000-long.log")).unwrap();
+    assert!(log.contains("AFTER=canceled"), "{log}");
+}
+
+#[test]
+fn timeout_kills_the_tree_and_is_reported() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "slow:\n  timeout: 1s\n  script:\n    - sleep 876541 &\n    - sleep 876542\n",
+    )]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(job(&v, "slow")["failure_reason"], "timeout");
+    assert!(processes_with("sleep 87654").is_empty(), "{:?}", processes_with("sleep 87654"));
+}
+
+#[test]
+fn retry_after_script_and_allow_failure() {
+    let counter = tempfile::NamedTempFile::new().unwrap();
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "flaky:\n  retry: 1\n  script:\n    - n=$(cat $COUNTER || true); echo $((n+1)) > $COUNTER\n    - test \"$n\" = 1\nbroken:\n  script: [exit 7]\n  after_script: ['echo \"after: $CI_JOB_STATUS\"']\n  allow_failure: {exit_codes: [7]}\nstrict:\n  script: [exit 8]\n  allow_failure: {exit_codes: [7]}\n",
+    )]);
+    std::fs::write(counter.path(), "0").unwrap();
+    let var = format!("COUNTER={}", counter.path().display());
+    let (r, v) = run_json(d.path(), &["--var", &var]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let flaky = job(&v, "flaky");
+    assert_eq!(flaky["status"], "success");
+    assert_eq!(flaky["attempts"], 2);
+    assert!(r.stderr.contains("flaky  > script_failure — retrying (attempt 2)"), "{}", r.stderr);
+    assert_eq!(job(&v, "broken")["status"], "warning");
+    assert_eq!(job(&v, "broken")["exit_code"], 7);
+    assert!(r.stderr.contains("broken > after: failed"), "{}", r.stderr);
+    assert_eq!(job(&v, "strict")["status"], "failed");
+    assert_eq!(v["pipeline"]["status"], "failed");
+}
+
+#[test]
+fn artifacts_flow_between_stages_and_parallel_jobs_are_isolated() {
+    let d = git_repo(&[
+        (
+            ".gitlab-ci.yml",
+            "stages: [one, two]\nwriter:\n  stage: one\n  script:\n    - echo from-writer > shared.txt\n    - sleep 1\n  artifacts: {paths: [shared.txt]}\nneighbour:\n  stage: one\n  script:\n    - sleep 0.5\n    - test ! -e shared.txt\n    - echo mine > seed.txt\n    - test \"$(cat seed.txt)\" = mine\nreader:\n  stage: two\n  script:\n    - test \"$(cat shared.txt)\" = from-writer\n    - test \"$(cat seed.txt)\" = seed\n",
+        ),
+        ("seed.txt", "seed\n"),
+    ]);
+    // An untracked, non-ignored file is part of the working copy too; an ignored one is not.
+    sh(d.path(), "echo local > untracked.txt && echo '*.log' > .gitignore && echo x > debug.log && git add .gitignore && git commit -qm ignore");
+    std::fs::write(
+        d.path().join(".gitlab-ci.yml"),
+        std::fs::read_to_string(d.path().join(".gitlab-ci.yml")).unwrap()
+            + "    - test -e untracked.txt\n    - test ! -e debug.log\n",
+    )
+    .unwrap();
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}\n{v:#}", r.stderr);
+}
+
+#[test]
+fn caps_reach_the_job_environment() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "caps:\n  variables: {RAVE_MEMORY: 1G, RAVE_CPUS: 2}\n  script:\n    - echo \"C=$CARGO_BUILD_JOBS M=$MAKEFLAGS N=$NIX_BUILD_CORES L=$RAVE_MEMORY_LIMIT_MB NODE=$NODE_OPTIONS Q=$QEMU_RAM_MB/$QEMU_CPUS P=$CI_PIPELINE_ID J=$CI_JOB_NAME T=$CI_COMMIT_REF_NAME\"\n    - printf '%s\\n' \"$NIX_CONFIG\"\n",
+    )]);
+    let (r, _) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("C=2 M=-j2 N=2 L=1024 NODE=--max-old-space-size=768 Q=768/2 P=1 J=caps T=main"), "{}", r.stderr);
+    assert!(r.stderr.contains("caps > cores = 2\ncaps > max-jobs = 1"), "{}", r.stderr);
+}
+
+#[test]
+fn named_jobs_run_alone_or_with_their_needs() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "stages: [a, b]\nfirst: {stage: a, script: [echo one]}\nother: {stage: a, script: [echo other]}\nsecond: {stage: b, needs: [first], script: [echo two]}\ndeploy: {stage: b, when: manual, script: [echo deployed]}\n",
+    )]);
+    let (r, v) = run_json(d.path(), &["second"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+    let (_, v) = run_json(d.path(), &["second", "--needs"]);
+    let names: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["first", "second"]);
+    // Manual jobs wait unless named.
+    let (_, v) = run_json(d.path(), &[]);
+    assert_eq!(job(&v, "deploy")["status"], "manual");
+    let (_, v) = run_json(d.path(), &["deploy"]);
+    assert_eq!(job(&v, "deploy")["status"], "success");
+    let r = rave(d.path(), &["run", "secnod"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("did you mean `second`?"), "{}", r.stderr);
+}
+
+#[test]
+fn failure_skips_later_stages_but_runs_on_failure_jobs() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "stages: [build, test, cleanup]\nbuild: {stage: build, script: [exit 1]}\ntest: {stage: test, script: [echo never]}\nnotify: {stage: cleanup, when: on_failure, script: [echo notified]}\nalways: {stage: cleanup, when: always, script: [echo always]}\n",
+    )]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 1);
+    assert_eq!(job(&v, "build")["failure_reason"], "script_failure");
+    assert_eq!(job(&v, "build")["exit_code"], 1);
+    assert_eq!(job(&v, "test")["status"], "skipped");
+    assert_eq!(job(&v, "notify")["status"], "success");
+    assert_eq!(job(&v, "always")["status"], "success");
+    let ms = job(&v, "build")["started_at"].as_str().unwrap();
+    assert!(ms.ends_with('Z') && ms.len() == 24, "RFC 3339 with milliseconds: {ms}");
+}
+
+#[test]
+fn definition_errors_exit_2() {
+    let d = git_repo(&[(".gitlab-ci.yml", "job:\n  scirpt: [x]\n")]);
+    let r = rave(d.path(), &["run"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("did you mean `script`?"), "{}", r.stderr);
+}
