@@ -30,7 +30,12 @@ fn time(v: &serde_json::Value, key: &str) -> std::time::SystemTime {
 fn processes_with(marker: &str) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
@@ -46,25 +51,56 @@ fn processes_with(marker: &str) -> Vec<String> {
 #[test]
 fn five_stage_pipeline_runs_end_to_end() {
     let d = tempfile::tempdir().unwrap();
-    sh(d.path(), &format!("cp -r {}/. . && git init -q -b main . && git add -A && git commit -qm init && git tag v1.4.2", fixtures().join("five-stage").display()));
+    sh(
+        d.path(),
+        &format!(
+            "cp -r {}/. . && git init -q -b main . && git add -A && git commit -qm init && git tag v1.4.2",
+            fixtures().join("five-stage").display()
+        ),
+    );
     let (r, v) = run_json(d.path(), &["--tag", "v1.4.2"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(v["pipeline"]["status"], "success");
-    let names: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lint", "build", "vm-image", "unit", "vm-test", "scan", "release"]);
+    let names: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "lint", "build", "vm-image", "unit", "vm-test", "scan", "release"
+        ]
+    );
     for j in v["jobs"].as_array().unwrap() {
         assert_eq!(j["status"], "success", "{j:#}");
         assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0, "{j:#}");
     }
     // vm-test asked for 1.5 GiB: QEMU gets at most 3/4 of it, whatever the pipeline said;
     // vm-image has 1 CPU, so Nix gets 1 core though the pipeline sets NIX_BUILD_CORES=2.
-    assert!(r.stderr.contains("vm-test  > qemu -m 1152 -smp 2"), "{}", r.stderr);
-    assert!(r.stderr.contains("vm-image > nix cores=1 max-jobs=1"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("vm-test  > qemu -m 1152 -smp 2"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("vm-image > nix cores=1 max-jobs=1"),
+        "{}",
+        r.stderr
+    );
     let run_dir = d.path().join(".rave/runs/1");
-    let sums = std::fs::read_to_string(run_dir.join("artifacts/006-release/release/SHA256SUMS")).unwrap();
-    assert!(sums.contains("app") && sums.contains("rootfs.tar"), "{sums}");
+    let sums =
+        std::fs::read_to_string(run_dir.join("artifacts/006-release/release/SHA256SUMS")).unwrap();
+    assert!(
+        sums.contains("app") && sums.contains("rootfs.tar"),
+        "{sums}"
+    );
     assert!(run_dir.join("logs/003-unit.log").exists());
-    assert_eq!(json(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())["pipeline"]["status"], "success");
+    assert_eq!(
+        json(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())["pipeline"]["status"],
+        "success"
+    );
     // .rave/ is kept out of git.
     sh(d.path(), "test -z \"$(git status --porcelain)\"");
 }
@@ -100,13 +136,19 @@ fn big_jobs_never_overlap_when_the_budget_holds_one() {
     let (r, v) = run_json(d.path(), &["--memory", "2G", "--jobs", "4", "--cpus", "4"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let (a, b) = (job(&v, "a"), job(&v, "b"));
-    let overlap = time(a, "started_at") < time(b, "finished_at") && time(b, "started_at") < time(a, "finished_at");
+    let overlap = time(a, "started_at") < time(b, "finished_at")
+        && time(b, "started_at") < time(a, "finished_at");
     assert!(!overlap, "a and b overlapped:\n{a:#}\n{b:#}");
     // The small one fits next to either.
     let s = job(&v, "small");
-    let with_a = time(s, "started_at") < time(a, "finished_at") && time(a, "started_at") < time(s, "finished_at");
-    let with_b = time(s, "started_at") < time(b, "finished_at") && time(b, "started_at") < time(s, "finished_at");
-    assert!(with_a || with_b, "small should run beside a big job:\n{v:#}");
+    let with_a = time(s, "started_at") < time(a, "finished_at")
+        && time(a, "started_at") < time(s, "finished_at");
+    let with_b = time(s, "started_at") < time(b, "finished_at")
+        && time(b, "started_at") < time(s, "finished_at");
+    assert!(
+        with_a || with_b,
+        "small should run beside a big job:\n{v:#}"
+    );
 }
 
 #[test]
@@ -126,20 +168,37 @@ fn ctrl_c_kills_the_whole_tree_and_runs_after_script() {
         .unwrap();
     let log = d.path().join(".rave/runs/1/logs/000-long.log");
     let t = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("READY") && processes_with("sleep 987653").is_empty() {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("READY")
+        && processes_with("sleep 987653").is_empty()
+    {
         assert!(t.elapsed() < Duration::from_secs(30), "job never started");
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(processes_with("sleep 98765").len(), 3, "{:?}", processes_with("sleep 98765"));
-    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::INT).unwrap();
+    assert_eq!(
+        processes_with("sleep 98765").len(),
+        3,
+        "{:?}",
+        processes_with("sleep 98765")
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     let v = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(job(&v, "long")["status"], "canceled");
     assert_eq!(job(&v, "long")["failure_reason"], "canceled");
     // Everything is gone, the setsid'd one included (it stayed in the job's cgroup).
-    assert!(processes_with("sleep 98765").is_empty(), "{:?}", processes_with("sleep 98765"));
+    assert!(
+        processes_with("sleep 98765").is_empty(),
+        "{:?}",
+        processes_with("sleep 98765")
+    );
     let log = std::fs::read_to_string(d.path().join(".rave/runs/1/logs/000-long.log")).unwrap();
     assert!(log.contains("AFTER=canceled"), "{log}");
 }
@@ -153,7 +212,11 @@ fn timeout_kills_the_tree_and_is_reported() {
     let (r, v) = run_json(d.path(), &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(job(&v, "slow")["failure_reason"], "timeout");
-    assert!(processes_with("sleep 87654").is_empty(), "{:?}", processes_with("sleep 87654"));
+    assert!(
+        processes_with("sleep 87654").is_empty(),
+        "{:?}",
+        processes_with("sleep 87654")
+    );
 }
 
 #[test]
@@ -170,7 +233,12 @@ fn retry_after_script_and_allow_failure() {
     let flaky = job(&v, "flaky");
     assert_eq!(flaky["status"], "success");
     assert_eq!(flaky["attempts"], 2);
-    assert!(r.stderr.contains("flaky  > script_failure — retrying (attempt 2)"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("flaky  > script_failure — retrying (attempt 2)"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(job(&v, "broken")["status"], "warning");
     assert_eq!(job(&v, "broken")["exit_code"], 7);
     assert!(r.stderr.contains("broken > after: failed"), "{}", r.stderr);
@@ -188,7 +256,10 @@ fn artifacts_flow_between_stages_and_parallel_jobs_are_isolated() {
         ("seed.txt", "seed\n"),
     ]);
     // An untracked, non-ignored file is part of the working copy too; an ignored one is not.
-    sh(d.path(), "echo local > untracked.txt && echo '*.log' > .gitignore && echo x > debug.log && git add .gitignore && git commit -qm ignore");
+    sh(
+        d.path(),
+        "echo local > untracked.txt && echo '*.log' > .gitignore && echo x > debug.log && git add .gitignore && git commit -qm ignore",
+    );
     std::fs::write(
         d.path().join(".gitlab-ci.yml"),
         std::fs::read_to_string(d.path().join(".gitlab-ci.yml")).unwrap()
@@ -207,8 +278,18 @@ fn caps_reach_the_job_environment() {
     )]);
     let (r, _) = run_json(d.path(), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("C=2 M=-j2 N=2 L=1024 NODE=--max-old-space-size=768 Q=768/2 P=1 J=caps T=main"), "{}", r.stderr);
-    assert!(r.stderr.contains("caps > cores = 2\ncaps > max-jobs = 1"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "C=2 M=-j2 N=2 L=1024 NODE=--max-old-space-size=768 Q=768/2 P=1 J=caps T=main"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("caps > cores = 2\ncaps > max-jobs = 1"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -221,7 +302,12 @@ fn named_jobs_run_alone_or_with_their_needs() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
     let (_, v) = run_json(d.path(), &["second", "--needs"]);
-    let names: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["first", "second"]);
     // Manual jobs wait unless named.
     let (_, v) = run_json(d.path(), &[]);
@@ -247,7 +333,10 @@ fn failure_skips_later_stages_but_runs_on_failure_jobs() {
     assert_eq!(job(&v, "notify")["status"], "success");
     assert_eq!(job(&v, "always")["status"], "success");
     let ms = job(&v, "build")["started_at"].as_str().unwrap();
-    assert!(ms.ends_with('Z') && ms.len() == 24, "RFC 3339 with milliseconds: {ms}");
+    assert!(
+        ms.ends_with('Z') && ms.len() == 24,
+        "RFC 3339 with milliseconds: {ms}"
+    );
 }
 
 #[test]
@@ -256,4 +345,44 @@ fn definition_errors_exit_2() {
     let r = rave(d.path(), &["run"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("did you mean `script`?"), "{}", r.stderr);
+}
+
+/// Real Nix (Debian's nix-bin, offline): a `nix-build` started by a job gets the job's caps
+/// and its builder runs inside the job's memory cgroup.
+#[test]
+fn nix_builds_inside_the_job_cgroup_with_its_caps() {
+    assert!(
+        std::process::Command::new("nix-build")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "nix-build is required (./x test installs Debian's nix-bin)"
+    );
+    let d = git_repo(&[
+        (
+            "probe.nix",
+            "derivation {\n  name = \"cgroup-probe\";\n  nonce = builtins.getEnv \"CI_JOB_ID\" + builtins.getEnv \"RAVE_RUN_DIR\";\n  system = builtins.currentSystem;\n  builder = \"/bin/sh\";\n  args = [ \"-c\" \"echo cores=$NIX_BUILD_CORES > $out; while read -r l; do echo \\\"$l\\\"; done < /proc/self/cgroup >> $out\" ];\n}\n",
+        ),
+        (
+            ".gitlab-ci.yml",
+            ".rave:\n  nix_single_user: true\nnix:\n  variables: {RAVE_CPUS: 2}\n  script:\n    - echo \"remote=$NIX_REMOTE\"\n    - out=$(nix-build --option substituters '' --option sandbox false --no-out-link probe.nix)\n    - cat $out\n",
+        ),
+    ]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(job(&v, "nix")["status"], "success");
+    assert!(r.stderr.contains("nix > remote=local"), "{}", r.stderr);
+    // NIX_CONFIG from rave sets cores = 2 for a 2-CPU job.
+    assert!(r.stderr.contains("nix > cores=2"), "{}", r.stderr);
+    let memory_line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains(":memory:") || l.starts_with("nix > 0::"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        memory_line.contains("/rave-") && memory_line.ends_with("/000-nix"),
+        "builder cgroup: {memory_line}\n{}",
+        r.stderr
+    );
 }

@@ -206,24 +206,29 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .unwrap_or(4)
         .min(32);
     let cache_dir = project.root.join(".rave").join("cache");
+    let mut runner_env: Vec<(String, String)> = Vec::new();
+    if let Some(warning) = nix_daemon_warning(pipeline.rave.nix_single_user) {
+        eprintln!("{warning}");
+    }
+    if pipeline.rave.nix_single_user {
+        runner_env.push(("NIX_REMOTE".into(), "local".into()));
+    }
     let cfg = RunConfig {
         budget: plan.budget,
         selected,
         pipeline_id,
         default_timeout: DEFAULT_TIMEOUT,
         after_script_timeout: AFTER_SCRIPT_TIMEOUT,
-        env: vec![
-            (
-                "RAVE_CACHE_DIR".into(),
-                cache_dir.to_string_lossy().into_owned(),
-            ),
-            (
-                "RAVE_RUN_DIR".into(),
-                run_dir.to_string_lossy().into_owned(),
-            ),
-            ("CI_SERVER_NAME".into(), "rave".into()),
-            ("CI_RUNNER_DESCRIPTION".into(), "rave local".into()),
-        ],
+        env: [
+            ("RAVE_CACHE_DIR", cache_dir.to_string_lossy().into_owned()),
+            ("RAVE_RUN_DIR", run_dir.to_string_lossy().into_owned()),
+            ("CI_SERVER_NAME", "rave".to_string()),
+            ("CI_RUNNER_DESCRIPTION", "rave local".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(runner_env)
+        .collect(),
         keep_workdirs: args.keep,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -295,6 +300,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         PipelineStatus::Success | PipelineStatus::Skipped => 0,
         PipelineStatus::Failed => 1,
         PipelineStatus::Canceled => 130,
+    })
+}
+
+/// A Nix daemon builds in its own cgroup, outside the job's memory limit. Say so once.
+fn nix_daemon_warning(single_user: bool) -> Option<String> {
+    let daemon = Path::new("/nix/var/nix/daemon-socket/socket").exists()
+        || std::env::var("NIX_REMOTE").is_ok_and(|v| v == "daemon");
+    (daemon && !single_user).then(|| {
+        "rave: a Nix daemon is running: `nix build` in a job builds inside the daemon, outside the job's cgroup and memory limit; \
+         set `.rave: {nix_single_user: true}` to build in the job (NIX_REMOTE=local)"
+            .to_string()
     })
 }
 

@@ -178,17 +178,30 @@ impl Cgroups {
         }
     }
 
-    /// Remove rave's parent groups (at exit; job groups are removed as jobs end).
+    /// Remove rave's groups at exit: job groups not yet removed, then the parents. Job groups
+    /// are empty by then (their jobs were killed); the kernel may need a moment to free them.
     pub fn remove(&self) {
-        match &self.layout {
-            Layout::V2 { base } => {
-                let _ = fs::remove_dir(base);
-            }
-            Layout::V1 { memory, cpu } => {
-                let _ = fs::remove_dir(memory);
-                if let Some(c) = cpu {
+        let parents: Vec<&PathBuf> = match &self.layout {
+            Layout::V2 { base } => vec![base],
+            Layout::V1 { memory, cpu } => std::iter::once(memory).chain(cpu.as_ref()).collect(),
+        };
+        for parent in parents {
+            for _ in 0..100 {
+                let children: Vec<PathBuf> = fs::read_dir(parent)
+                    .map(|rd| {
+                        rd.flatten()
+                            .filter(|e| e.path().is_dir())
+                            .map(|e| e.path())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for c in &children {
                     let _ = fs::remove_dir(c);
                 }
+                if fs::remove_dir(parent).is_ok() || !parent.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }

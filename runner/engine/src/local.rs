@@ -279,7 +279,11 @@ impl Executor for LocalExecutor {
             outcome.peak_memory_bytes = cg.peak_memory();
             // after_script may hit the limit too, but only the main script's OOM counts.
             cg.kill_all().await;
-            cg.remove().await;
+        }
+        if let Some(cg) = cg {
+            // The kernel frees an emptied group a moment after its last process is reaped;
+            // removing it is not worth making the job (and its dependents) wait for that.
+            tokio::spawn(async move { cg.remove().await });
         }
         outcome
     }

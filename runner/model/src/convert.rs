@@ -880,6 +880,10 @@ impl Reader<'_> {
         cfg.default_image = n
             .get("default_image")
             .and_then(|x| self.string(x, "`default_image`"));
+        cfg.nix_single_user = n
+            .get("nix_single_user")
+            .and_then(|x| self.bool(x, "`nix_single_user`"))
+            .unwrap_or(false);
         if let Some(d) = n.get("defaults") {
             let r = self.resources(d);
             if let Some(m) = r.memory_bytes {

@@ -135,6 +135,7 @@ pub const RAVE: &[&str] = &[
     "defaults",
     "executor",
     "default_image",
+    "nix_single_user",
 ];
 
 pub const PROFILE: &[&str] = &["memory", "cpus", "jobs", "nix_cores", "nix_max_jobs"];

@@ -324,6 +324,9 @@ pub struct RaveConfig {
     pub default_cpus: f64,
     pub executor: Option<String>,
     pub default_image: Option<String>,
+    /// Run `nix` in jobs without the daemon (`NIX_REMOTE=local`), so builds stay in the
+    /// job's cgroup and memory limit.
+    pub nix_single_user: bool,
     pub span: Option<Span>,
 }
 
@@ -354,6 +357,7 @@ impl Default for RaveConfig {
             default_cpus: 1.0,
             executor: None,
             default_image: None,
+            nix_single_user: false,
             span: None,
         }
     }

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""rave benchmarks: the same DAGs run by `rave run`, `make -j2` and gitlab-ci-local, side by
+side in one run, printed as ratios. Timings are reported, never asserted.
+
+Usage: bench/bench.py [--only NAME] [--no-gcl] [--rave PATH]
+
+Shapes:
+  noop-200     200 independent no-op jobs
+  chain-50     a chain of 50 no-op jobs
+  layered-100  10 layers of 10 jobs, each needing 3 jobs of the layer before
+  sleep-40     40 jobs sleeping 0.1-1.0 s in a layered DAG: makespan / lower bound, where
+               lower bound = max(critical path, total work / slots)
+  logs-4x50MB  4 jobs printing 50 MB each (output to /dev/null); rave's peak RSS
+  packing      mixed memory requests under 3 GiB: rave's memory-aware admission against a
+               count-only scheduler (slots = budget / largest request), same binary
+"""
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "bench" / ".tools"
+GCL_VERSION = "4.73.0"
+
+
+def sh(cmd, cwd=None, env=None, check=True):
+    return subprocess.run(cmd, shell=True, cwd=cwd, env=env, check=check,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------- pipeline shapes
+class Job:
+    def __init__(self, name, script, needs=None, memory=None, cpus=None, seconds=0.0):
+        self.name, self.script, self.needs = name, script, needs
+        self.memory, self.cpus, self.seconds = memory, cpus, seconds
+
+
+def noop_200():
+    return [Job(f"j{i}", "true", needs=[]) for i in range(200)]
+
+
+def chain_50():
+    return [Job(f"j{i}", "true", needs=[] if i == 0 else [f"j{i-1}"]) for i in range(50)]
+
+
+def layered_100():
+    rnd = random.Random(7)
+    jobs = []
+    for layer in range(10):
+        for k in range(10):
+            needs = [] if layer == 0 else sorted({f"l{layer-1}_{rnd.randrange(10)}" for _ in range(3)})
+            jobs.append(Job(f"l{layer}_{k}", "true", needs=needs))
+    return jobs
+
+
+def sleep_40():
+    rnd = random.Random(11)
+    jobs = []
+    for layer in range(5):
+        for k in range(8):
+            secs = round(rnd.uniform(0.1, 1.0), 2)
+            needs = [] if layer == 0 else sorted({f"s{layer-1}_{rnd.randrange(8)}" for _ in range(2)})
+            jobs.append(Job(f"s{layer}_{k}", f"sleep {secs}", needs=needs, seconds=secs))
+    return jobs
+
+
+def logs_4():
+    script = "head -c 50000000 /dev/zero | tr '\\\\0' x | fold -w 99"
+    return [Job(f"log{i}", script, needs=[], memory="256M") for i in range(4)]
+
+
+def packing():
+    jobs = []
+    for i in range(4):
+        jobs.append(Job(f"big{i}", "sleep 2", needs=[], memory="1536M", cpus="0.25", seconds=2))
+    for i in range(12):
+        jobs.append(Job(f"small{i}", "sleep 1", needs=[], memory="256M", cpus="0.25", seconds=1))
+    return jobs
+
+
+SHAPES = {
+    "noop-200": noop_200,
+    "chain-50": chain_50,
+    "layered-100": layered_100,
+    "sleep-40": sleep_40,
+    "logs-4x50MB": logs_4,
+}
+
+
+def gitlab_yaml(jobs):
+    out = ["stages: [test]", ""]
+    for j in jobs:
+        out.append(f"{j.name}:")
+        out.append("  stage: test")
+        if j.needs is not None:
+            out.append(f"  needs: [{', '.join(j.needs)}]")
+        vars_ = []
+        if j.memory:
+            vars_.append(f"RAVE_MEMORY: {j.memory}")
+        if j.cpus:
+            vars_.append(f"RAVE_CPUS: \"{j.cpus}\"")
+        if vars_:
+            out.append("  variables: {" + ", ".join(vars_) + "}")
+        out.append(f"  script: [\"{j.script}\"]")
+    return "\n".join(out) + "\n"
+
+
+def makefile(jobs):
+    names = [j.name for j in jobs]
+    out = [".PHONY: all " + " ".join(names), "all: " + " ".join(names)]
+    for j in jobs:
+        out.append(f"{j.name}: {' '.join(j.needs or [])}")
+        out.append(f"\t@{j.script}")
+    return "\n".join(out) + "\n"
+
+
+def repo(jobs):
+    d = Path(tempfile.mkdtemp(prefix="rave-bench-"))
+    (d / ".gitlab-ci.yml").write_text(gitlab_yaml(jobs))
+    (d / "Makefile").write_text(makefile(jobs))
+    sh("git init -q -b main . && git add -A && git -c user.name=b -c user.email=b@b commit -qm b"
+       " && git remote add origin https://example.com/bench/bench.git", cwd=d)
+    return d
+
+
+# ---------------------------------------------------------------- runners
+def timed(cmd, cwd, env=None):
+    """Wall time and peak RSS (KiB) of the command's process tree as wait4 reports it."""
+    full_env = dict(os.environ, **(env or {}))
+    start = time.monotonic()
+    p = subprocess.Popen(cmd, shell=True, cwd=cwd, env=full_env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    return elapsed, usage.ru_maxrss, code
+
+
+def rave_cmd(rave, extra=""):
+    return f"{rave} run {extra}"
+
+
+def ensure_gcl():
+    exe = TOOLS / "node_modules" / ".bin" / "gitlab-ci-local"
+    if exe.exists():
+        return exe
+    if not shutil.which("npm"):
+        return None
+    if not shutil.which("rsync"):
+        print("  (gitlab-ci-local needs rsync; install it with apt-get install rsync)")
+        return None
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    print(f"  installing gitlab-ci-local@{GCL_VERSION} into {TOOLS} ...")
+    r = subprocess.run(f"npm install --silent --no-audit --no-fund --prefix {TOOLS} gitlab-ci-local@{GCL_VERSION}",
+                       shell=True)
+    return exe if r.returncode == 0 and exe.exists() else None
+
+
+def lower_bound(jobs, slots):
+    by = {j.name: j for j in jobs}
+    memo = {}
+
+    def finish(n):
+        if n not in memo:
+            j = by[n]
+            memo[n] = j.seconds + max((finish(d) for d in (j.needs or [])), default=0.0)
+        return memo[n]
+
+    crit = max(finish(j.name) for j in jobs)
+    work = sum(j.seconds for j in jobs) / slots
+    return max(crit, work)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only")
+    ap.add_argument("--no-gcl", action="store_true")
+    ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
+    args = ap.parse_args()
+    rave = args.rave
+    if not Path(rave).exists():
+        print("building rave (release) ...")
+        subprocess.run("cargo build --release -q -p rave", shell=True, cwd=ROOT, check=True)
+    gcl = None if args.no_gcl else ensure_gcl()
+    rows = []
+    # Admission is what is measured, not cgroup bookkeeping: 2 slots and 2 CPUs like make -j2.
+    common = "--jobs 2 --cpus 2 --memory 3G"
+    for name, shape in SHAPES.items():
+        if args.only and args.only != name:
+            continue
+        jobs = shape()
+        d = repo(jobs)
+        print(f"{name}: {len(jobs)} jobs in {d}")
+        t_make, _, c = timed("make -j2 -s", d)
+        assert c == 0, f"make failed on {name}"
+        t_rave, rss_rave, c = timed(rave_cmd(rave, common), d)
+        assert c == 0, f"rave failed on {name}"
+        t_gcl = None
+        if gcl:
+            t_gcl, _, c = timed(f"{gcl} --shell-executor-no-image --concurrency 2 --no-color", d)
+            if c != 0:
+                print(f"  gitlab-ci-local exited {c}")
+        row = {"shape": name, "make": t_make, "rave": t_rave, "gcl": t_gcl, "rss_mb": rss_rave / 1024}
+        if name == "sleep-40":
+            row["bound"] = lower_bound(jobs, 2)
+        rows.append(row)
+        shutil.rmtree(d, ignore_errors=True)
+
+    if not args.only or args.only == "packing":
+        jobs = packing()
+        d = repo(jobs)
+        print(f"packing: {len(jobs)} jobs (4 × 1.5 GiB for 2 s, 12 × 256 MiB for 1 s) under 3 GiB")
+        t_mem, _, c = timed(rave_cmd(rave, "--memory 3G --cpus 4 --jobs 16"), d)
+        assert c == 0
+        # Count-only: the most jobs that can never exceed 3 GiB is 3 GiB / 1.5 GiB = 2.
+        t_count, _, c = timed(rave_cmd(rave, "--memory 1T --cpus 4 --jobs 2"), d)
+        assert c == 0
+        rows.append({"shape": "packing", "mem": t_mem, "count": t_count, "bound": lower_bound(jobs, 16)})
+        shutil.rmtree(d, ignore_errors=True)
+
+    print()
+    print(f"{'shape':<13} {'make -j2':>9} {'rave':>8} {'gcl':>8} {'rave/make':>10} {'gcl/rave':>9}  notes")
+    for r in rows:
+        if r["shape"] == "packing":
+            print(f"{'packing':<13} {'':>9} {r['mem']:>7.2f}s {'':>8} {'':>10} {'':>9}  "
+                  f"count-only {r['count']:.2f}s = {r['count']/r['mem']:.2f}x rave's makespan")
+            continue
+        gcl_t = f"{r['gcl']:.2f}s" if r["gcl"] else "-"
+        ratio_gcl = f"{r['gcl']/r['rave']:.1f}x" if r["gcl"] else "-"
+        notes = f"rave peak RSS {r['rss_mb']:.0f} MiB (tree)"
+        if "bound" in r:
+            notes += f"; makespan/lower bound = {r['rave']/r['bound']:.3f}"
+            if r["gcl"]:
+                notes += f" (gcl {r['gcl']/r['bound']:.3f})"
+        print(f"{r['shape']:<13} {r['make']:>8.2f}s {r['rave']:>7.2f}s {gcl_t:>8} {r['rave']/r['make']:>9.2f}x {ratio_gcl:>9}  {notes}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
