@@ -386,3 +386,14 @@ fn nix_builds_inside_the_job_cgroup_with_its_caps() {
         r.stderr
     );
 }
+
+#[test]
+fn runtime_variables_expand_when_the_job_starts() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "variables:\n  OUT: $CI_PROJECT_DIR/out\n  PATH: \"$CI_PROJECT_DIR/bin:$PATH\"\n  LITERAL: {value: \"$CI_PROJECT_DIR\", expand: false}\njob:\n  script:\n    - test \"$OUT\" = \"$CI_PROJECT_DIR/out\"\n    - mkdir -p bin && printf '#!/bin/sh\\necho tool-ok\\n' > bin/mytool && chmod +x bin/mytool\n    - mytool\n    - ls > /dev/null\n    - test \"$LITERAL\" = '$CI_PROJECT_DIR'\n",
+    )]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}\n{v:#}", r.stderr);
+    assert!(r.stderr.contains("job > tool-ok"), "{}", r.stderr);
+}

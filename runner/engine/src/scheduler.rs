@@ -404,11 +404,25 @@ impl<'p, E: Executor> Run<'p, E> {
             "CI_RETRY_ATTEMPT".into(),
             self.attempts[id].saturating_sub(1).to_string(),
         );
-        let lookup = |k: &str| vars.get(k).cloned();
+        // Last expansion pass, now that runtime variables exist. A name the job does not
+        // define (or its own name, as in `PATH: "/opt/bin:$PATH"`) comes from rave's
+        // environment, which the local shell inherits anyway.
+        let finals: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| {
+                if j.raw_variables.contains(k) || !v.contains('$') {
+                    return (k.clone(), v.clone());
+                }
+                let lookup = |n: &str| {
+                    let own = if n == k { None } else { vars.get(n).cloned() };
+                    own.or_else(|| std::env::var(n).ok())
+                };
+                (k.clone(), rave_model::vars::expand(v, &lookup))
+            })
+            .collect();
+        let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let caps = caps::env(j.memory_bytes, j.cpus, &self.cfg.budget, &lookup);
-        for (k, v) in vars.iter() {
-            env.push((k.clone(), v.clone()));
-        }
+        env.extend(finals.iter().cloned());
         env.extend(caps);
         env
     }

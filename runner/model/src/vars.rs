@@ -1,8 +1,19 @@
 //! `$VAR` / `${VAR}` expansion with GitLab's rules: `$$` is a literal `$`, unknown variables
 //! expand to nothing, and expansion is not recursive beyond what the caller asks for.
 
-/// Expand `$VAR` and `${VAR}` in `s`. `lookup` returns None for unset variables.
+/// Expand `$VAR` and `${VAR}` in `s`. `lookup` returns None for unset variables, which expand
+/// to nothing.
 pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    expand_with(s, lookup, false)
+}
+
+/// Expand, leaving references to unset variables as written. The planner uses this: variables
+/// such as `CI_PROJECT_DIR` or `CI_JOB_ID` only exist when the job starts, and are expanded then.
+pub fn expand_known(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    expand_with(s, lookup, true)
+}
+
+fn expand_with(s: &str, lookup: &dyn Fn(&str) -> Option<String>, keep_unknown: bool) -> String {
     if !s.contains('$') {
         return s.to_string();
     }
@@ -17,7 +28,8 @@ pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
             continue;
         }
         if b.get(i + 1) == Some(&b'$') {
-            out.push('$');
+            // A later expansion pass must see the escape again.
+            out.push_str(if keep_unknown { "$$" } else { "$" });
             i += 2;
             continue;
         }
@@ -32,8 +44,13 @@ pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
             i += 1;
             continue;
         }
-        out.push_str(&lookup(&s[start..end]).unwrap_or_default());
-        i = if braced { end + 1 } else { end };
+        let next = if braced { end + 1 } else { end };
+        match lookup(&s[start..end]) {
+            Some(v) => out.push_str(&v),
+            None if keep_unknown => out.push_str(&s[i..next]),
+            None => {}
+        }
+        i = next;
     }
     out
 }
@@ -58,5 +75,11 @@ mod tests {
         assert_eq!(x("cost: 5$"), "cost: 5$");
         assert_eq!(x("${A"), "${A");
         assert_eq!(x("ünï$A"), "ünï1");
+    }
+
+    #[test]
+    fn known_only_keeps_runtime_variables_for_later() {
+        let k = |s: &str| expand_known(s, &|n| (n == "A").then(|| "1".to_string()));
+        assert_eq!(k("$A/${LATER}/$LATER/$$A"), "1/${LATER}/$LATER/$$A");
     }
 }

@@ -325,7 +325,7 @@ fn lookup_expanded(vars: &IndexMap<String, String>, name: &str) -> Option<String
         if depth >= 8 || !v.contains('$') {
             return Some(v.clone());
         }
-        Some(rave_model::vars::expand(v, &|n| {
+        Some(rave_model::vars::expand_known(v, &|n| {
             if n == name {
                 None
             } else {

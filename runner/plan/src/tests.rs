@@ -256,8 +256,12 @@ fn variable_precedence_and_expansion() {
 
 #[test]
 fn self_reference_does_not_loop() {
-    let p = ok("variables: {A: \"x$A\", B: $C, C: $B}\njob: {script: x}\n");
-    assert_eq!(p.jobs[0].variables["A"], "x");
+    let p =
+        ok("variables: {A: \"x$A\", B: $C, C: $B, D: \"$CI_PROJECT_DIR/t\"}\njob: {script: x}\n");
+    // Left for the job's start, where `$A` means the value from the environment (`PATH: …:$PATH`)
+    // and runtime variables like CI_PROJECT_DIR exist.
+    assert_eq!(p.jobs[0].variables["A"], "x$A");
+    assert_eq!(p.jobs[0].variables["D"], "$CI_PROJECT_DIR/t");
 }
 
 #[test]
