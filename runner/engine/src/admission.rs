@@ -174,6 +174,67 @@ mod tests {
         assert_eq!(a.select(&mut ready), vec![0, 1]);
     }
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Simulate a run: jobs with random requests and durations arrive ready; whenever one
+        /// ends, admission runs again. The budget is never exceeded, every job runs (no
+        /// starvation, no deadlock), and no job is overtaken more than the limit allows.
+        fn simulate(budget: Budget, jobs: &[(u64, f64, u32)]) -> Result<(), TestCaseError> {
+            let mut a = Admission::new(budget);
+            let mut ready: Vec<Candidate> = jobs
+                .iter()
+                .enumerate()
+                .map(|(id, (m, c, _))| Candidate {
+                    id,
+                    request: Request { memory_bytes: *m, cpus: *c },
+                    overtaken: 0,
+                    resource_group: None,
+                })
+                .collect();
+            let mut running: Vec<(u32, Candidate)> = Vec::new();
+            let mut now = 0u32;
+            let mut done = 0;
+            while done < jobs.len() {
+                let picked = a.select(&mut ready);
+                prop_assert!(a.used_memory <= budget.memory_bytes);
+                prop_assert!(a.used_cpus <= budget.cpus + 1e-9);
+                prop_assert!(a.running <= budget.jobs);
+                for i in picked.into_iter().rev() {
+                    let c = ready.remove(i);
+                    running.push((now + jobs[c.id].2, c));
+                }
+                for c in &ready {
+                    prop_assert!(c.overtaken <= a.overtake_limit + budget.jobs, "{c:?}");
+                }
+                prop_assert!(!running.is_empty(), "deadlock: nothing runs, {} ready", ready.len());
+                running.sort_by_key(|(t, _)| *t);
+                let (t, c) = running.remove(0);
+                now = t;
+                a.give_back(c.request, None);
+                done += 1;
+            }
+            prop_assert_eq!(a.used_memory, 0);
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn budget_holds_and_every_job_runs(
+                jobs in proptest::collection::vec((1u64..3072, 1u32..=4, 1u32..20), 1..60),
+                slots in 1u32..5,
+            ) {
+                let budget = Budget { memory_bytes: 3072 * MIB, cpus: 2.0, jobs: slots, ..Budget::SAFE };
+                let jobs: Vec<(u64, f64, u32)> = jobs
+                    .into_iter()
+                    .map(|(m, c, d)| (m * MIB, c as f64 * 0.5, d))
+                    .collect();
+                simulate(budget, &jobs)?;
+            }
+        }
+    }
+
     #[test]
     fn slots_cpus_and_resource_groups_limit_too() {
         let mut a = Admission::new(budget(8192, 2.0, 8));
