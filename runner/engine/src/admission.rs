@@ -188,7 +188,10 @@ mod tests {
                 .enumerate()
                 .map(|(id, (m, c, _))| Candidate {
                     id,
-                    request: Request { memory_bytes: *m, cpus: *c },
+                    request: Request {
+                        memory_bytes: *m,
+                        cpus: *c,
+                    },
                     overtaken: 0,
                     resource_group: None,
                 })
@@ -208,7 +211,11 @@ mod tests {
                 for c in &ready {
                     prop_assert!(c.overtaken <= a.overtake_limit + budget.jobs, "{c:?}");
                 }
-                prop_assert!(!running.is_empty(), "deadlock: nothing runs, {} ready", ready.len());
+                prop_assert!(
+                    !running.is_empty(),
+                    "deadlock: nothing runs, {} ready",
+                    ready.len()
+                );
                 running.sort_by_key(|(t, _)| *t);
                 let (t, c) = running.remove(0);
                 now = t;
