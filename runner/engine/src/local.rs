@@ -54,8 +54,9 @@ fn script_text(lines: &[String], fail_fast: bool) -> String {
     s
 }
 
-/// Move into the job's cgroup(s), then become the script. `$$` stays the same across `exec`.
-const WRAPPER: &str = r#"for f in "${@:2}"; do echo $$ > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; exec bash --noprofile --norc "$1""#;
+/// Move into the job's cgroup(s), then run the script in this same shell (sourcing it saves
+/// a second bash start per job; the script's `set -eo pipefail` applies from its first line).
+const WRAPPER: &str = r#"for f in "${@:2}"; do echo $$ > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; set -- ; . "$0""#;
 
 fn spawn(
     spec: &JobSpec,
@@ -68,8 +69,8 @@ fn spawn(
         .arg("--norc")
         .arg("-c")
         .arg(WRAPPER)
-        .arg("rave-job")
-        .arg(script);
+        .arg(script)
+        .arg("");
     if let Some(cg) = cg {
         cmd.args(&cg.procs_files);
     }
