@@ -132,3 +132,51 @@ fn budget_flags_change_what_fits() {
     let r = rave_env(d.path(), &["graph", "--format", "json"], &[("SAFE", "0")]);
     assert_eq!(json(&r.stdout)["budget"]["profile"], "full");
 }
+
+#[test]
+fn realistic_gitlab_pipelines_plan_as_gitlab_would() {
+    let node = fixtures().join("gitlab/node");
+    let r = rave(&node, &["lint"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = graph(&node, &["--ref", "main"]);
+    assert_eq!(
+        names(&v),
+        [
+            "install",
+            "eslint",
+            "unit 1/3",
+            "unit 2/3",
+            "unit 3/3",
+            "e2e",
+            "build",
+            "deploy-staging"
+        ]
+    );
+    assert_eq!(
+        job(&v, "build")["needs"],
+        serde_json::json!(["eslint", "unit 1/3", "unit 2/3", "unit 3/3"])
+    );
+    assert_eq!(job(&v, "unit 2/3")["memory_bytes"], 1u64 << 30);
+    assert_eq!(job(&v, "e2e")["allow_failure"], true);
+    // A feature branch with nothing to compare to still gets e2e (`changes` is true);
+    // a tag gets the manual production deploy and no staging.
+    let v = graph(&node, &["--tag", "v2.0.0"]);
+    assert_eq!(job(&v, "deploy-production")["when"], "manual");
+    assert_eq!(job(&v, "deploy-production")["allow_failure"], false);
+    assert!(!names(&v).contains(&"deploy-staging".to_string()));
+
+    let rust = fixtures().join("gitlab/rust");
+    let r = rave(&rust, &["lint", "--tag", "v1.0.0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = graph(&rust, &["--tag", "v1.0.0"]);
+    assert_eq!(
+        job(&v, "release")["needs"],
+        serde_json::json!([
+            "build: [x86_64-unknown-linux-gnu]",
+            "build: [aarch64-unknown-linux-gnu]"
+        ])
+    );
+    // clippy → test → build → release is the critical path; fmt needs nothing and is needed by none.
+    assert_eq!(job(&v, "clippy")["priority"], 4);
+    assert_eq!(job(&v, "fmt")["priority"], 1);
+}

@@ -197,7 +197,7 @@ fn hostile_input_fails_fast_with_a_clear_error() {
 #[test]
 fn every_subcommand_has_help() {
     let d = tempfile::tempdir().unwrap();
-    for sub in ["lint", "graph", "completions"] {
+    for sub in ["lint", "graph", "run", "runs", "logs", "completions"] {
         let r = rave(d.path(), &[sub, "--help"]);
         assert_eq!(r.code, 0, "{sub}");
         assert!(r.stdout.contains("Usage: rave"), "{sub}: {}", r.stdout);

@@ -397,3 +397,44 @@ fn runtime_variables_expand_when_the_job_starts() {
     assert_eq!(r.code, 0, "{}\n{v:#}", r.stderr);
     assert!(r.stderr.contains("job > tool-ok"), "{}", r.stderr);
 }
+
+#[test]
+fn later_commands_show_earlier_runs() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "build: {stage: build, script: [echo built-it]}\n\"test 1\": {script: [echo tested, exit 1]}\n",
+    )]);
+    rave(d.path(), &["run"]);
+    rave(d.path(), &["run", "build"]);
+    let r = rave(d.path(), &["runs"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[1].starts_with("2     success"), "{}", r.stdout);
+    assert!(lines[2].starts_with("1     failed"), "{}", r.stdout);
+    let r = rave(d.path(), &["logs", "test 1", "--run", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("$ echo tested\ntested\n"), "{}", r.stdout);
+    let r = rave(d.path(), &["logs", "--run", "1"]);
+    assert!(r.stdout.contains("failed    test 1"), "{}", r.stdout);
+    let r = rave(d.path(), &["logs", "build"]);
+    assert!(r.stdout.contains("built-it"), "{}", r.stdout);
+    let r = rave(d.path(), &["logs", "nope"]);
+    assert_eq!(r.code, 2);
+}
+
+#[test]
+fn full_pipe_switches_profiles() {
+    let d = git_repo(&[(".gitlab-ci.yml", "job: {script: [true]}\n")]);
+    for (env, expect) in [("FULL_PIPE", "full"), ("SAFE", "full")] {
+        let val = if env == "SAFE" { "0" } else { "1" };
+        let r = rave_env(d.path(), &["graph", "--format", "json"], &[(env, val)]);
+        assert_eq!(json(&r.stdout)["budget"]["profile"], expect, "{env}={val}");
+    }
+    let r = rave(
+        d.path(),
+        &["graph", "--format", "json", "--profile", "FULL_PIPE"],
+    );
+    assert_eq!(json(&r.stdout)["budget"]["profile"], "full");
+    let r = rave(d.path(), &["graph", "--format", "json"]);
+    assert_eq!(json(&r.stdout)["budget"]["profile"], "safe");
+}

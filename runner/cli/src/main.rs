@@ -4,6 +4,7 @@
 
 mod console;
 mod graph;
+mod history;
 mod lint;
 mod project;
 mod run;
@@ -29,6 +30,10 @@ enum Command {
     Graph(graph::GraphArgs),
     /// Run the pipeline here, admitting jobs by memory and CPU within the budget.
     Run(run::RunArgs),
+    /// List earlier runs of `rave run` in this project.
+    Runs(history::RunsArgs),
+    /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
+    Logs(history::LogsArgs),
     /// Print shell completions.
     Completions {
         /// Shell to generate completions for.
@@ -42,6 +47,8 @@ fn main() {
         Command::Lint(a) => lint::run(a),
         Command::Graph(a) => graph::run(a),
         Command::Run(a) => run::run(a),
+        Command::Runs(a) => history::list(a),
+        Command::Logs(a) => history::logs(a),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
             Ok(0)

@@ -207,18 +207,28 @@ fn list_files(root: &Path) -> Vec<String> {
 
 /// Resolve the budget: flag > `.rave: profile` > SAFE=0 → full > safe; then flag overrides.
 pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanOptions> {
-    let safe_off = std::env::var("SAFE").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
+    // The origin's switches: SAFE=0 or FULL_PIPE=1 select the full profile.
+    let env_is = |k: &str, want_on: bool| {
+        std::env::var(k).is_ok_and(|v| {
+            if want_on {
+                v == "1" || v.eq_ignore_ascii_case("true")
+            } else {
+                v == "0" || v.eq_ignore_ascii_case("false")
+            }
+        })
+    };
+    let full = env_is("SAFE", false) || env_is("FULL_PIPE", true);
     let profile = b
         .profile
         .clone()
         .or_else(|| pipeline.rave.profile.clone())
-        .unwrap_or_else(|| {
-            if safe_off {
-                "full".into()
-            } else {
-                "safe".into()
-            }
-        });
+        .unwrap_or_else(|| if full { "full".into() } else { "safe".into() });
+    // `SAFE` and `FULL_PIPE` are the names the origin pipeline used for the two profiles.
+    let profile = match profile.to_ascii_lowercase().as_str() {
+        "full_pipe" | "full-pipe" | "full" => "full".to_string(),
+        "safe" => "safe".to_string(),
+        _ => profile,
+    };
     let mut budget: Budget = *pipeline.rave.profiles.get(&profile).ok_or_else(|| {
         let names: Vec<&str> = pipeline.rave.profiles.keys().map(String::as_str).collect();
         anyhow::anyhow!(

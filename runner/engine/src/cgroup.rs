@@ -35,8 +35,10 @@ pub struct Cgroups {
 #[derive(Debug)]
 pub struct JobCgroup {
     layout: Layout,
-    /// `cgroup.procs` files a process must write its pid to, to join the group.
-    pub procs_files: Vec<PathBuf>,
+    /// Files a process writes `0` to, to move itself into the group. On v1 these are the
+    /// `tasks` files: moving one thread (bash is single-threaded) with `0` skips the
+    /// threadgroup lock whose RCU grace period makes a `cgroup.procs` write take ~10 ms.
+    pub join_files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
 }
 
@@ -141,7 +143,7 @@ impl Cgroups {
                 let _ = write(&dir.join("cpu.max"), &format!("{quota} {period}"));
                 Ok(JobCgroup {
                     layout: self.layout.clone(),
-                    procs_files: vec![dir.join("cgroup.procs")],
+                    join_files: vec![dir.join("cgroup.procs")],
                     dirs: vec![dir],
                 })
             }
@@ -157,7 +159,7 @@ impl Cgroups {
                 if memsw.exists() {
                     let _ = write(&memsw, &memory_bytes.to_string());
                 }
-                let mut procs = vec![dir.join("cgroup.procs")];
+                let mut procs = vec![dir.join("tasks")];
                 let mut dirs = vec![dir];
                 if let Some(cpu) = cpu {
                     let cdir = cpu.join(name);
@@ -165,13 +167,13 @@ impl Cgroups {
                     if fs::create_dir(&cdir).is_ok() {
                         let _ = write(&cdir.join("cpu.cfs_period_us"), &period.to_string());
                         let _ = write(&cdir.join("cpu.cfs_quota_us"), &quota.to_string());
-                        procs.push(cdir.join("cgroup.procs"));
+                        procs.push(cdir.join("tasks"));
                         dirs.push(cdir);
                     }
                 }
                 Ok(JobCgroup {
                     layout: self.layout.clone(),
-                    procs_files: procs,
+                    join_files: procs,
                     dirs,
                 })
             }
@@ -242,7 +244,7 @@ impl JobCgroup {
 
     /// Pids currently in the group.
     pub fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(&self.procs_files[0])
+        fs::read_to_string(self.mem_dir().join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -254,7 +256,10 @@ impl JobCgroup {
         if let Layout::V2 { .. } = self.layout {
             let _ = fs::write(self.mem_dir().join("cgroup.kill"), "1");
         }
-        for _ in 0..100 {
+        // Exiting processes linger in `cgroup.procs` for a moment; poll quickly first so the
+        // common case (nothing left but a process already on its way out) costs ~1 ms.
+        let mut wait = Duration::from_micros(200);
+        for _ in 0..200 {
             let pids = self.pids();
             if pids.is_empty() {
                 return;
@@ -264,7 +269,8 @@ impl JobCgroup {
                     let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(20));
         }
     }
 

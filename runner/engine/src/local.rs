@@ -54,9 +54,9 @@ fn script_text(lines: &[String], fail_fast: bool) -> String {
     s
 }
 
-/// Move into the job's cgroup(s), then run the script in this same shell (sourcing it saves
+/// Move into the job's cgroup(s) (`0` = this process), then run the script in this same shell (sourcing it saves
 /// a second bash start per job; the script's `set -eo pipefail` applies from its first line).
-const WRAPPER: &str = r#"for f in "${@:2}"; do echo $$ > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; set -- ; . "$0""#;
+const WRAPPER: &str = r#"for f in "${@:2}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; set -- ; . "$0""#;
 
 fn spawn(
     spec: &JobSpec,
@@ -72,7 +72,7 @@ fn spawn(
         .arg(script)
         .arg("");
     if let Some(cg) = cg {
-        cmd.args(&cg.procs_files);
+        cmd.args(&cg.join_files);
     }
     cmd.current_dir(&spec.workdir)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

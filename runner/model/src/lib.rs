@@ -17,6 +17,9 @@ pub mod units;
 pub mod vars;
 pub mod yaml;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,148 @@
+//! `rave runs` and `rave logs`: what earlier `rave run`s left under `.rave/runs/`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::console;
+use crate::project::{PipelineArgs, Project};
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Print the runs as JSON (each run's summary.json, newest first).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Job whose log to print (instance name such as `test 1/2`, or job name); without it,
+    /// the run's jobs are listed.
+    #[arg(value_name = "JOB")]
+    pub job: Option<String>,
+    /// Run number (default: the latest).
+    #[arg(long, value_name = "N")]
+    pub run: Option<u64>,
+}
+
+fn runs_dir(args: &PipelineArgs) -> anyhow::Result<PathBuf> {
+    let project = Project::load(args)?;
+    Ok(project.root.join(".rave").join("runs"))
+}
+
+/// (id, summary) of every finished run, newest first. Runs without a summary (still running,
+/// or interrupted hard) are listed with status `unknown`.
+fn runs(dir: &Path) -> Vec<(u64, Value)> {
+    let mut out: Vec<(u64, Value)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let id: u64 = e.file_name().to_str()?.parse().ok()?;
+                    let summary = std::fs::read_to_string(e.path().join("summary.json"))
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or_else(
+                            || serde_json::json!({"pipeline": {"status": "unknown"}, "jobs": []}),
+                        );
+                    Some((id, summary))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+    out
+}
+
+pub fn list(args: &RunsArgs) -> anyhow::Result<i32> {
+    let dir = runs_dir(&args.pipeline)?;
+    let all = runs(&dir);
+    if args.json {
+        let docs: Vec<&Value> = all.iter().map(|(_, v)| v).collect();
+        println!("{}", serde_json::to_string_pretty(&docs)?);
+        return Ok(0);
+    }
+    if all.is_empty() {
+        eprintln!(
+            "no runs yet in {}; start one with `rave run`",
+            dir.display()
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<5} {:<9} {:>9} {:>5}  {:<20} COMMIT",
+        "RUN", "STATUS", "DURATION", "JOBS", "REF"
+    );
+    for (id, v) in &all {
+        let p = &v["pipeline"];
+        let sha = p["sha"].as_str().unwrap_or("");
+        println!(
+            "{:<5} {:<9} {:>9} {:>5}  {:<20} {}",
+            id,
+            p["status"].as_str().unwrap_or("unknown"),
+            console::duration(p["duration_ms"].as_u64()),
+            v["jobs"].as_array().map_or(0, Vec::len),
+            p["ref"].as_str().unwrap_or(""),
+            &sha[..sha.len().min(8)],
+        );
+    }
+    Ok(0)
+}
+
+pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
+    let dir = runs_dir(&args.pipeline)?;
+    let all = runs(&dir);
+    let Some((id, summary)) = (match args.run {
+        Some(n) => all.iter().find(|(id, _)| *id == n),
+        None => all.first(),
+    }) else {
+        eprintln!(
+            "error: {} in {}",
+            args.run
+                .map_or("no runs yet".to_string(), |n| format!("no run {n}")),
+            dir.display()
+        );
+        return Ok(2);
+    };
+    let logs_dir = dir.join(id.to_string()).join("logs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&logs_dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    let Some(job) = &args.job else {
+        for j in summary["jobs"].as_array().into_iter().flatten() {
+            println!(
+                "{:<9} {}",
+                j["status"].as_str().unwrap_or(""),
+                j["name"].as_str().unwrap_or("")
+            );
+        }
+        return Ok(0);
+    };
+    // Log files are named `<nnn>-<slug>.log`; match through the slug of the name given.
+    let wanted = rave_engine::workspace::slug(0, job);
+    let wanted = wanted.trim_start_matches("000-");
+    let hit = files.iter().find(|f| {
+        f.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.split_once('-'))
+            .is_some_and(|(_, rest)| rest == wanted)
+    });
+    match hit {
+        Some(f) => {
+            let mut file = std::fs::File::open(f)?;
+            std::io::copy(&mut file, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
+        None => {
+            eprintln!(
+                "error: run {id} has no log for `{job}`; `rave logs --run {id}` lists its jobs"
+            );
+            Ok(2)
+        }
+    }
+}
