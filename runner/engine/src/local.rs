@@ -7,7 +7,7 @@
 //! read peak memory and OOM kills → remove the cgroup.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +26,29 @@ const CHUNK: usize = 64 * 1024;
 
 pub struct LocalExecutor {
     cgroups: Option<Arc<Cgroups>>,
+    /// bash, found on PATH once rather than at every job start.
+    bash: PathBuf,
 }
 
 impl LocalExecutor {
     pub fn new(cgroups: Option<Arc<Cgroups>>) -> Self {
-        LocalExecutor { cgroups }
+        LocalExecutor {
+            cgroups,
+            bash: find_on_path("bash").unwrap_or_else(|| "bash".into()),
+        }
     }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| {
+                p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
 }
 
 /// Quote for a single-quoted bash string.
@@ -59,12 +76,13 @@ fn script_text(lines: &[String], fail_fast: bool) -> String {
 const WRAPPER: &str = r#"for f in "${@:2}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; set -- ; . "$0""#;
 
 fn spawn(
+    bash: &Path,
     spec: &JobSpec,
     script: &Path,
     cg: Option<&JobCgroup>,
     extra_env: &[(String, String)],
 ) -> std::io::Result<Child> {
-    let mut cmd = Command::new("bash");
+    let mut cmd = Command::new(bash);
     cmd.arg("--noprofile")
         .arg("--norc")
         .arg("-c")
@@ -125,6 +143,7 @@ enum Ended {
 
 /// What every shell of one job attempt shares.
 struct Shell<'a> {
+    bash: &'a Path,
     spec: &'a JobSpec,
     cg: Option<&'a JobCgroup>,
     cancel: &'a Cancel,
@@ -142,13 +161,14 @@ impl Shell<'_> {
         graceful_stops: bool,
     ) -> Result<Ended, String> {
         let Shell {
+            bash,
             spec,
             cg,
             cancel,
             log,
         } = *self;
-        let mut child =
-            spawn(spec, script, cg, extra_env).map_err(|e| format!("cannot start bash: {e}"))?;
+        let mut child = spawn(bash, spec, script, cg, extra_env)
+            .map_err(|e| format!("cannot start bash: {e}"))?;
         let pid = child.id();
         let out = child
             .stdout
@@ -226,6 +246,7 @@ impl Executor for LocalExecutor {
             return outcome;
         }
         let shell = Shell {
+            bash: &self.bash,
             spec: &spec,
             cg: cg.as_ref(),
             cancel: &cancel,
