@@ -6,3 +6,4 @@ mod support;
 mod graph;
 mod lint;
 mod run;
+mod scan;

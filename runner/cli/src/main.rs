@@ -8,6 +8,7 @@ mod history;
 mod lint;
 mod project;
 mod run;
+mod scan;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Graph(graph::GraphArgs),
     /// Run the pipeline here, admitting jobs by memory and CPU within the budget.
     Run(run::RunArgs),
+    /// Scan with Trivy, npm audit and the masked-variable check; gate on severity; write SARIF.
+    Scan(scan::ScanArgs),
     /// List earlier runs of `rave run` in this project.
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
@@ -47,6 +50,7 @@ fn main() {
         Command::Lint(a) => lint::run(a),
         Command::Graph(a) => graph::run(a),
         Command::Run(a) => run::run(a),
+        Command::Scan(a) => scan::run(a),
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Completions { shell } => {

@@ -177,7 +177,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let files: Vec<String> = trigger
         .files
         .iter()
-        .filter(|f| !f.starts_with(".rave/"))
+        // rave's own output is not part of the working copy; committed settings under
+        // .rave/ (the scan allowlist) are.
+        .filter(|f| !f.starts_with(".rave/runs/") && !f.starts_with(".rave/cache/"))
         .cloned()
         .collect();
     let ws = Arc::new(Workspace {
@@ -212,6 +214,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     }
     if pipeline.rave.nix_single_user {
         runner_env.push(("NIX_REMOTE".into(), "local".into()));
+    }
+    // Jobs call `rave scan`, `rave release`, …: the same rave, first on PATH.
+    if let Ok(exe) = std::env::current_exe() {
+        let bin = run_dir.join("bin");
+        if std::fs::create_dir_all(&bin).is_ok()
+            && std::os::unix::fs::symlink(&exe, bin.join("rave")).is_ok()
+        {
+            let path = std::env::var("PATH").unwrap_or_default();
+            runner_env.push(("PATH".into(), format!("{}:{path}", bin.display())));
+            runner_env.push(("RAVE_BIN".into(), exe.to_string_lossy().into_owned()));
+        }
     }
     let cfg = RunConfig {
         budget: plan.budget,

@@ -91,6 +91,8 @@ pub struct ExecOutcome {
     pub peak_memory_bytes: Option<u64>,
     /// The runner itself failed (could not start the shell, …): never a script failure.
     pub runner_error: Option<String>,
+    /// A `rave scan` in the job reported a failed gate.
+    pub scan_gate: bool,
 }
 
 impl ExecOutcome {
@@ -113,6 +115,8 @@ impl ExecOutcome {
             Some(FailureReason::OomKilled)
         } else if self.timed_out {
             Some(FailureReason::Timeout)
+        } else if self.scan_gate {
+            Some(FailureReason::ScanGate)
         } else {
             Some(FailureReason::ScriptFailure)
         }

@@ -415,7 +415,14 @@ impl<'p, E: Executor> Run<'p, E> {
                 }
                 let lookup = |n: &str| {
                     let own = if n == k { None } else { vars.get(n).cloned() };
-                    own.or_else(|| std::env::var(n).ok())
+                    own.or_else(|| {
+                        self.cfg
+                            .env
+                            .iter()
+                            .find(|(e, _)| e == n)
+                            .map(|(_, v)| v.clone())
+                    })
+                    .or_else(|| std::env::var(n).ok())
                 };
                 (k.clone(), rave_model::vars::expand(v, &lookup))
             })
@@ -439,14 +446,20 @@ impl<'p, E: Executor> Run<'p, E> {
             .map(|&a| workspace::slug(a, &self.job(a).name))
             .collect();
         let workdir = self.ws.job_dir(&slug);
-        let env = self.job_env(id, &workdir);
+        let scratch_dir = self.ws.scratch_dir(&slug, attempt);
+        let mut env = self.job_env(id, &workdir);
+        // Tools rave provides (`rave scan`) leave their verdicts here.
+        env.push((
+            "RAVE_JOB_REPORT_DIR".into(),
+            scratch_dir.to_string_lossy().into_owned(),
+        ));
         let mut script = j.job.before_script.clone();
         script.extend(j.job.script.iter().cloned());
         let spec = JobSpec {
             name: j.name.clone(),
             slug: slug.clone(),
             workdir: workdir.clone(),
-            scratch_dir: self.ws.scratch_dir(&slug, attempt),
+            scratch_dir: scratch_dir.clone(),
             env,
             script,
             after_script: j.job.after_script.clone(),
@@ -479,7 +492,7 @@ impl<'p, E: Executor> Run<'p, E> {
                     .await
                     .unwrap_or_else(|e| Err(format!("preparing the working copy panicked: {e}")))
             };
-            let outcome = match prep {
+            let mut outcome = match prep {
                 Ok(_) => exec.run(spec, log.clone(), cancel).await,
                 Err(e) => ExecOutcome {
                     runner_error: Some(e),
@@ -494,6 +507,7 @@ impl<'p, E: Executor> Run<'p, E> {
                     .await
                     .unwrap_or_default()
             };
+            outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
             if outcome.failure_reason() == Some(FailureReason::OomKilled) {
                 let msg = oom_message(j_memory, outcome.peak_memory_bytes);
                 log.system(&format!("{}: {msg}", spec_name)).await;
