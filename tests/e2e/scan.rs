@@ -362,3 +362,47 @@ fn validate_sarif(v: &serde_json::Value) {
         }
     }
 }
+
+#[test]
+fn scan_stage_kind_expands_into_a_gating_job() {
+    tool_present("trivy");
+    let cache = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "stages: [build, scan]\n.rave:\n  scan:\n    tools: [trivy, npm-audit, secrets]\n    args: [--offline, --trivy-scanners, secret, --trivy-cache-dir, {}]\nbuild:\n  stage: build\n  script: [echo built]\n",
+        cache.path().display()
+    );
+    let d = git_repo(&[(".gitlab-ci.yml", &yaml), ("config.py", TOKEN_FILE)]);
+    let r = rave(d.path(), &["graph", "--format", "json"]);
+    let v = json(&r.stdout);
+    let scan = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "rave-scan")
+        .unwrap();
+    assert_eq!(scan["stage"], "scan");
+    assert_eq!(scan["needs"], serde_json::json!(["build"]));
+    let r = rave(d.path(), &["run", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v = json(&r.stdout);
+    let scan = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "rave-scan")
+        .unwrap();
+    assert_eq!(scan["failure_reason"], "scan_gate", "{}", r.stderr);
+    // The secrets check ran after Trivy's gate failed, and reports were kept (when: always).
+    assert!(r.stderr.contains("rave-secrets"), "{}", r.stderr);
+    let art = d
+        .path()
+        .join(".rave/runs/1/artifacts/001-rave-scan/rave-scan");
+    for f in ["trivy.sarif", "trivy.xml", "trivy.json", "secrets.sarif"] {
+        assert!(art.join(f).exists(), "{f} missing in {}", art.display());
+    }
+    validate_sarif_officially(&art.join("trivy.sarif"));
+    // Without the token the same pipeline passes.
+    std::fs::remove_file(d.path().join("config.py")).unwrap();
+    let r = rave(d.path(), &["run", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

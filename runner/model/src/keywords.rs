@@ -136,6 +136,7 @@ pub const RAVE: &[&str] = &[
     "executor",
     "default_image",
     "nix_single_user",
+    "scan",
 ];
 
 pub const PROFILE: &[&str] = &["memory", "cpus", "jobs", "nix_cores", "nix_max_jobs"];

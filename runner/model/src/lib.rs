@@ -13,6 +13,7 @@ pub mod keywords;
 pub mod loader;
 pub mod pipeline;
 pub mod source;
+pub mod stage_kinds;
 pub mod units;
 pub mod vars;
 pub mod yaml;
@@ -293,6 +294,28 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
                     p.jobs.insert(job.name.clone(), job);
                 }
             }
+        }
+    }
+    // Stage kinds under `.rave:` become ordinary jobs.
+    if let Some(scan) = entries
+        .iter()
+        .find(|(k, _)| k.name == ".rave")
+        .and_then(|(_, v)| v.get("scan"))
+        && let Some((key, node)) = stage_kinds::scan_job(scan, &stage_names, r.diags)
+    {
+        if p.jobs.contains_key(&key.name) {
+            r.diags.push(
+                Diagnostic::error(
+                    format!(
+                        "`.rave: scan` makes a job `{}`, but the pipeline already has one",
+                        key.name
+                    ),
+                    Some(key.span),
+                )
+                .with_help("give the scan job another name with `.rave: scan: name:`"),
+            );
+        } else if let Some(job) = r.job(&key, &with_defaults(&node, &defaults), &stage_names) {
+            p.jobs.insert(job.name.clone(), job);
         }
     }
     if p.jobs.is_empty() && !r.diags.iter().any(Diagnostic::is_error) {

@@ -1,0 +1,165 @@
+//! Stage kinds declared under `.rave:` that expand into ordinary jobs.
+//!
+//! The engine only runs jobs; a stage kind is sugar for a job whose script calls a `rave`
+//! subcommand, the way GitLab's release-cli runs inside a job. The expansion is an ordinary
+//! YAML job, so everything (rules, needs, variables, artifacts) works on it as on any other.
+//!
+//! ```yaml
+//! .rave:
+//!   scan:
+//!     stage: scan                       # default: `scan` if declared, else `test`
+//!     name: security-scan               # default: rave-scan
+//!     tools: [trivy, npm-audit, secrets] # default: all three
+//!     fail_on: HIGH
+//!     args: [--offline, --trivy-scanners, secret]
+//!     needs: [build]
+//!     variables: {RAVE_MEMORY: 1G}
+//! ```
+
+use crate::diag::{Diagnostic, did_you_mean};
+use crate::source::Span;
+use crate::yaml::{self, Key, Limits, Node, Value};
+
+const SCAN_KEYS: &[&str] = &[
+    "stage",
+    "name",
+    "tools",
+    "fail_on",
+    "args",
+    "needs",
+    "variables",
+    "rules",
+];
+const TOOLS: &[&str] = &["trivy", "npm-audit", "secrets"];
+
+fn q(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn respan(n: &mut Node, span: Span) {
+    n.span = span;
+    match &mut n.value {
+        Value::Seq(items) => items.iter_mut().for_each(|i| respan(i, span)),
+        Value::Map(m) => {
+            for (k, v) in m {
+                k.span = span;
+                respan(v, span);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The job a `.rave: scan:` block stands for: (name, job node).
+pub fn scan_job(cfg: &Node, stages: &[String], diags: &mut Vec<Diagnostic>) -> Option<(Key, Node)> {
+    let Some(m) = cfg.as_map() else {
+        diags.push(Diagnostic::error(
+            "`.rave: scan` must be a mapping",
+            Some(cfg.span),
+        ));
+        return None;
+    };
+    for (k, _) in m {
+        if !SCAN_KEYS.contains(&k.name.as_str()) {
+            diags.push(
+                Diagnostic::error(
+                    format!("unknown key `{}` in `.rave: scan`", k.name),
+                    Some(k.span),
+                )
+                .with_help_opt(did_you_mean(&k.name, SCAN_KEYS.iter().copied())),
+            );
+        }
+    }
+    let text = |k: &str| cfg.get(k).and_then(Node::scalar_string);
+    let list = |k: &str| -> Vec<String> {
+        cfg.get(k)
+            .and_then(Node::as_seq)
+            .map(|s| s.iter().filter_map(Node::scalar_string).collect())
+            .unwrap_or_default()
+    };
+    let name = text("name").unwrap_or_else(|| "rave-scan".into());
+    let stage = text("stage").unwrap_or_else(|| {
+        if stages.iter().any(|s| s == "scan") {
+            "scan".into()
+        } else {
+            "test".into()
+        }
+    });
+    let fail_on = text("fail_on").unwrap_or_else(|| "HIGH".into());
+    let mut tools = list("tools");
+    if tools.is_empty() {
+        tools = TOOLS.iter().map(|t| t.to_string()).collect();
+    }
+    for t in &tools {
+        if !TOOLS.contains(&t.as_str()) {
+            diags.push(
+                Diagnostic::error(
+                    format!("unknown scanner `{t}` in `.rave: scan: tools`"),
+                    cfg.get("tools").map(|n| n.span),
+                )
+                .with_help_opt(did_you_mean(t, TOOLS.iter().copied())),
+            );
+            return None;
+        }
+    }
+    let extra: Vec<String> = list("args").iter().map(|a| shell_quote(a)).collect();
+    let mut y = format!("stage: {}\nscript:\n  - mkdir -p rave-scan\n", q(&stage));
+    for t in &tools {
+        // npm audit needs a lock file; without one there is nothing to audit.
+        let guard = if t == "npm-audit" {
+            "[ ! -e package-lock.json ] || "
+        } else {
+            ""
+        };
+        let cmd = format!(
+            "{guard}rave scan {t} --fail-on {} --sarif rave-scan/{t}.sarif --junit rave-scan/{t}.xml --summary rave-scan/{t}.json {} || rc=$?",
+            shell_quote(&fail_on),
+            extra.join(" ")
+        );
+        y.push_str(&format!("  - {}\n", q(cmd.trim_end())));
+    }
+    // Every scanner runs; the job fails at the end if any gate or scanner did.
+    y.push_str("  - exit ${rc:-0}\n");
+    y.push_str("artifacts:\n  when: always\n  expire_in: 30 days\n  paths: [rave-scan/]\n  reports:\n    junit: rave-scan/*.xml\n");
+    let mut node = match yaml::parse(&y, cfg.span.file, Limits::default()) {
+        Ok(n) => n,
+        Err(e) => {
+            diags.push(Diagnostic::error(
+                format!("internal: the scan job did not expand: {}", e.message),
+                Some(cfg.span),
+            ));
+            return None;
+        }
+    };
+    respan(&mut node, cfg.span);
+    if let Value::Map(m) = &mut node.value {
+        for k in ["needs", "variables", "rules"] {
+            if let Some(v) = cfg.get(k) {
+                m.push((
+                    Key {
+                        name: k.into(),
+                        span: v.span,
+                    },
+                    v.clone(),
+                ));
+            }
+        }
+    }
+    Some((
+        Key {
+            name,
+            span: cfg.span,
+        },
+        node,
+    ))
+}
