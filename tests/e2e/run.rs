@@ -438,3 +438,39 @@ fn full_pipe_switches_profiles() {
     let r = rave(d.path(), &["graph", "--format", "json"]);
     assert_eq!(json(&r.stdout)["budget"]["profile"], "safe");
 }
+
+#[test]
+fn jobs_see_the_tree_as_it_was_when_the_pipeline_started() {
+    let d = git_repo(&[
+        (
+            ".gitlab-ci.yml",
+            "stages: [one, two]\nfirst:\n  stage: one\n  script: [cat data.txt, sleep 1]\nsecond:\n  stage: two\n  script: ['test \"$(cat data.txt)\" = original']\n",
+        ),
+        ("data.txt", "original"),
+    ]);
+    let child = std::process::Command::new(rave_bin())
+        .args(["run", "--json"])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = d.path().join(".rave/runs/1/logs/000-first.log");
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("original")
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "first never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Edited while the pipeline runs: the second job must still see the original.
+    std::fs::write(d.path().join("data.txt"), "edited").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -182,11 +182,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .filter(|f| !f.starts_with(".rave/runs/") && !f.starts_with(".rave/cache/"))
         .cloned()
         .collect();
-    let ws = Arc::new(Workspace {
+    let mut ws = Workspace {
         source_root: project.root.clone(),
         files,
         run_dir: run_dir.clone(),
-    });
+    };
+    if let Err(e) = ws.snapshot() {
+        eprintln!("error: cannot snapshot the working tree: {e}");
+        return Ok(2);
+    }
+    let ws = Arc::new(ws);
     let names: Vec<String> = plan.jobs.iter().map(|j| j.name.clone()).collect();
     let log_paths = plan
         .jobs

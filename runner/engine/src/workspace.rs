@@ -59,6 +59,17 @@ impl Workspace {
             .join(format!("{slug}-{attempt}"))
     }
 
+    /// Freeze the files the run starts with into `<run>/src`, so every job sees the tree as
+    /// it was when the pipeline started, whatever is edited while it runs.
+    pub fn snapshot(&mut self) -> Result<(), String> {
+        let dest = self.run_dir.join("src");
+        std::fs::create_dir_all(&dest)
+            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+        rave_repo::copy_tree(&self.source_root, &self.files, &dest).map_err(|e| e.to_string())?;
+        self.source_root = dest;
+        Ok(())
+    }
+
     /// A fresh working copy for a job, with the artifacts of `deps` (slugs) copied in.
     pub fn prepare(&self, slug: &str, deps: &[String]) -> Result<PathBuf, String> {
         let dir = self.job_dir(slug);
