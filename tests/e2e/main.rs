@@ -5,5 +5,6 @@ mod support;
 
 mod graph;
 mod lint;
+mod release;
 mod run;
 mod scan;

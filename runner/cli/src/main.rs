@@ -7,6 +7,7 @@ mod graph;
 mod history;
 mod lint;
 mod project;
+mod release;
 mod run;
 mod scan;
 
@@ -33,6 +34,12 @@ enum Command {
     Run(run::RunArgs),
     /// Scan with Trivy, npm audit and the masked-variable check; gate on severity; write SARIF.
     Scan(scan::ScanArgs),
+    /// Release signing keys.
+    #[command(subcommand)]
+    Keys(release::KeysCommand),
+    /// Signed release manifests: create them in a tag pipeline, verify them anywhere.
+    #[command(subcommand)]
+    Release(release::ReleaseCommand),
     /// List earlier runs of `rave run` in this project.
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
@@ -51,6 +58,8 @@ fn main() {
         Command::Graph(a) => graph::run(a),
         Command::Run(a) => run::run(a),
         Command::Scan(a) => scan::run(a),
+        Command::Keys(c) => release::keys(c),
+        Command::Release(c) => release::release(c),
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Completions { shell } => {

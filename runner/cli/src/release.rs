@@ -1,0 +1,232 @@
+//! `rave keys …` and `rave release create|verify`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use rave_stages::keys::{self, SigningKey};
+use rave_stages::release::{self, ReleaseInfo};
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Make a new Ed25519 signing key (OpenSSH format, private file mode 0600).
+    Generate(KeysDir),
+    /// List the current key and retired ones, with their ids.
+    List(KeysDir),
+    /// Retire the current key (kept for verifying old releases) and make a new one.
+    Rotate(KeysDir),
+}
+
+#[derive(Args, Debug)]
+pub struct KeysDir {
+    /// Key directory (default: $RAVE_KEYS_DIR, else ~/.config/rave/keys).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+fn keys_dir(d: &KeysDir) -> PathBuf {
+    d.dir
+        .clone()
+        .or_else(|| std::env::var_os("RAVE_KEYS_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            home.join(".config/rave/keys")
+        })
+}
+
+pub fn keys(cmd: &KeysCommand) -> anyhow::Result<i32> {
+    match cmd {
+        KeysCommand::Generate(d) => {
+            let dir = keys_dir(d);
+            if dir.join("rave-release").exists() {
+                eprintln!(
+                    "error: {} already holds a key; use `rave keys rotate` to replace it",
+                    dir.display()
+                );
+                return Ok(2);
+            }
+            let k = SigningKey::generate()?;
+            let path = k.save(&dir)?;
+            println!("{}  {}", k.id(), path.display());
+        }
+        KeysCommand::List(d) => {
+            let dir = keys_dir(d);
+            let all = keys::list(&dir);
+            if all.is_empty() {
+                eprintln!(
+                    "no keys in {}; create one with `rave keys generate`",
+                    dir.display()
+                );
+            }
+            for (id, path, current) in all {
+                println!(
+                    "{id}  {}  {}",
+                    if current { "current" } else { "retired" },
+                    path.display()
+                );
+            }
+        }
+        KeysCommand::Rotate(d) => {
+            let k = keys::rotate(&keys_dir(d))?;
+            println!("{}  current (the previous key is under retired/)", k.id());
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReleaseCommand {
+    /// Write and sign release-manifest.json and provenance.intoto.json for the files in DIR.
+    Create(CreateArgs),
+    /// Check a manifest's signature and every artifact's digest.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Directory holding the release's files (default: release).
+    #[arg(long, value_name = "DIR", default_value = "release")]
+    pub dir: PathBuf,
+    /// Tag (default: CI_COMMIT_TAG).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Private key file (default: RAVE_SIGNING_KEY holding the key, or RAVE_SIGNING_KEY_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Scan summary to embed (`rave scan --summary` output).
+    #[arg(long, value_name = "FILE")]
+    pub scan_summary: Option<PathBuf>,
+    /// Days the artifacts are kept (recorded in the manifest).
+    #[arg(long, default_value_t = 365)]
+    pub expire_days: u64,
+    /// created_at (RFC 3339); default: SOURCE_DATE_EPOCH, else now.
+    #[arg(long)]
+    pub created_at: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The release-manifest.json to check (its signature is the .sig next to it).
+    pub manifest: PathBuf,
+    /// allowed_signers file with the trusted keys.
+    #[arg(long, value_name = "FILE", conflicts_with = "pubkey")]
+    pub allowed_signers: Option<PathBuf>,
+    /// A trusted public key (.pub).
+    #[arg(long, value_name = "FILE")]
+    pub pubkey: Option<PathBuf>,
+    /// Where the artifacts are (default: the manifest's directory).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: Option<PathBuf>,
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn signing_key(args: &CreateArgs) -> anyhow::Result<SigningKey> {
+    if let Some(p) = &args.key {
+        return Ok(SigningKey::from_file(p)?);
+    }
+    if let Some(text) = env("RAVE_SIGNING_KEY") {
+        return Ok(SigningKey::from_openssh(&text, "RAVE_SIGNING_KEY")?);
+    }
+    if let Some(p) = env("RAVE_SIGNING_KEY_FILE") {
+        return Ok(SigningKey::from_file(Path::new(&p))?);
+    }
+    anyhow::bail!(
+        "no signing key: pass --key FILE, or set RAVE_SIGNING_KEY (the key) or RAVE_SIGNING_KEY_FILE; create one with `rave keys generate`"
+    )
+}
+
+pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
+    match cmd {
+        ReleaseCommand::Create(args) => {
+            let Some(tag) = args.tag.clone().or_else(|| env("CI_COMMIT_TAG")) else {
+                eprintln!(
+                    "error: no tag: this is not a tag pipeline (CI_COMMIT_TAG is empty); pass --tag"
+                );
+                return Ok(2);
+            };
+            let key = signing_key(args)?;
+            let created_at = match (&args.created_at, env("SOURCE_DATE_EPOCH")) {
+                (Some(c), _) => c.clone(),
+                (None, Some(epoch)) => {
+                    let secs: u64 = epoch
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("SOURCE_DATE_EPOCH must be seconds"))?;
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                    )
+                    .to_string()
+                }
+                _ => humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            };
+            let definition = ["pipeline.yml", ".gitlab-ci.yml"]
+                .iter()
+                .find(|f| Path::new(f).is_file())
+                .and_then(|f| {
+                    release::sha256_file(Path::new(f))
+                        .ok()
+                        .map(|(sha, _)| (f.to_string(), sha))
+                });
+            let scan_summary = match &args.scan_summary {
+                Some(p) => Some(serde_json::from_str(&std::fs::read_to_string(p)?)?),
+                None => None,
+            };
+            let info = ReleaseInfo {
+                project: env("CI_PROJECT_PATH").unwrap_or_else(|| "local/project".into()),
+                tag,
+                commit: env("CI_COMMIT_SHA").unwrap_or_default(),
+                pipeline: env("CI_PIPELINE_ID").unwrap_or_default(),
+                job: env("CI_JOB_NAME").unwrap_or_default(),
+                created_at,
+                repository: env("CI_REPOSITORY_URL")
+                    .or_else(|| env("CI_PROJECT_URL"))
+                    .unwrap_or_else(|| {
+                        format!("local/{}", env("CI_PROJECT_PATH").unwrap_or_default())
+                    }),
+                pipeline_definition: definition,
+                scan_summary,
+            };
+            let written = release::write_release(&info, &args.dir, &key, args.expire_days)?;
+            println!("signed with {}", key.id());
+            for w in written {
+                println!("wrote {}", w.display());
+            }
+            Ok(0)
+        }
+        ReleaseCommand::Verify(args) => {
+            let trusted = match (&args.allowed_signers, &args.pubkey) {
+                (Some(p), _) | (None, Some(p)) => p.clone(),
+                (None, None) => {
+                    eprintln!(
+                        "error: say which key to trust: --allowed-signers FILE or --pubkey FILE (the allowed_signers next to the manifest is the publisher's claim, not proof)"
+                    );
+                    return Ok(2);
+                }
+            };
+            let keys = keys::read_public_keys(&trusted)?;
+            let dir = args
+                .artifacts
+                .clone()
+                .or_else(|| args.manifest.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("."));
+            match release::verify(&args.manifest, &keys, &dir) {
+                Ok((m, id)) => {
+                    println!(
+                        "OK: {} {} — signature by {id}, {} artifact(s) match",
+                        m["project"].as_str().unwrap_or(""),
+                        m["tag"].as_str().unwrap_or(""),
+                        m["artifacts"].as_array().map_or(0, Vec::len)
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("FAILED: {e}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}

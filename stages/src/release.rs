@@ -1,0 +1,334 @@
+//! Release manifests: every artifact with its size and sha256, signed; an in-toto / SLSA v1
+//! provenance statement next to it; and verification that recomputes every digest.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::ReleaseError;
+use crate::keys::{self, SigningKey};
+
+pub const MANIFEST: &str = "release-manifest.json";
+pub const PROVENANCE: &str = "provenance.intoto.json";
+
+/// What the release is of.
+#[derive(Clone, Debug, Default)]
+pub struct ReleaseInfo {
+    pub project: String,
+    pub tag: String,
+    pub commit: String,
+    pub pipeline: String,
+    pub job: String,
+    /// RFC 3339; an input, so the same inputs give the same bytes.
+    pub created_at: String,
+    pub repository: String,
+    /// sha256 of the pipeline definition file.
+    pub pipeline_definition: Option<(String, String)>,
+    pub scan_summary: Option<Value>,
+}
+
+/// Hash a file without holding it in memory.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((hex::encode(h.finalize()), size))
+}
+
+fn media_type(path: &str) -> &'static str {
+    let lower = path.to_ascii_lowercase();
+    let ends = |s: &str| lower.ends_with(s);
+    if ends(".qcow2") {
+        "application/x-qemu-disk"
+    } else if ends(".tar.gz") || ends(".tgz") {
+        "application/gzip"
+    } else if ends(".tar") {
+        "application/x-tar"
+    } else if ends(".json") {
+        "application/json"
+    } else if ends(".sarif") {
+        "application/sarif+json"
+    } else if ends(".txt") || ends(".md") || ends("sums") {
+        "text/plain"
+    } else if ends(".img")
+        || ends(".cpio")
+        || ends(".cpio.gz")
+        || ends("bzimage")
+        || ends("vmlinuz")
+    {
+        "application/octet-stream; kind=vm-image"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// Every regular file under `dir`, relative, sorted (symlinks are refused, not followed).
+pub fn list_files(dir: &Path) -> Result<Vec<String>, ReleaseError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| ReleaseError::Io(format!("cannot list {}: {e}", d.display())))?;
+        for e in rd.flatten() {
+            let ft = e.file_type().map_err(|e| ReleaseError::Io(e.to_string()))?;
+            let p = e.path();
+            let rel = p
+                .strip_prefix(dir)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .replace('\\', "/");
+            if ft.is_symlink() {
+                return Err(ReleaseError::Io(format!(
+                    "{rel} is a symlink; release artifacts must be regular files"
+                )));
+            } else if ft.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Keys sorted at every level and no insignificant whitespace: the same manifest always has
+/// the same bytes, so its signature and digest are stable.
+pub fn canonical(v: &Value) -> Vec<u8> {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut out = serde_json::Map::new();
+                for k in keys {
+                    out.insert(k.clone(), sort(&m[k]));
+                }
+                Value::Object(out)
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut bytes = serde_json::to_vec(&sort(v)).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Build the manifest for the files under `dir`.
+pub fn manifest(
+    info: &ReleaseInfo,
+    dir: &Path,
+    key_id: &str,
+    expires_days: u64,
+) -> Result<Value, ReleaseError> {
+    let files: Vec<String> = list_files(dir)?
+        .into_iter()
+        .filter(|f| {
+            ![MANIFEST, PROVENANCE]
+                .iter()
+                .any(|m| f == m || f == &format!("{m}.sig"))
+                && f != "allowed_signers"
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(ReleaseError::Io(format!(
+            "{} holds no artifacts to release",
+            dir.display()
+        )));
+    }
+    let mut artifacts = Vec::new();
+    for f in &files {
+        let (sha, size) = sha256_file(&dir.join(f))
+            .map_err(|e| ReleaseError::Io(format!("cannot read {f}: {e}")))?;
+        artifacts.push(json!({
+            "name": f.rsplit('/').next().unwrap_or(f),
+            "path": f,
+            "size": size,
+            "sha256": sha,
+            "media_type": media_type(f),
+            "expire_in_days": expires_days,
+            "job": info.job,
+        }));
+    }
+    Ok(json!({
+        "schema": "https://rave.invalid/release-manifest/v1",
+        "project": info.project,
+        "tag": info.tag,
+        "commit": info.commit,
+        "pipeline": info.pipeline,
+        "created_at": info.created_at,
+        "builder": {"id": "rave", "version": env!("CARGO_PKG_VERSION")},
+        "key_id": key_id,
+        "artifacts": artifacts,
+        "scan": info.scan_summary.clone().unwrap_or(Value::Null),
+        "images": [],
+    }))
+}
+
+/// An in-toto Statement v1 with a SLSA provenance v1 predicate for the manifest's artifacts.
+pub fn provenance(info: &ReleaseInfo, manifest: &Value) -> Value {
+    let subjects: Vec<Value> = manifest["artifacts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| json!({"name": a["path"], "digest": {"sha256": a["sha256"]}}))
+        .collect();
+    let mut deps = vec![json!({
+        "uri": format!("git+{}@refs/tags/{}", info.repository, info.tag),
+        "digest": {"gitCommit": info.commit},
+    })];
+    if let Some((name, sha)) = &info.pipeline_definition {
+        deps.push(json!({"uri": name, "digest": {"sha256": sha}}));
+    }
+    json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": subjects,
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {
+            "buildDefinition": {
+                "buildType": "https://rave.invalid/pipeline/v1",
+                "externalParameters": {"tag": info.tag, "pipeline": info.pipeline},
+                "internalParameters": {"job": info.job},
+                "resolvedDependencies": deps,
+            },
+            "runDetails": {
+                "builder": {"id": format!("https://rave.invalid/builder/rave@{}", env!("CARGO_PKG_VERSION"))},
+                "metadata": {"invocationId": format!("{}/{}", info.pipeline, info.job), "startedOn": info.created_at},
+            },
+        },
+    })
+}
+
+/// Write manifest, provenance, their signatures and an allowed_signers file into `dir`.
+pub fn write_release(
+    info: &ReleaseInfo,
+    dir: &Path,
+    key: &SigningKey,
+    expires_days: u64,
+) -> Result<Vec<PathBuf>, ReleaseError> {
+    let m = manifest(info, dir, &key.id(), expires_days)?;
+    let m_bytes = canonical(&m);
+    let p_bytes = canonical(&provenance(info, &m));
+    let mut written = Vec::new();
+    for (name, bytes) in [(MANIFEST, &m_bytes), (PROVENANCE, &p_bytes)] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|e| ReleaseError::Io(format!("cannot write {}: {e}", path.display())))?;
+        let sig = dir.join(format!("{name}.sig"));
+        std::fs::write(&sig, key.sign(bytes)?).map_err(|e| ReleaseError::Io(e.to_string()))?;
+        written.push(path);
+        written.push(sig);
+    }
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, keys::allowed_signers_line(&key.public())?)
+        .map_err(|e| ReleaseError::Io(e.to_string()))?;
+    written.push(allowed);
+    Ok(written)
+}
+
+/// Check a manifest's signature, then every artifact's size and digest under `artifacts`.
+/// Returns the verified manifest and the signing key id.
+pub fn verify(
+    manifest_path: &Path,
+    keys: &[ssh_key::PublicKey],
+    artifacts: &Path,
+) -> Result<(Value, String), ReleaseError> {
+    let bytes = std::fs::read(manifest_path)
+        .map_err(|e| ReleaseError::Io(format!("cannot read {}: {e}", manifest_path.display())))?;
+    let sig_path = PathBuf::from(format!("{}.sig", manifest_path.display()));
+    let sig = std::fs::read_to_string(&sig_path).map_err(|e| {
+        ReleaseError::Signature(format!(
+            "cannot read the signature {}: {e}",
+            sig_path.display()
+        ))
+    })?;
+    let key_id = keys::verify(&bytes, &sig, keys)?;
+    let m: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ReleaseError::Io(format!("the manifest is not JSON: {e}")))?;
+    let mut problems = Vec::new();
+    for a in m["artifacts"].as_array().into_iter().flatten() {
+        let rel = a["path"].as_str().unwrap_or("");
+        if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
+            problems.push(format!("{rel}: path leaves the artifact directory"));
+            continue;
+        }
+        let path = artifacts.join(rel);
+        match sha256_file(&path) {
+            Ok((sha, size)) => {
+                if Some(sha.as_str()) != a["sha256"].as_str() || Some(size) != a["size"].as_u64() {
+                    problems.push(format!(
+                        "{rel}: sha256 {sha} ({size} bytes) does not match the manifest's {} ({} bytes)",
+                        a["sha256"].as_str().unwrap_or("?"),
+                        a["size"]
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{rel}: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ReleaseError::Digest(problems.join("\n")));
+    }
+    Ok((m, key_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_is_stable() {
+        let a = json!({"b": 1, "a": {"d": [1, {"z": 0, "y": 1}], "c": "x"}});
+        let b: Value =
+            serde_json::from_str(r#"{"a": {"c": "x", "d": [1, {"y": 1, "z": 0}]}, "b": 1}"#)
+                .unwrap();
+        assert_eq!(canonical(&a), canonical(&b));
+        assert_eq!(
+            String::from_utf8(canonical(&a)).unwrap(),
+            "{\"a\":{\"c\":\"x\",\"d\":[1,{\"y\":1,\"z\":0}]},\"b\":1}\n"
+        );
+    }
+
+    #[test]
+    fn sign_write_and_verify_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("bin")).unwrap();
+        std::fs::write(d.path().join("bin/app"), b"binary").unwrap();
+        let key = SigningKey::generate().unwrap();
+        let info = ReleaseInfo {
+            tag: "v1".into(),
+            commit: "abc".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            ..Default::default()
+        };
+        write_release(&info, d.path(), &key, 365).unwrap();
+        let first = std::fs::read(d.path().join(MANIFEST)).unwrap();
+        // Same inputs, same bytes.
+        write_release(&info, d.path(), &key, 365).unwrap();
+        assert_eq!(first, std::fs::read(d.path().join(MANIFEST)).unwrap());
+        let (m, id) = verify(&d.path().join(MANIFEST), &[key.public()], d.path()).unwrap();
+        assert_eq!(id, key.id());
+        assert_eq!(m["artifacts"][0]["path"], "bin/app");
+        std::fs::write(d.path().join("bin/app"), b"binarY").unwrap();
+        let e = verify(&d.path().join(MANIFEST), &[key.public()], d.path()).unwrap_err();
+        assert!(e.to_string().contains("bin/app: sha256"), "{e}");
+        let other = SigningKey::generate().unwrap();
+        assert!(verify(&d.path().join(MANIFEST), &[other.public()], d.path()).is_err());
+        assert!(
+            !format!("{key:?}").contains("BEGIN"),
+            "Debug must not print the key"
+        );
+    }
+}

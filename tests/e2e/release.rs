@@ -1,0 +1,210 @@
+//! Keys, signed release manifests and their verification, checked with OpenSSH's own
+//! `ssh-keygen -Y verify` so nothing depends on trusting rave.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::support::*;
+
+fn ssh_keygen_verify(dir: &Path, file: &str) -> (bool, String) {
+    let input = std::fs::File::open(dir.join(file)).unwrap();
+    let out = Command::new("ssh-keygen")
+        .args([
+            "-Y",
+            "verify",
+            "-f",
+            "allowed_signers",
+            "-I",
+            "rave-release",
+            "-n",
+            "rave-release",
+            "-s",
+        ])
+        .arg(format!("{file}.sig"))
+        .current_dir(dir)
+        .stdin(Stdio::from(input))
+        .output()
+        .expect("ssh-keygen is required (openssh-client)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn keys_generate_list_rotate() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("keys");
+    let r = rave(
+        d.path(),
+        &["keys", "generate", "--dir", dir.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("SHA256:"), "{}", r.stdout);
+    let mode = std::fs::metadata(dir.join("rave-release"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let r = rave(
+        d.path(),
+        &["keys", "generate", "--dir", dir.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 2, "a second generate must not overwrite the key");
+    let r = rave(
+        d.path(),
+        &["keys", "rotate", "--dir", dir.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = rave(d.path(), &["keys", "list", "--dir", dir.to_str().unwrap()]);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    assert!(
+        lines[0].contains("current") && lines[1].contains("retired"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn tag_pipeline_publishes_a_signed_release_anyone_can_verify() {
+    let keys = tempfile::tempdir().unwrap();
+    let r = rave(keys.path(), &["keys", "generate", "--dir", "k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let key_file = keys.path().join("k/rave-release");
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "stages: [build, release]\nbuild:\n  stage: build\n  script:\n    - mkdir -p dist && printf 'app v1' > dist/app && printf 'image' > dist/vm.qcow2\n  artifacts: {paths: [dist/]}\nrelease:\n  stage: release\n  rules: [{if: $CI_COMMIT_TAG}]\n  script:\n    - mkdir -p release && cp dist/* release/\n    - rave release create --dir release --created-at 2026-11-22T00:00:00Z\n  artifacts: {paths: [release/]}\n",
+    )]);
+    sh(d.path(), "git tag v1.0.0");
+    let key_var = format!("RAVE_SIGNING_KEY={private}");
+    let r = rave(
+        d.path(),
+        &["run", "--json", "--tag", "v1.0.0", "--var", &key_var],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The key never reaches the log.
+    assert!(!r.stderr.contains("OPENSSH PRIVATE KEY"), "{}", r.stderr);
+    let logs = std::fs::read_to_string(d.path().join(".rave/runs/1/logs/001-release.log")).unwrap();
+    assert!(!logs.contains("OPENSSH PRIVATE KEY"));
+    let rel = d.path().join(".rave/runs/1/artifacts/001-release/release");
+    let manifest = json(&std::fs::read_to_string(rel.join("release-manifest.json")).unwrap());
+    assert_eq!(manifest["tag"], "v1.0.0");
+    assert_eq!(manifest["pipeline"], "1");
+    let arts = manifest["artifacts"].as_array().unwrap();
+    assert_eq!(arts.len(), 2);
+    assert_eq!(arts[0]["path"], "app");
+    assert_eq!(arts[0]["size"], 6);
+    // sha256 of "app v1", computed independently.
+    let expected = String::from_utf8(
+        Command::new("sha256sum")
+            .arg(
+                d.path()
+                    .join(".rave/runs/1/artifacts/001-release/release/app"),
+            )
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        arts[0]["sha256"].as_str().unwrap(),
+        expected.split_whitespace().next().unwrap()
+    );
+    assert_eq!(arts[1]["media_type"], "application/x-qemu-disk");
+    // OpenSSH verifies both signatures.
+    for f in ["release-manifest.json", "provenance.intoto.json"] {
+        let (ok, out) = ssh_keygen_verify(&rel, f);
+        assert!(
+            ok && out.contains("Good \"rave-release\" signature"),
+            "{f}: {out}"
+        );
+    }
+    let prov = json(&std::fs::read_to_string(rel.join("provenance.intoto.json")).unwrap());
+    assert_eq!(prov["_type"], "https://in-toto.io/Statement/v1");
+    assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
+    assert_eq!(prov["subject"][0]["digest"]["sha256"], arts[0]["sha256"]);
+    // rave's own verify, trusting the public key we hold.
+    let pubkey = keys.path().join("k/rave-release.pub");
+    let m = rel.join("release-manifest.json");
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "verify",
+            m.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("OK: "), "{}", r.stdout);
+    // One flipped byte in one artifact: named.
+    let mut bytes = std::fs::read(rel.join("vm.qcow2")).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(rel.join("vm.qcow2"), &bytes).unwrap();
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "verify",
+            m.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("vm.qcow2: sha256"), "{}", r.stderr);
+    bytes[0] ^= 1;
+    std::fs::write(rel.join("vm.qcow2"), &bytes).unwrap();
+    // An edited manifest: the signature fails (in rave and in OpenSSH).
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("v1.0.0", "v9.9.9");
+    std::fs::write(&m, text).unwrap();
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "verify",
+            m.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("signature"), "{}", r.stderr);
+    assert!(!ssh_keygen_verify(&rel, "release-manifest.json").0);
+}
+
+#[test]
+fn key_files_must_be_private_and_tags_present() {
+    let d = tempfile::tempdir().unwrap();
+    rave(d.path(), &["keys", "generate", "--dir", "k"]);
+    let key = d.path().join("k/rave-release");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::create_dir_all(d.path().join("release")).unwrap();
+    std::fs::write(d.path().join("release/app"), "x").unwrap();
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "create",
+            "--tag",
+            "v1",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("chmod 600"), "{}", r.stderr);
+    let r = rave(
+        d.path(),
+        &["release", "create", "--key", key.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not a tag pipeline"), "{}", r.stderr);
+}
