@@ -7,7 +7,7 @@ use rave_model::AllowFailure;
 use rave_plan::Plan;
 use serde_json::json;
 
-use crate::project::{BudgetArgs, PipelineArgs, Project, TriggerArgs, plan_options, report};
+use crate::project::{BudgetArgs, PipelineArgs, TriggerArgs, plan_project};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {
@@ -30,17 +30,9 @@ pub struct GraphArgs {
 }
 
 pub fn run(args: &GraphArgs) -> anyhow::Result<i32> {
-    let project = Project::load(&args.pipeline)?;
-    let Some(p) = project.pipeline() else {
-        report(&project.loaded.sources, &project.loaded.diagnostics);
-        return Ok(2);
-    };
-    let opts = plan_options(p, &args.budget)?;
-    let trigger = project.trigger(&args.trigger)?;
-    let (plan, diags) = rave_plan::plan(p, &trigger, &opts);
-    let Some(plan) = plan else {
-        report(&project.loaded.sources, &diags);
-        return Ok(2);
+    let plan = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
+        Ok(p) => p.plan,
+        Err(code) => return Ok(code),
     };
     let out = match args.format {
         Format::Dot => dot(&plan),

@@ -261,3 +261,48 @@ pub fn report(loaded_sources: &rave_model::Sources, diags: &[rave_model::Diagnos
     }
     errors
 }
+
+/// A project planned for a trigger.
+pub struct Planned {
+    pub project: Project,
+    pub trigger: Trigger,
+    pub plan: rave_plan::Plan,
+    /// Warnings from loading and planning (errors mean there is no plan).
+    pub warnings: Vec<rave_model::Diagnostic>,
+}
+
+/// Load, build the trigger, plan. On a definition error the diagnostics are printed and the
+/// exit code (2) comes back as `Err`.
+pub fn plan_project(
+    p: &PipelineArgs,
+    t: &TriggerArgs,
+    b: &BudgetArgs,
+) -> anyhow::Result<Result<Planned, i32>> {
+    let project = Project::load(p)?;
+    let Some(pipeline) = project.pipeline() else {
+        report(&project.loaded.sources, &project.loaded.diagnostics);
+        return Ok(Err(2));
+    };
+    let opts = plan_options(pipeline, b)?;
+    let trigger = project.trigger(t)?;
+    let (plan, diags) = rave_plan::plan(pipeline, &trigger, &opts);
+    let warnings: Vec<_> = project
+        .loaded
+        .diagnostics
+        .iter()
+        .chain(diags.iter())
+        .cloned()
+        .collect();
+    match plan {
+        Some(plan) => Ok(Ok(Planned {
+            project,
+            trigger,
+            plan,
+            warnings,
+        })),
+        None => {
+            report(&project.loaded.sources, &warnings);
+            Ok(Err(2))
+        }
+    }
+}

@@ -19,7 +19,7 @@ use rave_plan::Plan;
 use serde_json::json;
 
 use crate::console::{self, Console};
-use crate::project::{BudgetArgs, PipelineArgs, Project, TriggerArgs, plan_options, report};
+use crate::project::{BudgetArgs, PipelineArgs, Planned, TriggerArgs, plan_project, report};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -125,23 +125,17 @@ fn ignore_rave_dir(root: &Path) {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
-    let project = Project::load(&args.pipeline)?;
-    let Some(pipeline) = project.pipeline() else {
-        report(&project.loaded.sources, &project.loaded.diagnostics);
-        return Ok(2);
+    let Planned {
+        project,
+        trigger,
+        plan,
+        warnings,
+    } = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
     };
-    let opts = plan_options(pipeline, &args.budget)?;
-    let trigger = project.trigger(&args.trigger)?;
-    let (plan, diags) = rave_plan::plan(pipeline, &trigger, &opts);
-    let warnings: Vec<_> = project
-        .loaded
-        .diagnostics
-        .iter()
-        .chain(diags.iter())
-        .cloned()
-        .collect();
-    let Some(plan) = plan else {
-        report(&project.loaded.sources, &warnings);
+    report(&project.loaded.sources, &warnings);
+    let Some(pipeline) = project.pipeline() else {
         return Ok(2);
     };
     if plan.skipped_by_workflow {
