@@ -474,3 +474,20 @@ fn jobs_see_the_tree_as_it_was_when_the_pipeline_started() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn later_runs_start_the_job_that_took_longest_last_time() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "a: {needs: [], script: [sleep 0.05]}\nb: {needs: [a], script: [sleep 0.05]}\nc: {needs: [], script: [sleep 0.6]}\n",
+    )]);
+    let started = |v: &serde_json::Value, n: &str| time(job(v, n), "started_at");
+    // First run: no history, so the longer chain (a → b) goes first.
+    let (r, v) = run_json(d.path(), &["--jobs", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(started(&v, "a") < started(&v, "c"));
+    // Second run: c took longest, so it is the critical path now.
+    let (r, v) = run_json(d.path(), &["--jobs", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(started(&v, "c") < started(&v, "a"), "{v:#}");
+}

@@ -37,7 +37,7 @@ fn runs_dir(args: &PipelineArgs) -> anyhow::Result<PathBuf> {
 
 /// (id, summary) of every finished run, newest first. Runs without a summary (still running,
 /// or interrupted hard) are listed with status `unknown`.
-fn runs(dir: &Path) -> Vec<(u64, Value)> {
+pub fn runs(dir: &Path) -> Vec<(u64, Value)> {
     let mut out: Vec<(u64, Value)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -145,4 +145,17 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
             Ok(2)
         }
     }
+}
+
+/// How long each job took when it last ran (from the newest runs first), in milliseconds.
+pub fn last_durations(root: &Path) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for (_, v) in runs(&root.join(".rave").join("runs")).into_iter().take(10) {
+        for j in v["jobs"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(ms)) = (j["name"].as_str(), j["duration_ms"].as_u64()) {
+                out.entry(name.to_string()).or_insert(ms);
+            }
+        }
+    }
+    out
 }

@@ -128,13 +128,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let Planned {
         project,
         trigger,
-        plan,
+        mut plan,
         warnings,
     } = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
     report(&project.loaded.sources, &warnings);
+    // Earlier runs say how long jobs take: weight the critical path by that, so the scheduler
+    // starts the job the pipeline is really waiting on. Unknown jobs count as the average.
+    let known = crate::history::last_durations(&project.root);
+    if !known.is_empty() {
+        let avg = known.values().sum::<u64>() / known.len() as u64;
+        let weight = |j: &rave_plan::JobInstance| known.get(&j.name).copied().unwrap_or(avg);
+        // The plan is acyclic by now, so this cannot fail.
+        let _ = rave_plan::dag::weighted_priorities(&mut plan.jobs, &weight);
+    }
     let Some(pipeline) = project.pipeline() else {
         return Ok(2);
     };

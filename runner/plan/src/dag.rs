@@ -240,6 +240,15 @@ fn filter_dependencies(
 /// Compute each instance's priority: the number of jobs on the longest path from it to the
 /// end of the pipeline. Returns a cycle (as instance ids, first repeated last) if there is one.
 pub fn priorities(jobs: &mut [JobInstance]) -> Result<(), Vec<usize>> {
+    weighted_priorities(jobs, &|_| 1)
+}
+
+/// Priorities as the longest path to the end weighted by `weight` (e.g. the duration a job took
+/// last time, so the scheduler starts what the critical path really is).
+pub fn weighted_priorities(
+    jobs: &mut [JobInstance],
+    weight: &dyn Fn(&JobInstance) -> u64,
+) -> Result<(), Vec<usize>> {
     let mut g: DiGraph<usize, ()> = DiGraph::with_capacity(jobs.len(), jobs.len());
     let nodes: Vec<NodeIndex> = jobs.iter().map(|j| g.add_node(j.id)).collect();
     for j in jobs.iter() {
@@ -254,7 +263,7 @@ pub fn priorities(jobs: &mut [JobInstance]) -> Result<(), Vec<usize>> {
     };
     // `order` lists dependents before their dependencies, so walking it forward sees every
     // job's dependents first.
-    let mut prio = vec![0u32; jobs.len()];
+    let mut prio = vec![0u64; jobs.len()];
     for n in order {
         let id = g[n];
         let down = g
@@ -262,7 +271,7 @@ pub fn priorities(jobs: &mut [JobInstance]) -> Result<(), Vec<usize>> {
             .map(|m| prio[g[m]])
             .max()
             .unwrap_or(0);
-        prio[id] = down + 1;
+        prio[id] = down.saturating_add(weight(&jobs[id]).max(1));
     }
     for j in jobs.iter_mut() {
         j.priority = prio[j.id];

@@ -47,7 +47,9 @@ pub struct JobInstance {
     pub raw_variables: Vec<String>,
     /// `CI_NODE_INDEX` / `CI_NODE_TOTAL` for `parallel`.
     pub node: Option<(u32, u32)>,
-    pub priority: u32,
+    /// Longest path from this job to the end, in jobs (or, after
+    /// [`dag::weighted_priorities`], in expected milliseconds).
+    pub priority: u64,
     pub memory_bytes: u64,
     pub cpus: f64,
     pub job: Job,

@@ -411,3 +411,17 @@ mod props {
         }
     }
 }
+
+#[test]
+fn weighted_priorities_follow_durations() {
+    let mut p =
+        ok("a: {script: x, needs: []}\nb: {script: x, needs: [a]}\nc: {script: x, needs: []}\n");
+    assert!(p.by_name("a").unwrap().priority > p.by_name("c").unwrap().priority);
+    let secs = |j: &JobInstance| match j.name.as_str() {
+        "c" => 10_000,
+        _ => 100,
+    };
+    dag::weighted_priorities(&mut p.jobs, &secs).unwrap();
+    assert_eq!(p.by_name("a").unwrap().priority, 200);
+    assert_eq!(p.by_name("c").unwrap().priority, 10_000);
+}
