@@ -491,3 +491,28 @@ fn later_runs_start_the_job_that_took_longest_last_time() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(started(&v, "c") < started(&v, "a"), "{v:#}");
 }
+
+#[test]
+fn masked_variables_never_reach_the_logs() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "leak:\n  script:\n    - echo \"token is $API_TOKEN\"\n    - echo \"$RAVE_SIGNING_KEY\"\n    - echo \"short $PIN\"\n",
+    )]);
+    let r = rave(
+        d.path(),
+        &[
+            "run", "--var", "API_TOKEN=tok-1234567890", "--var", "PIN=1234",
+            "--var", "RAVE_MASKED_VARIABLES=API_TOKEN,PIN",
+            "--var", "RAVE_SIGNING_KEY=-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let log = std::fs::read_to_string(d.path().join(".rave/runs/1/logs/000-leak.log")).unwrap();
+    for text in [&r.stdout, &log] {
+        assert!(text.contains("token is [MASKED]"), "{text}");
+        assert!(!text.contains("tok-1234567890"), "{text}");
+        assert!(!text.contains("b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"), "{text}");
+        // Shorter than 8 characters: not masked, as in GitLab.
+        assert!(text.contains("short 1234"), "{text}");
+    }
+}

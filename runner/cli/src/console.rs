@@ -14,6 +14,51 @@ pub struct Console {
     /// Write live output to stderr (when stdout carries `--json`).
     pub to_stderr: bool,
     pub width: usize,
+    /// Secret values replaced by `[MASKED]` in the console and the log files.
+    pub masked: Vec<Vec<u8>>,
+}
+
+/// GitLab's rule: only values of 8 characters or more are masked (shorter ones would blot out
+/// ordinary words). Multi-line values (keys) are masked line by line.
+pub fn mask_values<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = values
+        .into_iter()
+        .flat_map(|v| {
+            v.lines()
+                .map(str::trim)
+                .filter(|l| l.len() >= 8)
+                .map(|l| l.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // Longest first, so a value containing another is masked whole.
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
+fn mask(data: &mut Vec<u8>, masked: &[Vec<u8>]) {
+    for m in masked {
+        if data.len() < m.len() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        let mut hit = false;
+        while i < data.len() {
+            if data[i..].starts_with(m) {
+                out.extend_from_slice(b"[MASKED]");
+                i += m.len();
+                hit = true;
+            } else {
+                out.push(data[i]);
+                i += 1;
+            }
+        }
+        if hit {
+            *data = out;
+        }
+    }
 }
 
 const COLORS: [&str; 6] = ["36", "35", "33", "34", "32", "96"];
@@ -132,7 +177,8 @@ impl Console {
             tokio::select! {
                 biased;
                 c = logs.recv(), if logs_open => match c {
-                    Some(c) => {
+                    Some(mut c) => {
+                        mask(&mut c.data, &self.masked);
                         files.write(&c);
                         self.chunk(&mut out, &c);
                     }
@@ -140,7 +186,8 @@ impl Console {
                 },
                 e = events.recv(), if events_open => match e {
                     Some(e) => {
-                        while let Ok(c) = logs.try_recv() {
+                        while let Ok(mut c) = logs.try_recv() {
+                            mask(&mut c.data, &self.masked);
                             files.write(&c);
                             self.chunk(&mut out, &c);
                         }
@@ -237,4 +284,24 @@ pub fn summary(records: &[&JobRecord], color: bool) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_long_values_and_key_lines() {
+        let m = mask_values([
+            "short",
+            "s3cr3t-token-value",
+            "-----BEGIN KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END KEY-----",
+        ]);
+        let mut d = b"token=s3cr3t-token-value; key b3BlbnNzaC1rZXktdjEAAAAA short\n".to_vec();
+        mask(&mut d, &m);
+        assert_eq!(
+            String::from_utf8(d).unwrap(),
+            "token=[MASKED]; key [MASKED] short\n"
+        );
+    }
 }

@@ -252,6 +252,32 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .collect(),
         keep_workdirs: args.keep,
     };
+    // Masked variables, as GitLab masks them in job logs: the ones RAVE_MASKED_VARIABLES names
+    // (from `--var` or the environment), and always the release signing key.
+    let mut masked_names: Vec<String> = vec!["RAVE_SIGNING_KEY".into()];
+    let listed = trigger
+        .variables
+        .get("RAVE_MASKED_VARIABLES")
+        .cloned()
+        .or_else(|| std::env::var("RAVE_MASKED_VARIABLES").ok())
+        .unwrap_or_default();
+    masked_names.extend(
+        listed
+            .split(',')
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty()),
+    );
+    let masked_values: Vec<String> = masked_names
+        .iter()
+        .filter_map(|n| {
+            trigger
+                .variables
+                .get(n)
+                .cloned()
+                .or_else(|| std::env::var(n).ok())
+        })
+        .collect();
+    let masked = console::mask_values(masked_values.iter().map(String::as_str));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -264,6 +290,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             color,
             to_stderr,
             width,
+            masked,
         };
         let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));
         let cancel = Cancel::default();
