@@ -501,9 +501,15 @@ fn masked_variables_never_reach_the_logs() {
     let r = rave(
         d.path(),
         &[
-            "run", "--var", "API_TOKEN=tok-1234567890", "--var", "PIN=1234",
-            "--var", "RAVE_MASKED_VARIABLES=API_TOKEN,PIN",
-            "--var", "RAVE_SIGNING_KEY=-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----",
+            "run",
+            "--var",
+            "API_TOKEN=tok-1234567890",
+            "--var",
+            "PIN=1234",
+            "--var",
+            "RAVE_MASKED_VARIABLES=API_TOKEN,PIN",
+            "--var",
+            "RAVE_SIGNING_KEY=-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----",
         ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
