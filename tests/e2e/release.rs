@@ -129,6 +129,58 @@ fn tag_pipeline_publishes_a_signed_release_anyone_can_verify() {
     assert_eq!(prov["subject"][0]["digest"]["sha256"], arts[0]["sha256"]);
     // rave's own verify, trusting the public key we hold.
     let pubkey = keys.path().join("k/rave-release.pub");
+    // The release was published into the project's store: listed, and downloadable (verified)
+    // for a rollback, while the run directory is gone.
+    let r = rave(d.path(), &["release", "list"]);
+    assert!(r.stdout.starts_with("v1.0.0 "), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("2 artifact(s)"), "{}", r.stdout);
+    std::fs::remove_dir_all(d.path().join(".rave/runs")).unwrap();
+    let r = rave(d.path(), &["gc"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "download",
+            "v1.0.0",
+            "--to",
+            "rollback",
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("rollback/app")).unwrap(),
+        "app v1"
+    );
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "download",
+            "v9",
+            "--to",
+            "x",
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no release `v9`"), "{}", r.stderr);
+    // Put the run's copy back for the checks below.
+    std::fs::create_dir_all(&rel).unwrap();
+    for f in [
+        "app",
+        "vm.qcow2",
+        "release-manifest.json",
+        "release-manifest.json.sig",
+        "provenance.intoto.json",
+        "provenance.intoto.json.sig",
+        "allowed_signers",
+    ] {
+        std::fs::copy(d.path().join("rollback").join(f), rel.join(f)).unwrap();
+    }
     let m = rel.join("release-manifest.json");
     let r = rave(
         d.path(),
@@ -207,4 +259,27 @@ fn key_files_must_be_private_and_tags_present() {
     );
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not a tag pipeline"), "{}", r.stderr);
+}
+
+#[test]
+fn expired_artifacts_are_collected() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "short:\n  script: [echo short-lived > a.txt]\n  artifacts: {paths: [a.txt], expire_in: 1 second}\nlong:\n  script: [echo kept > b.txt]\n  artifacts: {paths: [b.txt]}\n",
+    )]);
+    let r = rave(d.path(), &["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = rave(d.path(), &["gc"]);
+    assert!(r.stdout.starts_with("0 expired"), "{}", r.stdout);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let r = rave(d.path(), &["gc"]);
+    assert!(
+        r.stdout
+            .starts_with("1 expired artifact entry dropped, 1 blob(s) deleted"),
+        "{}",
+        r.stdout
+    );
+    let index = std::fs::read_to_string(d.path().join(".rave/index/1/001-long.json")).unwrap();
+    assert!(index.contains("b.txt"), "{index}");
+    assert!(!d.path().join(".rave/index/1/000-short.json").exists());
 }

@@ -40,6 +40,8 @@ enum Command {
     /// Signed release manifests: create them in a tag pipeline, verify them anywhere.
     #[command(subcommand)]
     Release(release::ReleaseCommand),
+    /// Delete expired artifacts from the store (never what a live release references).
+    Gc(release::GcArgs),
     /// List earlier runs of `rave run` in this project.
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
@@ -60,6 +62,7 @@ fn main() {
         Command::Scan(a) => scan::run(a),
         Command::Keys(c) => release::keys(c),
         Command::Release(c) => release::release(c),
+        Command::Gc(a) => release::gc(a),
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Completions { shell } => {

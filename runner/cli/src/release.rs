@@ -81,6 +81,42 @@ pub enum ReleaseCommand {
     Create(CreateArgs),
     /// Check a manifest's signature and every artifact's digest.
     Verify(VerifyArgs),
+    /// List the releases published in this project's store.
+    List(StoreArgs),
+    /// Fetch a published release's artifacts (e.g. to roll back), verified.
+    Download(DownloadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    /// The store (default: $RAVE_DATA_DIR, else .rave in the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    pub tag: String,
+    /// Where to put the files (created; must not exist yet).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// allowed_signers file with the trusted keys.
+    #[arg(long, value_name = "FILE", conflicts_with = "pubkey")]
+    pub allowed_signers: Option<PathBuf>,
+    /// A trusted public key (.pub).
+    #[arg(long, value_name = "FILE")]
+    pub pubkey: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+fn store_of(a: &StoreArgs) -> rave_store::Store {
+    let dir = a
+        .data_dir
+        .clone()
+        .or_else(|| env("RAVE_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".rave"));
+    rave_store::Store::open(&dir)
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +139,9 @@ pub struct CreateArgs {
     /// created_at (RFC 3339); default: SOURCE_DATE_EPOCH, else now.
     #[arg(long)]
     pub created_at: Option<String>,
+    /// Also publish into this store (default: $RAVE_DATA_DIR, which `rave run` sets).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -191,10 +230,117 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
             };
             let written = release::write_release(&info, &args.dir, &key, args.expire_days)?;
             println!("signed with {}", key.id());
-            for w in written {
+            for w in &written {
                 println!("wrote {}", w.display());
             }
+            if let Some(data) = args
+                .data_dir
+                .clone()
+                .or_else(|| env("RAVE_DATA_DIR").map(PathBuf::from))
+            {
+                let store = rave_store::Store::open(&data);
+                let artifacts: Vec<PathBuf> = release::list_files(&args.dir)?
+                    .into_iter()
+                    .map(|f| args.dir.join(f))
+                    .filter(|p| !written.contains(p))
+                    .collect();
+                let dir = store.publish_release(&info.tag, &written, &artifacts)?;
+                println!("published {} to {}", info.tag, dir.display());
+            }
             Ok(0)
+        }
+        ReleaseCommand::List(args) => {
+            let store = store_of(args);
+            let tags = store.releases();
+            if tags.is_empty() {
+                eprintln!("no releases in {}", store.root().display());
+            }
+            for tag in tags {
+                let m: serde_json::Value = store
+                    .release_dir(&tag)
+                    .and_then(|d| std::fs::read_to_string(d.join(release::MANIFEST)).ok())
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default();
+                println!(
+                    "{tag:<16} {:<22} {:>3} artifact(s)  commit {}  key {}",
+                    m["created_at"].as_str().unwrap_or("?"),
+                    m["artifacts"].as_array().map_or(0, Vec::len),
+                    &m["commit"].as_str().unwrap_or("")
+                        [..m["commit"].as_str().unwrap_or("").len().min(8)],
+                    m["key_id"].as_str().unwrap_or("?"),
+                );
+            }
+            Ok(0)
+        }
+        ReleaseCommand::Download(args) => {
+            let store = store_of(&args.store);
+            let Some(dir) = store.release_dir(&args.tag) else {
+                eprintln!(
+                    "error: no release `{}` in {}; `rave release list` shows what there is",
+                    args.tag,
+                    store.root().display()
+                );
+                return Ok(2);
+            };
+            let trusted = match (&args.allowed_signers, &args.pubkey) {
+                (Some(p), _) | (None, Some(p)) => p.clone(),
+                (None, None) => {
+                    eprintln!(
+                        "error: say which key to trust: --allowed-signers FILE or --pubkey FILE"
+                    );
+                    return Ok(2);
+                }
+            };
+            let keys = keys::read_public_keys(&trusted)?;
+            if args.to.exists() {
+                eprintln!(
+                    "error: {} exists; download into a new directory",
+                    args.to.display()
+                );
+                return Ok(2);
+            }
+            std::fs::create_dir_all(&args.to)?;
+            for f in std::fs::read_dir(&dir)?.flatten() {
+                std::fs::copy(f.path(), args.to.join(f.file_name()))?;
+            }
+            let manifest_path = args.to.join(release::MANIFEST);
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+            for a in m["artifacts"].as_array().into_iter().flatten() {
+                let (Some(path), Some(sha)) = (a["path"].as_str(), a["sha256"].as_str()) else {
+                    continue;
+                };
+                if path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                    eprintln!("error: the manifest names a path outside the release: {path}");
+                    return Ok(1);
+                }
+                let Some(blob) = store.blob_path(sha).filter(|b| b.exists()) else {
+                    eprintln!(
+                        "error: {path} ({sha}) is no longer in the store (expired and collected?)"
+                    );
+                    return Ok(1);
+                };
+                let dest = args.to.join(path);
+                if let Some(p) = dest.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                std::fs::copy(&blob, &dest)?;
+            }
+            match release::verify(&manifest_path, &keys, &args.to) {
+                Ok((m, id)) => {
+                    println!(
+                        "downloaded {} into {}: signature by {id}, {} artifact(s) verified",
+                        args.tag,
+                        args.to.display(),
+                        m["artifacts"].as_array().map_or(0, Vec::len)
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("FAILED: {e}");
+                    Ok(1)
+                }
+            }
         }
         ReleaseCommand::Verify(args) => {
             let trusted = match (&args.allowed_signers, &args.pubkey) {
@@ -229,4 +375,25 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `rave gc`: drop expired artifacts; keep what live releases reference.
+pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
+    let store = store_of(&args.store);
+    let r = store.gc(rave_store::now_secs())?;
+    println!(
+        "{} expired artifact entr{} dropped, {} blob(s) deleted ({} bytes), {} kept for releases",
+        r.expired_entries,
+        if r.expired_entries == 1 { "y" } else { "ies" },
+        r.deleted_blobs,
+        r.deleted_bytes,
+        r.kept_for_releases
+    );
+    Ok(0)
 }

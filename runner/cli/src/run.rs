@@ -185,10 +185,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .filter(|f| !f.starts_with(".rave/runs/") && !f.starts_with(".rave/cache/"))
         .cloned()
         .collect();
+    let data_dir = project.root.join(".rave");
     let mut ws = Workspace {
         source_root: project.root.clone(),
         files,
         run_dir: run_dir.clone(),
+        store: Some(rave_store::Store::open(&data_dir)),
+        pipeline_id,
     };
     if let Err(e) = ws.snapshot() {
         eprintln!("error: cannot snapshot the working tree: {e}");
@@ -243,6 +246,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         env: [
             ("RAVE_CACHE_DIR", cache_dir.to_string_lossy().into_owned()),
             ("RAVE_RUN_DIR", run_dir.to_string_lossy().into_owned()),
+            // Where `rave release create` publishes (the store of this project).
+            ("RAVE_DATA_DIR", data_dir.to_string_lossy().into_owned()),
             ("CI_SERVER_NAME", "rave".to_string()),
             ("CI_RUNNER_DESCRIPTION", "rave local".to_string()),
         ]

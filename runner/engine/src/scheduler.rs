@@ -652,6 +652,27 @@ fn save_outputs(
                 c.files,
                 format_memory(c.bytes)
             ));
+            if let Some(store) = &ws.store
+                && c.files > 0
+            {
+                let now = rave_store::now_secs();
+                let expire = |path: &str| {
+                    let secs = match a.expire_in {
+                        Some(d) => d.as_secs(),
+                        None => rave_store::default_expiry_days(path) * 86_400,
+                    };
+                    Some(now + secs)
+                };
+                let stored = store.ingest_dir(
+                    &ws.pipeline_id.to_string(),
+                    slug,
+                    &ws.artifacts_dir(slug),
+                    &expire,
+                );
+                if let Err(e) = stored {
+                    notes.push(format!("WARNING: artifacts not kept in the store: {e}"));
+                }
+            }
             if ok {
                 for f in &a.reports.dotenv {
                     match workspace::read_dotenv(&workdir.join(expand(f))) {

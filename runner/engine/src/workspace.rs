@@ -21,6 +21,10 @@ pub struct Workspace {
     pub source_root: PathBuf,
     pub files: Vec<String>,
     pub run_dir: PathBuf,
+    /// Where artifacts are kept content-addressed with their expiry (None: only in the run dir).
+    pub store: Option<rave_store::Store>,
+    /// The pipeline's id in the store's index.
+    pub pipeline_id: u64,
 }
 
 /// A file-system-safe, unique name for a job instance.
