@@ -127,11 +127,15 @@ pub fn canonical(v: &Value) -> Vec<u8> {
 }
 
 /// Build the manifest for the files under `dir`.
+///
+/// `producer` names the job that made a file (by digest) when the store knows it; otherwise
+/// the release job is named.
 pub fn manifest(
     info: &ReleaseInfo,
     dir: &Path,
     key_id: &str,
     expires_days: u64,
+    producer: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Value, ReleaseError> {
     let files: Vec<String> = list_files(dir)?
         .into_iter()
@@ -159,7 +163,7 @@ pub fn manifest(
             "sha256": sha,
             "media_type": media_type(f),
             "expire_in_days": expires_days,
-            "job": info.job,
+            "job": producer(&sha).unwrap_or_else(|| info.job.clone()),
         }));
     }
     Ok(json!({
@@ -217,8 +221,9 @@ pub fn write_release(
     dir: &Path,
     key: &SigningKey,
     expires_days: u64,
+    producer: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<PathBuf>, ReleaseError> {
-    let m = manifest(info, dir, &key.id(), expires_days)?;
+    let m = manifest(info, dir, &key.id(), expires_days, producer)?;
     let m_bytes = canonical(&m);
     let p_bytes = canonical(&provenance(info, &m));
     let mut written = Vec::new();
@@ -313,10 +318,10 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             ..Default::default()
         };
-        write_release(&info, d.path(), &key, 365).unwrap();
+        write_release(&info, d.path(), &key, 365, &|_| None).unwrap();
         let first = std::fs::read(d.path().join(MANIFEST)).unwrap();
         // Same inputs, same bytes.
-        write_release(&info, d.path(), &key, 365).unwrap();
+        write_release(&info, d.path(), &key, 365, &|_| None).unwrap();
         assert_eq!(first, std::fs::read(d.path().join(MANIFEST)).unwrap());
         let (m, id) = verify(&d.path().join(MANIFEST), &[key.public()], d.path()).unwrap();
         assert_eq!(id, key.id());

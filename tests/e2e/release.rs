@@ -115,6 +115,8 @@ fn tag_pipeline_publishes_a_signed_release_anyone_can_verify() {
         expected.split_whitespace().next().unwrap()
     );
     assert_eq!(arts[1]["media_type"], "application/x-qemu-disk");
+    // The job that made each file, found through the store's index by digest.
+    assert_eq!(arts[0]["job"], "build");
     // OpenSSH verifies both signatures.
     for f in ["release-manifest.json", "provenance.intoto.json"] {
         let (ok, out) = ssh_keygen_verify(&rel, f);

@@ -228,17 +228,27 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 pipeline_definition: definition,
                 scan_summary,
             };
-            let written = release::write_release(&info, &args.dir, &key, args.expire_days)?;
+            // The store's index of this pipeline says which job made each file.
+            let data_dir = args
+                .data_dir
+                .clone()
+                .or_else(|| env("RAVE_DATA_DIR").map(PathBuf::from));
+            let store = data_dir.as_deref().map(rave_store::Store::open);
+            let producer = |sha: &str| -> Option<String> {
+                let slug = store.as_ref()?.producer(&info.pipeline, sha)?;
+                // Index files are named `<nnn>-<job slug>`.
+                Some(
+                    slug.split_once('-')
+                        .map_or(slug.clone(), |(_, n)| n.to_string()),
+                )
+            };
+            let written =
+                release::write_release(&info, &args.dir, &key, args.expire_days, &producer)?;
             println!("signed with {}", key.id());
             for w in &written {
                 println!("wrote {}", w.display());
             }
-            if let Some(data) = args
-                .data_dir
-                .clone()
-                .or_else(|| env("RAVE_DATA_DIR").map(PathBuf::from))
-            {
-                let store = rave_store::Store::open(&data);
+            if let Some(store) = &store {
                 let artifacts: Vec<PathBuf> = release::list_files(&args.dir)?
                     .into_iter()
                     .map(|f| args.dir.join(f))

@@ -210,6 +210,27 @@ impl Store {
         Ok(entries)
     }
 
+    /// The job (index file name, e.g. `001-build`) of `pipeline` that stored a file with this
+    /// digest, if any.
+    pub fn producer(&self, pipeline: &str, sha256: &str) -> Option<String> {
+        let dir = self.root.join("index").join(safe_component(pipeline).ok()?);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files.into_iter().find_map(|f| {
+            let entries: Vec<Entry> =
+                serde_json::from_str(&std::fs::read_to_string(&f).ok()?).ok()?;
+            entries
+                .iter()
+                .any(|e| e.sha256 == sha256)
+                .then(|| f.file_stem().map(|s| s.to_string_lossy().to_string()))
+                .flatten()
+        })
+    }
+
     /// Publish a release: its metadata files are copied under `releases/<tag>/`, its artifacts
     /// go into the blob store.
     pub fn publish_release(
