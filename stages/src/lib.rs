@@ -3,6 +3,7 @@
 //! subcommand a job's script calls (`rave release create`, `rave release verify`, `rave keys`).
 
 pub mod keys;
+pub mod publish;
 pub mod release;
 
 #[derive(Debug, thiserror::Error)]

@@ -285,3 +285,219 @@ fn expired_artifacts_are_collected() {
     assert!(index.contains("b.txt"), "{index}");
     assert!(!d.path().join(".rave/index/1/000-short.json").exists());
 }
+
+/// A signed release directory, as `rave release create` makes it.
+fn release_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    rave(d.path(), &["keys", "generate", "--dir", "k"]);
+    std::fs::create_dir_all(d.path().join("release")).unwrap();
+    std::fs::write(d.path().join("release/app"), "app").unwrap();
+    let key = d.path().join("k/rave-release");
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "create",
+            "--tag",
+            "v1.0.0",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dir = d.path().join("release");
+    (d, dir)
+}
+
+#[test]
+fn publishing_to_gitea_retries_5xx_and_is_idempotent() {
+    use std::sync::{Arc, Mutex};
+    let state = Arc::new(Mutex::new((0u32, false, Vec::<String>::new())));
+    let s = state.clone();
+    let server = RecordingServer::start(Box::new(move |r| {
+        let mut st = s.lock().unwrap();
+        let p = r.path.as_str();
+        match (r.method.as_str(), p) {
+            ("POST", "/api/v1/repos/team/app/releases") => {
+                st.0 += 1;
+                if st.0 == 1 {
+                    (502, "{\"message\":\"bad gateway\"}".into())
+                } else if st.1 {
+                    (409, "{\"message\":\"release exists\"}".into())
+                } else {
+                    st.1 = true;
+                    (201, "{\"id\":7}".into())
+                }
+            }
+            ("GET", "/api/v1/repos/team/app/releases/tags/v1.0.0") => (200, "{\"id\":7}".into()),
+            ("PATCH", "/api/v1/repos/team/app/releases/7") => (200, "{\"id\":7}".into()),
+            ("GET", "/api/v1/repos/team/app/releases/7/assets") => {
+                let names: Vec<String> =
+                    st.2.iter()
+                        .map(|n| format!("{{\"name\":\"{n}\"}}"))
+                        .collect();
+                (200, format!("[{}]", names.join(",")))
+            }
+            ("POST", _) if p.starts_with("/api/v1/repos/team/app/releases/7/assets?name=") => {
+                st.2.push(p.rsplit('=').next().unwrap().to_string());
+                (201, "{}".into())
+            }
+            _ => (404, "{}".into()),
+        }
+    }));
+    let (d, dir) = release_dir();
+    let api = format!("{}/api/v1", server.url);
+    let args = [
+        "release",
+        "publish",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--forge",
+        "forgejo",
+        "--api",
+        &api,
+        "--project",
+        "team/app",
+        "--backoff-ms",
+        "10",
+    ];
+    let r = rave_env(d.path(), &args, &[("RAVE_FORGE_TOKEN", "sekret-token")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .starts_with("created release v1.0.0: 6 asset(s) uploaded, 0 already there"),
+        "{}",
+        r.stdout
+    );
+    let first = server.seen();
+    assert_eq!(
+        &first[..2],
+        [
+            "POST /api/v1/repos/team/app/releases",
+            "POST /api/v1/repos/team/app/releases"
+        ],
+        "the 502 was retried"
+    );
+    let reqs = server.requests.lock().unwrap().clone();
+    assert!(reqs.iter().all(|q| {
+        q.headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && v == "token sekret-token")
+    }));
+    let upload = reqs.iter().find(|q| q.path.ends_with("name=app")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&upload.body).contains("name=\"attachment\""),
+        "multipart field"
+    );
+    // The same tag's pipeline again: the release is updated, nothing uploaded twice.
+    let r = rave_env(d.path(), &args, &[("RAVE_FORGE_TOKEN", "sekret-token")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .starts_with("updated release v1.0.0: 0 asset(s) uploaded, 6 already there"),
+        "{}",
+        r.stdout
+    );
+    let all = server.seen();
+    assert_eq!(
+        &all[first.len()..],
+        [
+            "POST /api/v1/repos/team/app/releases",
+            "GET /api/v1/repos/team/app/releases/tags/v1.0.0",
+            "PATCH /api/v1/repos/team/app/releases/7",
+            "GET /api/v1/repos/team/app/releases/7/assets",
+        ]
+    );
+    assert!(!r.stdout.contains("sekret") && !r.stderr.contains("sekret"));
+}
+
+#[test]
+fn publishing_to_gitlab_links_packages_and_updates_on_rerun() {
+    use std::sync::{Arc, Mutex};
+    let exists = Arc::new(Mutex::new(false));
+    let e = exists.clone();
+    let server = RecordingServer::start(Box::new(move |r| {
+        let mut ex = e.lock().unwrap();
+        match (r.method.as_str(), r.path.as_str()) {
+            ("PUT", p)
+                if p.starts_with(
+                    "/api/v4/projects/group%2Fapp/packages/generic/release/v1.0.0/",
+                ) =>
+            {
+                (201, "{}".into())
+            }
+            ("POST", "/api/v4/projects/group%2Fapp/releases") if *ex => {
+                (409, "{\"message\":\"Release already exists\"}".into())
+            }
+            ("POST", "/api/v4/projects/group%2Fapp/releases") => {
+                *ex = true;
+                (201, "{}".into())
+            }
+            ("PUT", "/api/v4/projects/group%2Fapp/releases/v1.0.0") => (200, "{}".into()),
+            _ => (404, "{}".into()),
+        }
+    }));
+    let (d, dir) = release_dir();
+    let api = format!("{}/api/v4", server.url);
+    let args = [
+        "release",
+        "publish",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--forge",
+        "gitlab",
+        "--api",
+        &api,
+        "--project",
+        "group/app",
+    ];
+    let r = rave_env(d.path(), &args, &[("RAVE_FORGE_TOKEN", "glpat-x")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let create = server
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|q| q.method == "POST")
+        .cloned()
+        .unwrap();
+    let body = json(&String::from_utf8_lossy(&create.body));
+    assert_eq!(body["tag_name"], "v1.0.0");
+    assert_eq!(body["assets"]["links"].as_array().unwrap().len(), 6);
+    assert!(
+        create
+            .headers
+            .iter()
+            .any(|(k, v)| k == "private-token" && v == "glpat-x")
+    );
+    let r = rave_env(d.path(), &args, &[("RAVE_FORGE_TOKEN", "glpat-x")]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("updated release v1.0.0"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        server.seen().last().unwrap(),
+        "PUT /api/v4/projects/group%2Fapp/releases/v1.0.0"
+    );
+    // A client error is not retried and comes back with the forge's words.
+    let r = rave_env(
+        d.path(),
+        &[
+            "release",
+            "publish",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--forge",
+            "gitlab",
+            "--api",
+            &api,
+            "--project",
+            "other/app",
+        ],
+        &[("RAVE_FORGE_TOKEN", "glpat-x")],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("404"), "{}", r.stderr);
+}

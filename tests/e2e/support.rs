@@ -73,3 +73,111 @@ pub fn git_repo(files: &[(&str, &str)]) -> tempfile::TempDir {
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}):\n{s}"))
 }
+
+/// A request a [`RecordingServer`] received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 that answers with `handler` and records every request,
+/// standing in for a forge's API (no forge is reachable from the test machine).
+pub struct RecordingServer {
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+type Handler = dyn Fn(&Recorded) -> (u16, String) + Send + Sync;
+
+impl RecordingServer {
+    pub fn start(handler: Box<Handler>) -> RecordingServer {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
+        let log = requests.clone();
+        let handler: std::sync::Arc<Handler> = std::sync::Arc::from(handler);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let log = log.clone();
+                let handler = handler.clone();
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().unwrap();
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let (method, path) = (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        );
+                        let mut headers = Vec::new();
+                        loop {
+                            let mut h = String::new();
+                            reader.read_line(&mut h).unwrap();
+                            let h = h.trim_end().to_string();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                            }
+                        }
+                        let header =
+                            |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                        let mut body = Vec::new();
+                        if let Some(len) =
+                            header("content-length").and_then(|l| l.parse::<usize>().ok())
+                        {
+                            body.resize(len, 0);
+                            reader.read_exact(&mut body).unwrap();
+                        } else if header("transfer-encoding").is_some_and(|t| t.contains("chunked"))
+                        {
+                            loop {
+                                let mut size = String::new();
+                                reader.read_line(&mut size).unwrap();
+                                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                                let mut chunk = vec![0; n + 2];
+                                reader.read_exact(&mut chunk).unwrap();
+                                if n == 0 {
+                                    break;
+                                }
+                                body.extend_from_slice(&chunk[..n]);
+                            }
+                        }
+                        let req = Recorded {
+                            method,
+                            path,
+                            headers,
+                            body,
+                        };
+                        let (status, payload) = handler(&req);
+                        log.lock().unwrap().push(req);
+                        let _ = write!(
+                            writer,
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+                            payload.len()
+                        );
+                    }
+                });
+            }
+        });
+        RecordingServer { url, requests }
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+}

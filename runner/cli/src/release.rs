@@ -81,10 +81,32 @@ pub enum ReleaseCommand {
     Create(CreateArgs),
     /// Check a manifest's signature and every artifact's digest.
     Verify(VerifyArgs),
+    /// Publish a release directory to a forge (GitLab, Gitea/Forgejo, GitHub); safe to rerun.
+    Publish(PublishArgs),
     /// List the releases published in this project's store.
     List(StoreArgs),
     /// Fetch a published release's artifacts (e.g. to roll back), verified.
     Download(DownloadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Directory made by `rave release create`.
+    #[arg(long, value_name = "DIR", default_value = "release")]
+    pub dir: PathBuf,
+    /// gitlab, gitea (also forgejo) or github.
+    #[arg(long)]
+    pub forge: String,
+    /// API base URL (e.g. https://gitlab.example.com/api/v4, https://codeberg.org/api/v1,
+    /// https://api.github.com).
+    #[arg(long, value_name = "URL")]
+    pub api: String,
+    /// GitLab project id or path; Gitea/GitHub owner/repo.
+    #[arg(long)]
+    pub project: String,
+    /// Milliseconds before the first retry of a 5xx (doubles each time).
+    #[arg(long, default_value_t = 500)]
+    pub backoff_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -257,6 +279,61 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 let dir = store.publish_release(&info.tag, &written, &artifacts)?;
                 println!("published {} to {}", info.tag, dir.display());
             }
+            Ok(0)
+        }
+        ReleaseCommand::Publish(args) => {
+            let Some(forge) = rave_stages::publish::Forge::parse(&args.forge) else {
+                eprintln!(
+                    "error: unknown --forge `{}`: use gitlab, gitea, forgejo or github",
+                    args.forge
+                );
+                return Ok(2);
+            };
+            let Some(token) = env("RAVE_FORGE_TOKEN") else {
+                eprintln!(
+                    "error: set RAVE_FORGE_TOKEN to a token that may create releases (add it to RAVE_MASKED_VARIABLES)"
+                );
+                return Ok(2);
+            };
+            let manifest_path = args.dir.join(release::MANIFEST);
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&manifest_path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e}; run `rave release create` first",
+                        manifest_path.display()
+                    )
+                })?)?;
+            let tag = m["tag"].as_str().unwrap_or_default().to_string();
+            let mut description = format!(
+                "Signed with {}.\n\n| artifact | size | sha256 |\n|---|---|---|\n",
+                m["key_id"].as_str().unwrap_or("?")
+            );
+            for a in m["artifacts"].as_array().into_iter().flatten() {
+                description.push_str(&format!(
+                    "| {} | {} | `{}` |\n",
+                    a["path"].as_str().unwrap_or(""),
+                    a["size"],
+                    a["sha256"].as_str().unwrap_or("")
+                ));
+            }
+            let assets: Vec<PathBuf> = release::list_files(&args.dir)?
+                .into_iter()
+                .map(|f| args.dir.join(f))
+                .collect();
+            let target = rave_stages::publish::Target {
+                forge,
+                api: args.api.clone(),
+                project: args.project.clone(),
+                token,
+                backoff: std::time::Duration::from_millis(args.backoff_ms),
+            };
+            let r = rave_stages::publish::publish(&target, &tag, &tag, &description, &assets)?;
+            println!(
+                "{} release {tag}: {} asset(s) uploaded, {} already there",
+                if r.created { "created" } else { "updated" },
+                r.uploaded.len(),
+                r.already_there.len()
+            );
             Ok(0)
         }
         ReleaseCommand::List(args) => {
