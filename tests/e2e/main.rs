@@ -3,6 +3,7 @@
 
 mod support;
 
+mod docker;
 mod graph;
 mod lint;
 mod release;

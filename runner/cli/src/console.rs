@@ -200,7 +200,10 @@ impl Console {
                 },
             }
             if logs.is_empty() && events.is_empty() {
+                // Idle: make everything so far visible, to the terminal and to anyone reading
+                // the log files (`rave logs`, the server) while the job runs.
                 let _ = out.flush();
+                files.flush_all();
             }
         }
         files.flush_all();

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use clap::Args;
 use rave_engine::cgroup::Cgroups;
+use rave_engine::dispatch::Dispatch;
+use rave_engine::docker::DockerExecutor;
 use rave_engine::local::LocalExecutor;
 use rave_engine::logs::LogFiles;
 use rave_engine::scheduler::{
@@ -44,6 +46,11 @@ pub struct RunArgs {
     /// Keep each job's working copy under .rave/runs/<id>/jobs after it ends.
     #[arg(long)]
     pub keep: bool,
+    /// Executor for jobs: `local`, or `docker` (jobs without `image:` use `.rave:
+    /// default_image`). Default: `.rave: executor`, else local, with jobs that name an image
+    /// run in Docker when an engine answers.
+    #[arg(long, value_name = "NAME")]
+    pub executor: Option<String>,
 }
 
 /// Choose the instances to run from the names on the command line.
@@ -283,6 +290,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         })
         .collect();
     let masked = console::mask_values(masked_values.iter().map(String::as_str));
+    let executor = args
+        .executor
+        .clone()
+        .or_else(|| pipeline.rave.executor.clone())
+        .unwrap_or_else(|| "local".into());
+    let docker_default = match executor.as_str() {
+        "docker" => true,
+        "local" => false,
+        other => {
+            eprintln!("error: unknown --executor `{other}`: use local or docker");
+            return Ok(2);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -300,7 +320,37 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));
         let cancel = Cancel::default();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
-        let exec = Arc::new(LocalExecutor::new(cgroups.clone()));
+        let wants_docker = docker_default || plan.jobs.iter().any(|j| j.job.image.is_some());
+        let docker = if wants_docker {
+            let builds = format!(
+                "/builds/{}/{}",
+                trigger.project_namespace, trigger.project_name
+            );
+            match DockerExecutor::connect(builds, pipeline.rave.default_image.clone()).await {
+                Ok(d) => {
+                    let swept = d.sweep().await;
+                    if swept > 0 {
+                        eprintln!("rave: removed {swept} container(s) an earlier rave left behind");
+                    }
+                    Some(d)
+                }
+                Err(e) if docker_default => {
+                    eprintln!("error: {e}");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("rave: {e}; jobs with `image:` run on this machine instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let exec = Arc::new(Dispatch {
+            local: LocalExecutor::new(cgroups.clone()),
+            docker,
+            docker_by_default: docker_default,
+        });
         let result = scheduler::run(&plan, exec, ws, cfg, ev_tx, log_tx, cancel).await;
         signals.abort();
         let _ = printer.await;

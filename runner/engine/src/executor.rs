@@ -50,6 +50,8 @@ pub struct JobSpec {
     pub memory_bytes: u64,
     pub cpus: f64,
     pub image: Option<String>,
+    /// The image's `pull_policy` (first entry), for container executors.
+    pub pull_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]

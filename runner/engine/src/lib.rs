@@ -24,6 +24,8 @@
 pub mod admission;
 pub mod caps;
 pub mod cgroup;
+pub mod dispatch;
+pub mod docker;
 pub mod event;
 pub mod executor;
 pub mod local;

@@ -57,7 +57,7 @@ fn sq(s: &str) -> String {
 }
 
 /// GitLab's shell contract: `set -eo pipefail`, each command echoed as `$ cmd`, then run.
-fn script_text(lines: &[String], fail_fast: bool) -> String {
+pub(crate) fn script_text(lines: &[String], fail_fast: bool) -> String {
     let mut s = String::from(if fail_fast {
         "set -eo pipefail\nset +o noclobber\n"
     } else {

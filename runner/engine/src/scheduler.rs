@@ -468,6 +468,11 @@ impl<'p, E: Executor> Run<'p, E> {
             memory_bytes: j.memory_bytes,
             cpus: j.cpus,
             image: j.job.image.as_ref().map(|i| i.name.clone()),
+            pull_policy: j
+                .job
+                .image
+                .as_ref()
+                .and_then(|i| i.pull_policy.first().cloned()),
         };
         let _ = self.events.send(Event::JobStarted {
             id,

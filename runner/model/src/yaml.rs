@@ -364,6 +364,15 @@ impl Builder<'_> {
                             return;
                         }
                     };
+                    if name != "<<" && entries.iter().any(|(e, _)| e.name == name) {
+                        let span = k.span;
+                        self.fail(
+                            format!("key `{name}` appears twice in this mapping"),
+                            span,
+                            Some("YAML keys must be unique; keep one of them"),
+                        );
+                        return;
+                    }
                     entries.push((Key { name, span: k.span }, node));
                 }
             },
@@ -573,6 +582,13 @@ mod tests {
         let (k, _) = &n.as_map().unwrap()[1];
         assert_eq!(&text[k.span.offset..k.span.offset + 3], "job");
         assert_eq!((k.span.line, k.span.col), (2, 1));
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let e = p("job:\n  image: a\n  image: b\n").unwrap_err();
+        assert!(e.message.contains("`image` appears twice"), "{}", e.message);
+        assert_eq!(e.span.line, 3);
     }
 
     #[test]
