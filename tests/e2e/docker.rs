@@ -168,3 +168,30 @@ fn cancel_removes_the_container() {
         rave_containers(d.path())
     );
 }
+
+#[test]
+fn image_entrypoint_is_kept_unless_the_job_overrides_it() {
+    engine_with_image();
+    // An image whose entrypoint refuses to run anything.
+    let tag = "rave-test/entry-false:latest";
+    if !docker(&["image", "inspect", tag]).0 {
+        let d = tempfile::tempdir().unwrap();
+        sh(
+            d.path(),
+            &format!(
+                "id=$(docker create {IMAGE} true) && docker export $id | docker import --change 'ENTRYPOINT [\"/bin/false\"]' - {tag} >/dev/null && docker rm $id >/dev/null"
+            ),
+        );
+    }
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "kept:\n  image: {tag}\n  script: [echo ran]\ncleared:\n  image: {{name: '{tag}', entrypoint: ['']}}\n  script: [echo ran-cleared]\n"
+        ),
+    )]);
+    let r = rave(d.path(), &["run", "--json"]);
+    let v = json(&r.stdout);
+    assert_eq!(job(&v, "kept")["status"], "failed", "{}", r.stderr);
+    assert_eq!(job(&v, "cleared")["status"], "success", "{}", r.stderr);
+    assert!(r.stderr.contains("cleared > ran-cleared"), "{}", r.stderr);
+}

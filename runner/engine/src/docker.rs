@@ -199,7 +199,12 @@ impl DockerExecutor {
                     "if command -v bash >/dev/null 2>&1; then exec bash {script}; else exec sh {script}; fi"
                 ),
             ]),
-            entrypoint: Some(vec![]),
+            // GitLab keeps the image's entrypoint unless `image: entrypoint` says otherwise;
+            // `[""]` (or `[]`) clears it.
+            entrypoint: spec
+                .entrypoint
+                .clone()
+                .map(|e| e.into_iter().filter(|x| !x.is_empty()).collect()),
             env: Some(env),
             working_dir: Some(self.builds_path.clone()),
             labels: Some(HashMap::from([

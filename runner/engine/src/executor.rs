@@ -52,6 +52,8 @@ pub struct JobSpec {
     pub image: Option<String>,
     /// The image's `pull_policy` (first entry), for container executors.
     pub pull_policy: Option<String>,
+    /// `image: entrypoint` (None: the image's own, as GitLab does; `[""]` clears it).
+    pub entrypoint: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default)]

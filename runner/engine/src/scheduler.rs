@@ -473,6 +473,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 .image
                 .as_ref()
                 .and_then(|i| i.pull_policy.first().cloned()),
+            entrypoint: j.job.image.as_ref().and_then(|i| i.entrypoint.clone()),
         };
         let _ = self.events.send(Event::JobStarted {
             id,
