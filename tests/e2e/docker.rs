@@ -69,15 +69,6 @@ fn rave_containers(dir: &std::path::Path) -> String {
         .join("\n")
 }
 
-fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == name)
-        .unwrap()
-}
-
 #[test]
 fn jobs_with_an_image_run_in_containers_under_their_limits() {
     engine_with_image();
@@ -129,28 +120,13 @@ fn cancel_removes_the_container() {
         ".gitlab-ci.yml",
         &format!("long:\n  image: {IMAGE}\n  script: [echo READY, sleep 600]\n"),
     )]);
-    let child = Command::new(rave_bin())
-        .args(["run", "--json"])
-        .current_dir(d.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_rave(d.path(), &["run", "--json"]);
     let log = d.path().join(".rave/runs/1/logs/000-long.log");
-    let t = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("READY")
-    {
-        assert!(t.elapsed().as_secs() < 60, "the container never started");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("the container never started", 60, || {
+        file_contains(&log, "READY")
+    });
     assert!(!rave_containers(d.path()).trim().is_empty());
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
+    interrupt(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

@@ -19,15 +19,6 @@ fn names(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job {name}"))
-}
-
 #[test]
 fn origin_pipeline_for_a_branch_and_a_tag() {
     let dir = fixtures().join("origin");

@@ -1,7 +1,7 @@
 //! `rave run` with real processes, real cgroups and real git repositories.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -11,15 +11,6 @@ fn run_json(dir: &Path, extra: &[&str]) -> (Run, serde_json::Value) {
     let r = rave(dir, &args);
     let v = json(&r.stdout);
     (r, v)
-}
-
-fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job {name} in {v:#}"))
 }
 
 fn time(v: &serde_json::Value, key: &str) -> std::time::SystemTime {
@@ -157,25 +148,11 @@ fn ctrl_c_kills_the_whole_tree_and_runs_after_script() {
         ".gitlab-ci.yml",
         "long:\n  script:\n    - (sleep 987651; echo never) &\n    - setsid sleep 987652 &\n    - echo READY\n    - sleep 987653\n  after_script:\n    - echo AFTER=$CI_JOB_STATUS\n",
     )]);
-    let child = std::process::Command::new(rave_bin())
-        .args(["run", "--json"])
-        .current_dir(d.path())
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_rave(d.path(), &["run", "--json"]);
     let log = d.path().join(".rave/runs/1/logs/000-long.log");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("READY")
-        && processes_with("sleep 987653").is_empty()
-    {
-        assert!(t.elapsed() < Duration::from_secs(30), "job never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("job never started", 30, || {
+        file_contains(&log, "READY") || !processes_with("sleep 987653").is_empty()
+    });
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         processes_with("sleep 98765").len(),
@@ -183,11 +160,7 @@ fn ctrl_c_kills_the_whole_tree_and_runs_after_script() {
         "{:?}",
         processes_with("sleep 98765")
     );
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
+    interrupt(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     let v = json(&String::from_utf8_lossy(&out.stdout));
@@ -448,22 +421,11 @@ fn jobs_see_the_tree_as_it_was_when_the_pipeline_started() {
         ),
         ("data.txt", "original"),
     ]);
-    let child = std::process::Command::new(rave_bin())
-        .args(["run", "--json"])
-        .current_dir(d.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_rave(d.path(), &["run", "--json"]);
     let log = d.path().join(".rave/runs/1/logs/000-first.log");
-    let t = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("original")
-    {
-        assert!(t.elapsed() < Duration::from_secs(30), "first never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("first never started", 30, || {
+        file_contains(&log, "original")
+    });
     // Edited while the pipeline runs: the second job must still see the original.
     std::fs::write(d.path().join("data.txt"), "edited").unwrap();
     let out = child.wait_with_output().unwrap();

@@ -181,3 +181,48 @@ impl RecordingServer {
             .collect()
     }
 }
+
+/// The entry for job `name` in a `--json` document (run results or a planned graph).
+pub fn job<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name} in {v:#}"))
+}
+
+/// Start `rave` in the background, output captured.
+pub fn spawn_rave(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(rave_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rave")
+}
+
+/// Wait (at most `secs`) until `done` holds; a guard against hangs, not a timing assertion.
+pub fn wait_until(what: &str, secs: u64, done: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed().as_secs() < secs, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Does the file exist and contain `needle`?
+pub fn file_contains(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+}
+
+/// Ctrl-C to a process.
+pub fn interrupt(child: &std::process::Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+}
