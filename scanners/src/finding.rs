@@ -87,3 +87,21 @@ pub struct Finding {
     pub line: Option<u32>,
     pub link: Option<String>,
 }
+
+impl Finding {
+    /// A finding with only what every scanner knows; the rest is filled in with `..`.
+    pub fn new(tool: Tool, id: String, title: String, severity: Severity) -> Finding {
+        Finding {
+            tool,
+            id,
+            title,
+            severity,
+            package: None,
+            installed_version: None,
+            fixed_version: None,
+            target: None,
+            line: None,
+            link: None,
+        }
+    }
+}

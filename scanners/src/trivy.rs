@@ -15,6 +15,11 @@ fn s(v: &Value, k: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The entries of a list field (none when absent).
+fn items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
 fn sev(v: &Value) -> Severity {
     v.get("Severity")
         .and_then(Value::as_str)
@@ -38,19 +43,9 @@ pub fn parse(json: &str) -> Result<Vec<Finding>, ScanError> {
         }
     }
     let mut out = Vec::new();
-    for r in v
-        .get("Results")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for r in items(&v, "Results") {
         let target = s(r, "Target");
-        for x in r
-            .get("Vulnerabilities")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for x in items(r, "Vulnerabilities") {
             out.push(Finding {
                 tool: Tool::Trivy,
                 id: s(x, "VulnerabilityID").unwrap_or_default(),
@@ -66,56 +61,38 @@ pub fn parse(json: &str) -> Result<Vec<Finding>, ScanError> {
                 link: s(x, "PrimaryURL"),
             });
         }
-        for x in r
-            .get("Secrets")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for x in items(r, "Secrets") {
             out.push(Finding {
-                tool: Tool::Trivy,
-                id: s(x, "RuleID").unwrap_or_default(),
-                title: s(x, "Title").unwrap_or_default(),
-                severity: sev(x),
-                package: None,
-                installed_version: None,
-                fixed_version: None,
                 target: target.clone(),
                 line: x.get("StartLine").and_then(Value::as_u64).map(|l| l as u32),
-                link: None,
+                ..Finding::new(
+                    Tool::Trivy,
+                    s(x, "RuleID").unwrap_or_default(),
+                    s(x, "Title").unwrap_or_default(),
+                    sev(x),
+                )
             });
         }
-        for x in r
-            .get("Misconfigurations")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for x in items(r, "Misconfigurations") {
             if x.get("Status").and_then(Value::as_str) == Some("PASS") {
                 continue;
             }
             out.push(Finding {
-                tool: Tool::Trivy,
-                id: s(x, "ID").or_else(|| s(x, "AVDID")).unwrap_or_default(),
-                title: s(x, "Title").unwrap_or_default(),
-                severity: sev(x),
-                package: None,
-                installed_version: None,
-                fixed_version: None,
                 target: target.clone(),
                 line: x
                     .pointer("/CauseMetadata/StartLine")
                     .and_then(Value::as_u64)
                     .map(|l| l as u32),
                 link: s(x, "PrimaryURL"),
+                ..Finding::new(
+                    Tool::Trivy,
+                    s(x, "ID").or_else(|| s(x, "AVDID")).unwrap_or_default(),
+                    s(x, "Title").unwrap_or_default(),
+                    sev(x),
+                )
             });
         }
-        for x in r
-            .get("Licenses")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for x in items(r, "Licenses") {
             out.push(Finding {
                 tool: Tool::Trivy,
                 id: format!("license:{}", s(x, "Name").unwrap_or_default()),
