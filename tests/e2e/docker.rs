@@ -21,12 +21,18 @@ fn docker(args: &[&str]) -> (bool, String) {
 
 /// Make sure the engine answers and the test image exists. Fails (never skips) otherwise.
 fn engine_with_image() {
+    busybox_image(IMAGE, &[]);
+}
+
+/// An image of Debian's static busybox made with `docker import` (`changes` are Dockerfile
+/// lines such as `EXPOSE 8080`), built once per machine.
+fn busybox_image(tag: &str, changes: &[&str]) {
     let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
     assert!(
         ok,
         "no Docker engine answers ({out}); ./x test starts dockerd"
     );
-    if docker(&["image", "inspect", IMAGE]).0 {
+    if docker(&["image", "inspect", tag]).0 {
         return;
     }
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
@@ -35,17 +41,24 @@ fn engine_with_image() {
         .expect("busybox-static is required (./x test installs it)");
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::create_dir_all(root.path().join("www")).unwrap();
+    std::fs::write(
+        root.path().join("www/hello.txt"),
+        "hello from the service\n",
+    )
+    .unwrap();
     std::fs::copy(busybox, root.path().join("bin/busybox")).unwrap();
     for tool in [
         "sh", "echo", "cat", "ls", "mkdir", "sleep", "head", "tail", "true", "false", "env", "id",
-        "test", "[",
+        "test", "[", "wget", "httpd",
     ] {
         std::os::unix::fs::symlink("busybox", root.path().join("bin").join(tool)).unwrap();
     }
+    let changes: String = changes.iter().map(|c| format!(" --change '{c}'")).collect();
     sh(
         root.path(),
         &format!(
-            "tar -C {} -c . | docker import - {IMAGE} > /dev/null",
+            "tar -C {} -c . | docker import{changes} - {tag} > /dev/null",
             root.path().display()
         ),
     );
@@ -62,6 +75,24 @@ fn rave_containers(dir: &std::path::Path) -> String {
         "{{.ID}} {{.Labels}}",
     ])
     .1;
+    mine(&all, dir)
+}
+
+/// Networks rave made for runs under `dir`.
+fn rave_networks(dir: &std::path::Path) -> String {
+    let all = docker(&[
+        "network",
+        "ls",
+        "--filter",
+        "label=rave",
+        "--format",
+        "{{.Name}} {{.Labels}}",
+    ])
+    .1;
+    mine(&all, dir)
+}
+
+fn mine(all: &str, dir: &std::path::Path) -> String {
     let me = dir.display().to_string();
     all.lines()
         .filter(|l| l.contains(&me))
@@ -170,4 +201,130 @@ fn image_entrypoint_is_kept_unless_the_job_overrides_it() {
     assert_eq!(job(&v, "kept")["status"], "failed", "{}", r.stderr);
     assert_eq!(job(&v, "cleared")["status"], "success", "{}", r.stderr);
     assert!(r.stderr.contains("cleared > ran-cleared"), "{}", r.stderr);
+}
+
+#[test]
+fn services_are_reachable_by_alias_and_a_deaf_one_fails_with_its_output() {
+    let web = "rave-test/web:latest";
+    busybox_image(
+        web,
+        &[
+            "EXPOSE 8080",
+            r#"CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]"#,
+        ],
+    );
+    let mute = "rave-test/mute:latest";
+    busybox_image(
+        mute,
+        &[
+            "EXPOSE 9999",
+            r#"CMD ["sh", "-c", "echo mute-started; sleep 600"]"#,
+        ],
+    );
+    let crash = "rave-test/crash:latest";
+    busybox_image(
+        crash,
+        &["EXPOSE 7777", r#"CMD ["sh", "-c", "echo boom; exit 3"]"#],
+    );
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "talk:\n  image: {web}\n  services: [{{name: '{web}', alias: api}}]\n  script:\n    - wget -q -O- http://api:8080/hello.txt\n    - wget -q -O- http://rave-test-web:8080/hello.txt > /dev/null\n    - wget -q -O- http://rave-test__web:8080/hello.txt > /dev/null\n\
+             deaf:\n  image: {web}\n  variables: {{RAVE_SERVICE_WAIT: '2'}}\n  services: ['{mute}']\n  script: [echo never-runs]\n\
+             crashes:\n  image: {web}\n  services: ['{crash}']\n  script: [echo never-runs]\n"
+        ),
+    )]);
+    let r = rave(d.path(), &["run", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v = json(&r.stdout);
+    let talk = job(&v, "talk");
+    assert_eq!(talk["status"], "success", "{}", r.stderr);
+    assert!(
+        r.stderr.contains("talk    > hello from the service"),
+        "{}",
+        r.stderr
+    );
+    // The job and its service share the job's cgroup: the peak is measured for the pair.
+    assert!(talk["peak_memory_bytes"].as_u64().unwrap() > 0, "{talk:#}");
+    let deaf = job(&v, "deaf");
+    assert_eq!(deaf["failure_reason"], "runner_error", "{deaf:#}");
+    let note = deaf["note"].as_str().unwrap();
+    assert!(
+        note.contains("service `rave-test/mute:latest` (rave-test__mute, rave-test-mute) did not accept connections on port 9999 within 2s"),
+        "{note}"
+    );
+    assert!(note.contains("mute-started"), "{note}");
+    assert!(!r.stderr.contains("never-runs"), "{}", r.stderr);
+    let crashes = job(&v, "crashes");
+    let note = crashes["note"].as_str().unwrap();
+    assert!(
+        note.contains("exited with code 3 before accepting connections on port 7777"),
+        "{note}"
+    );
+    assert!(note.contains("boom"), "{note}");
+    assert!(
+        rave_containers(d.path()).trim().is_empty(),
+        "left behind: {}",
+        rave_containers(d.path())
+    );
+    assert!(
+        rave_networks(d.path()).trim().is_empty(),
+        "left behind: {}",
+        rave_networks(d.path())
+    );
+}
+
+#[test]
+fn a_restart_sweeps_what_a_killed_rave_left() {
+    let web = "rave-test/web:latest";
+    busybox_image(
+        web,
+        &[
+            "EXPOSE 8080",
+            r#"CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]"#,
+        ],
+    );
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "long:\n  image: {web}\n  services: ['{web}']\n  script: [echo READY, sleep 600]\nquick:\n  image: {web}\n  script: [echo quick]\n"
+        ),
+    )]);
+    let mut child = spawn_rave(d.path(), &["run", "long"]);
+    let log = d.path().join(".rave/runs/1/logs/000-long.log");
+    wait_until("the job never started", 60, || file_contains(&log, "READY"));
+    let pid = child.id();
+    child.kill().unwrap(); // SIGKILL: rave gets no chance to clean up
+    child.wait().unwrap();
+    // The job's container and its service outlive it, with their network and cgroup.
+    assert_eq!(rave_containers(d.path()).lines().count(), 2);
+    assert!(!rave_networks(d.path()).trim().is_empty());
+    // The job's group (cgroup v1 here; where the memory controller lives elsewhere the
+    // group is simply not looked at).
+    let group = std::path::PathBuf::from(format!("/sys/fs/cgroup/memory/rave-{pid}"));
+    let had_group = group.exists();
+    // The next rave on this machine removes them, whatever it runs.
+    let r = rave(d.path(), &["run", "quick"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("container(s) an earlier rave left behind"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        rave_containers(d.path()).trim().is_empty(),
+        "left behind: {}",
+        rave_containers(d.path())
+    );
+    assert!(
+        rave_networks(d.path()).trim().is_empty(),
+        "left behind: {}",
+        rave_networks(d.path())
+    );
+    assert!(
+        !(had_group && group.exists()),
+        "{} is left",
+        group.display()
+    );
 }

@@ -320,13 +320,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));
         let cancel = Cancel::default();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
-        let wants_docker = docker_default || plan.jobs.iter().any(|j| j.job.image.is_some());
+        let wants_docker = docker_default
+            || plan
+                .jobs
+                .iter()
+                .any(|j| j.job.image.is_some() || !j.job.services.is_empty());
         let docker = if wants_docker {
             let builds = format!(
                 "/builds/{}/{}",
                 trigger.project_namespace, trigger.project_name
             );
-            match DockerExecutor::connect(builds, pipeline.rave.default_image.clone()).await {
+            match DockerExecutor::connect(
+                builds,
+                pipeline.rave.default_image.clone(),
+                cgroups.clone(),
+            )
+            .await
+            {
                 Ok(d) => {
                     let swept = d.sweep().await;
                     if swept > 0 {

@@ -78,6 +78,7 @@ impl Cgroups {
                     parent.display()
                 ));
             }
+            sweep_dead(&parent);
             let base = parent.join(&tag);
             fs::create_dir_all(&base)
                 .map_err(|e| format!("cannot create {}: {e}", base.display()))?;
@@ -101,6 +102,7 @@ impl Cgroups {
             return Err("no cgroup memory controller is mounted (neither v2 nor v1 memory)".into());
         }
         let mem_own = own_path("memory").unwrap_or_else(|| "/".into());
+        sweep_dead(&mem_root.join(mem_own.trim_start_matches('/')));
         let memory = mem_root.join(mem_own.trim_start_matches('/')).join(&tag);
         fs::create_dir_all(&memory)
             .map_err(|e| format!("cannot create {}: {e}", memory.display()))?;
@@ -109,6 +111,7 @@ impl Cgroups {
                 .iter()
                 .map(|d| Path::new(V2_ROOT).join(d))
                 .find(|p| p.join("cpu.cfs_quota_us").exists())?;
+            sweep_dead(&root.join(own.trim_start_matches('/')));
             let dir = root.join(own.trim_start_matches('/')).join(&tag);
             fs::create_dir_all(&dir).ok().map(|_| dir)
         });
@@ -209,6 +212,61 @@ impl Cgroups {
     }
 }
 
+/// Groups `rave-<pid>` under `parent` whose rave no longer runs (it was killed with -9 or
+/// crashed): kill what still runs in them (a job outliving its rave) and remove them, deepest
+/// first. Returns how many job processes were killed.
+pub fn sweep_dead(parent: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("rave-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        killed += remove_tree(&e.path());
+    }
+    killed
+}
+
+fn remove_tree(dir: &Path) -> usize {
+    let mut killed = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                killed += remove_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() && fs::remove_dir(dir).is_ok() {
+            break;
+        }
+        for pid in pids {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                if rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok() {
+                    killed += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    killed
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -240,6 +298,26 @@ impl JobCgroup {
             Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill"),
         };
         kills.unwrap_or(0) > 0
+    }
+
+    /// The group as a Docker `cgroup_parent` (cgroupfs driver): the path below the controller's
+    /// mount. Containers made with it sit in sub-groups, so the job's limit holds for all of
+    /// its containers together (the job and its services) and its peak and OOM count are read
+    /// here as for a local job.
+    pub fn docker_parent(&self) -> Option<String> {
+        let root = match self.layout {
+            Layout::V2 { .. } => {
+                // Children need the controllers; this group itself then holds no process.
+                let _ = write(
+                    &self.mem_dir().join("cgroup.subtree_control"),
+                    "+memory +cpu",
+                );
+                PathBuf::from(V2_ROOT)
+            }
+            Layout::V1 { .. } => Path::new(V2_ROOT).join("memory"),
+        };
+        let rel = self.mem_dir().strip_prefix(&root).ok()?;
+        Some(format!("/{}", rel.display()))
     }
 
     /// Pids currently in the group.

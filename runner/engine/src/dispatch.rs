@@ -16,10 +16,12 @@ pub struct Dispatch {
 
 impl Executor for Dispatch {
     async fn run(&self, spec: JobSpec, log: LogSink, cancel: Cancel) -> ExecOutcome {
-        let wants_docker = self.docker_by_default || spec.image.is_some();
+        // Services need containers: a job with services runs in the default image.
+        let wants_docker =
+            self.docker_by_default || spec.image.is_some() || !spec.services.is_empty();
         match (&self.docker, wants_docker) {
             (Some(d), true) => d.run(spec, log, cancel).await,
-            (None, true) if self.docker_by_default => ExecOutcome {
+            (None, true) if self.docker_by_default || !spec.services.is_empty() => ExecOutcome {
                 runner_error: Some("the docker executor was chosen but no Docker engine answers; start dockerd or set DOCKER_HOST".into()),
                 ..ExecOutcome::default()
             },

@@ -54,6 +54,37 @@ pub struct JobSpec {
     pub pull_policy: Option<String>,
     /// `image: entrypoint` (None: the image's own, as GitLab does; `[""]` clears it).
     pub entrypoint: Option<Vec<String>>,
+    /// `services:`: sidecar containers the job talks to by alias (container executors only).
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One `services:` entry, ready to start.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceSpec {
+    pub image: String,
+    /// Host names the job reaches it by: the ones derived from the image name, then `alias:`.
+    pub aliases: Vec<String>,
+    pub entrypoint: Option<Vec<String>>,
+    pub command: Option<Vec<String>>,
+    /// The service's own `variables:` (the job's variables are passed too, as GitLab does).
+    pub variables: Vec<(String, String)>,
+    pub pull_policy: Option<String>,
+}
+
+impl ServiceSpec {
+    /// GitLab's host names for a service image: the name without tag or digest, with `/`
+    /// replaced by `__` and by `-` (`tutum/wordpress:4` → `tutum__wordpress`, `tutum-wordpress`).
+    pub fn derived_aliases(image: &str) -> Vec<String> {
+        let name = image.split('@').next().unwrap_or(image);
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        let name = match name[last_slash..].find(':') {
+            Some(i) => &name[..last_slash + i],
+            None => name,
+        };
+        let mut out = vec![name.replace('/', "__"), name.replace('/', "-")];
+        out.dedup();
+        out
+    }
 }
 
 #[derive(Clone, Debug, Default)]

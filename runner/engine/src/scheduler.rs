@@ -474,6 +474,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 .as_ref()
                 .and_then(|i| i.pull_policy.first().cloned()),
             entrypoint: j.job.image.as_ref().and_then(|i| i.entrypoint.clone()),
+            services: j.job.services.iter().map(service_spec).collect(),
         };
         let _ = self.events.send(Event::JobStarted {
             id,
@@ -693,4 +694,32 @@ fn save_outputs(
         ws.discard(slug);
     }
     (dotenv, notes)
+}
+
+fn service_spec(s: &rave_model::pipeline::Service) -> crate::executor::ServiceSpec {
+    let mut aliases = crate::executor::ServiceSpec::derived_aliases(&s.name);
+    // GitLab accepts several aliases in one `alias:`, separated by commas or spaces.
+    for a in s
+        .alias
+        .iter()
+        .flat_map(|a| a.split([',', ' ']))
+        .filter(|a| !a.is_empty())
+    {
+        if !aliases.iter().any(|x| x == a) {
+            aliases.push(a.to_string());
+        }
+    }
+    crate::executor::ServiceSpec {
+        image: s.name.clone(),
+        aliases,
+        entrypoint: s.entrypoint.clone(),
+        command: s.command.clone(),
+        variables: s
+            .variables
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect(),
+        pull_policy: s.pull_policy.first().cloned(),
+    }
 }
