@@ -22,7 +22,11 @@ impl Executor for Dispatch {
         match (&self.docker, wants_docker) {
             (Some(d), true) => d.run(spec, log, cancel).await,
             (None, true) if self.docker_by_default || !spec.services.is_empty() => ExecOutcome {
-                runner_error: Some("the docker executor was chosen but no Docker engine answers; start dockerd or set DOCKER_HOST".into()),
+                runner_error: Some(if self.docker_by_default {
+                    "the docker executor was chosen but no Docker engine answers; start dockerd or set DOCKER_HOST".into()
+                } else {
+                    "the job has `services:`, which run in containers, but no Docker engine answers; start dockerd or set DOCKER_HOST".into()
+                }),
                 ..ExecOutcome::default()
             },
             _ => self.local.run(spec, log, cancel).await,
