@@ -16,6 +16,9 @@ pub struct Console {
     pub width: usize,
     /// Secret values replaced by `[MASKED]` in the console and the log files.
     pub masked: Vec<Vec<u8>>,
+    /// `rave run --events FILE`: one JSON line per job state change, flushed as it happens
+    /// (read by `rave serve` while the run goes on).
+    pub events: Option<std::fs::File>,
 }
 
 /// GitLab's rule: only values of 8 characters or more are masked (shorter ones would blot out
@@ -101,6 +104,36 @@ impl Console {
         }
     }
 
+    fn event_line(&mut self, e: &Event) {
+        let Some(f) = self.events.as_mut() else {
+            return;
+        };
+        let v = match e {
+            Event::JobStarted {
+                id,
+                attempt,
+                memory_bytes,
+                cpus,
+            } => serde_json::json!({
+                "event": "job_started", "index": id, "attempt": attempt,
+                "memory_limit_bytes": memory_bytes, "cpus": cpus,
+                "at": rave_engine::event::rfc3339_millis(std::time::SystemTime::now()),
+            }),
+            Event::JobRetrying {
+                id,
+                attempt,
+                reason,
+            } => serde_json::json!({
+                "event": "job_retrying", "index": id, "attempt": attempt, "reason": reason.as_str(),
+            }),
+            Event::JobFinished { id, record } => serde_json::json!({
+                "event": "job_finished", "index": id, "record": record,
+            }),
+        };
+        // One write per line: a reader never sees half a line it would take for whole.
+        let _ = f.write_all(format!("{v}\n").as_bytes());
+    }
+
     fn event(&self, out: &mut dyn Write, e: &Event) {
         match e {
             Event::JobStarted {
@@ -155,7 +188,7 @@ impl Console {
     /// Consume both streams until they close. Log chunks already queued are written before an
     /// event that follows them, so a job's last lines come before its "finished" line.
     pub async fn run(
-        self,
+        mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
         mut logs: mpsc::Receiver<LogChunk>,
         mut files: LogFiles,
@@ -195,6 +228,7 @@ impl Console {
                             files.close(*id);
                         }
                         self.event(&mut out, &e);
+                        self.event_line(&e);
                     }
                     None => events_open = false,
                 },

@@ -10,6 +10,7 @@ mod project;
 mod release;
 mod run;
 mod scan;
+mod serve;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -46,6 +47,8 @@ enum Command {
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
     Logs(history::LogsArgs),
+    /// Serve webhooks, the pipeline queue, the API and metrics for a team.
+    Serve(serve::ServeArgs),
     /// Print shell completions.
     Completions {
         /// Shell to generate completions for.
@@ -65,6 +68,7 @@ fn main() {
         Command::Gc(a) => release::gc(a),
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
+        Command::Serve(a) => serve::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
             Ok(0)

@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// Print one JSON document with the results on stdout (live output goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Append one JSON line per job state change to FILE as the run goes (first line: the
+    /// run's jobs and where their logs and artifacts are).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
     /// Do not use cgroups even where available (admission-only budgeting).
     #[arg(long)]
     pub no_cgroups: bool,
@@ -303,6 +307,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             return Ok(2);
         }
     };
+    let events = match &args.events {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+            let jobs: Vec<_> = plan
+                .jobs
+                .iter()
+                .map(|j| {
+                    let slug = workspace::slug(j.id, &j.name);
+                    json!({
+                        "index": j.id, "name": j.name, "stage": j.job.stage.value,
+                        "selected": cfg.selected.as_ref().is_none_or(|s| s.contains(&j.id)),
+                        "log": ws.log_path(&slug), "artifacts": ws.artifacts_dir(&slug),
+                    })
+                })
+                .collect();
+            let head = json!({"event": "pipeline", "id": pipeline_id, "run_dir": run_dir, "jobs": jobs});
+            let mut f = f;
+            use std::io::Write;
+            f.write_all(format!("{head}\n").as_bytes())?;
+            Some(f)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -316,6 +347,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             to_stderr,
             width,
             masked,
+            events,
         };
         let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));
         let cancel = Cancel::default();
@@ -384,6 +416,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     });
     let text = serde_json::to_string_pretty(&doc)?;
     let _ = std::fs::write(run_dir.join("summary.json"), &text);
+    if let Some(path) = &args.events {
+        let line = json!({"event": "pipeline_finished", "status": result.status, "duration_ms": result.duration.as_millis() as u64});
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+            use std::io::Write;
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
     if args.json {
         println!("{text}");
     } else {

@@ -212,6 +212,25 @@ impl Cgroups {
     }
 }
 
+/// Sweep the groups of raves that are gone, wherever this process would make its own (v2, or
+/// the v1 memory and cpu hierarchies). For a server restarting after a crash.
+pub fn sweep_dead_raves() -> usize {
+    let mut n = 0;
+    if Path::new(V2_ROOT).join("cgroup.controllers").exists() {
+        let own = own_path("").unwrap_or_else(|| "/".into());
+        n += sweep_dead(&Path::new(V2_ROOT).join(own.trim_start_matches('/')));
+        return n;
+    }
+    for (ctrl, dirs) in [("memory", &["memory"][..]), ("cpu", &["cpu", "cpu,cpuacct"][..])] {
+        let own = own_path(ctrl).unwrap_or_else(|| "/".into());
+        for d in dirs {
+            let parent = Path::new(V2_ROOT).join(d).join(own.trim_start_matches('/'));
+            n += sweep_dead(&parent);
+        }
+    }
+    n
+}
+
 /// Groups `rave-<pid>` under `parent` whose rave no longer runs (it was killed with -9 or
 /// crashed): kill what still runs in them (a job outliving its rave) and remove them, deepest
 /// first. Returns how many job processes were killed.

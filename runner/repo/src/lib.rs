@@ -299,3 +299,121 @@ mod tests {
         assert!(e.to_string().contains("not inside a git repository"));
     }
 }
+
+/// How to authenticate a fetch: nothing (a local path or a public URL), a token over HTTPS,
+/// or an SSH private key.
+#[derive(Clone, Debug, Default)]
+pub enum Credentials {
+    #[default]
+    None,
+    /// Sent as the password over HTTPS (GitLab/Gitea/GitHub personal or deploy tokens); the
+    /// user name is `oauth2` unless the URL carries one.
+    Token(String),
+    SshKey(PathBuf),
+}
+
+/// Fetch every branch and tag of `url` into the bare mirror `mirror` (made on first use). The
+/// mirror keeps objects between pipelines, so later fetches move only what is new.
+pub fn fetch_mirror(url: &str, creds: &Credentials, mirror: &Path) -> Result<(), RepoError> {
+    let repo = match Repository::open_bare(mirror) {
+        Ok(r) => r,
+        Err(_) => git(Repository::init_bare(mirror), "create the mirror")?,
+    };
+    let mut cb = git2::RemoteCallbacks::new();
+    let creds = creds.clone();
+    let mut tries = 0;
+    cb.credentials(move |_url, user, allowed| {
+        // libgit2 asks again after a refusal; a second ask means these credentials failed.
+        tries += 1;
+        if tries > 1 {
+            return Err(git2::Error::from_str(
+                "the configured credentials were refused",
+            ));
+        }
+        match &creds {
+            Credentials::Token(t)
+                if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
+            {
+                git2::Cred::userpass_plaintext(user.unwrap_or("oauth2"), t)
+            }
+            Credentials::SshKey(k) if allowed.contains(git2::CredentialType::SSH_KEY) => {
+                git2::Cred::ssh_key(user.unwrap_or("git"), None, k, None)
+            }
+            _ => Err(git2::Error::from_str(
+                "the remote asks for credentials and none are configured for this project",
+            )),
+        }
+    });
+    let mut fo = git2::FetchOptions::new();
+    fo.remote_callbacks(cb);
+    let mut remote = git(repo.remote_anonymous(url), "open the remote")?;
+    git(
+        remote.fetch(
+            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+            Some(&mut fo),
+            None,
+        ),
+        &format!("fetch {url}"),
+    )?;
+    Ok(())
+}
+
+/// The commit a branch or tag names in the mirror.
+pub fn resolve_in_mirror(mirror: &Path, name: &str, tag: bool) -> Result<String, RepoError> {
+    let repo = git(Repository::open_bare(mirror), "open the mirror")?;
+    let full = if tag {
+        format!("refs/tags/{name}")
+    } else {
+        format!("refs/heads/{name}")
+    };
+    let r = git(repo.find_reference(&full), &format!("no {full}"))?;
+    let c = git(r.peel_to_commit(), &format!("{full} is not a commit"))?;
+    Ok(c.id().to_string())
+}
+
+/// Is `sha` a commit in the mirror?
+pub fn mirror_has(mirror: &Path, sha: &str) -> Result<(), RepoError> {
+    let repo = git(Repository::open_bare(mirror), "open the mirror")?;
+    let oid = git(git2::Oid::from_str(sha), &format!("`{sha}` is not a commit id"))?;
+    git(
+        repo.find_commit(oid),
+        &format!("commit {sha} is not in the repository (was it force-pushed away?)"),
+    )?;
+    Ok(())
+}
+
+/// A working tree at exactly `sha` (detached), cloned from the mirror: what the branch points
+/// to by now does not matter. `branch` becomes a local branch at that commit so tools that
+/// ask git for the branch see the pushed one.
+pub fn checkout_commit(
+    mirror: &Path,
+    sha: &str,
+    dest: &Path,
+    branch: Option<&str>,
+) -> Result<(), RepoError> {
+    let url = mirror.to_string_lossy();
+    let repo = git(
+        git2::build::RepoBuilder::new()
+            .bare(false)
+            .with_checkout(git2::build::CheckoutBuilder::new())
+            .clone(&url, dest),
+        "clone the mirror",
+    )?;
+    let oid = git(git2::Oid::from_str(sha), "commit id")?;
+    let commit = git(repo.find_commit(oid), &format!("commit {sha}"))?;
+    git(
+        repo.checkout_tree(
+            commit.as_object(),
+            Some(git2::build::CheckoutBuilder::new().force()),
+        ),
+        "check out",
+    )?;
+    // Detach first: the clone may have checked out `branch` already, and a branch that is
+    // HEAD cannot be moved.
+    git(repo.set_head_detached(oid), "set HEAD")?;
+    if let Some(b) = branch {
+        git(repo.branch(b, &commit, true), &format!("branch {b}"))?;
+        git(repo.set_head(&format!("refs/heads/{b}")), "set HEAD")?;
+    }
+    Ok(())
+}

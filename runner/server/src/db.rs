@@ -1,0 +1,575 @@
+//! The server's history: deliveries, pipelines and jobs, behind [`PipelineStore`]; SQLite is
+//! the embedded implementation.
+//!
+//! SQLite runs in WAL mode with `synchronous = FULL`: a transaction is on disk when `commit`
+//! returns, so a webhook is acknowledged (202) only once its delivery and its pipeline are
+//! durable, and `kill -9` at any moment loses nothing acknowledged. Migrations are numbered
+//! and applied at start-up (`PRAGMA user_version`).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A pipeline to create.
+#[derive(Clone, Debug, Default)]
+pub struct NewPipeline {
+    pub project: String,
+    pub ref_name: String,
+    pub sha: String,
+    pub tag: Option<String>,
+    /// `push`, `web`, `api`, `rerun`, …
+    pub source: String,
+    /// Only these jobs (and what they need); empty: all.
+    pub jobs: Vec<String>,
+    pub rerun_of: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Pipeline {
+    pub id: i64,
+    pub project: String,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub sha: String,
+    pub tag: Option<String>,
+    pub source: String,
+    pub status: String,
+    pub jobs_filter: Vec<String>,
+    pub rerun_of: Option<i64>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub dir: Option<String>,
+    #[serde(skip)]
+    pub pid: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub pipeline_id: i64,
+    pub index: i64,
+    pub name: String,
+    pub stage: String,
+    pub status: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub failure_reason: Option<String>,
+    pub peak_memory_bytes: Option<i64>,
+    pub memory_limit_bytes: Option<i64>,
+    pub attempts: Option<i64>,
+    pub note: Option<String>,
+    #[serde(skip)]
+    pub log_path: Option<String>,
+    #[serde(skip)]
+    pub artifacts_dir: Option<String>,
+}
+
+/// What a webhook delivery became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// New; this pipeline was queued (None: the event starts nothing, e.g. a branch deletion).
+    New(Option<i64>),
+    /// Seen before: the pipeline the first delivery made.
+    Duplicate(Option<i64>),
+}
+
+/// The server's store. SQLite here; a PostgreSQL implementation serves a fleet.
+pub trait PipelineStore: Send + Sync {
+    /// Record a delivery and, when `pipeline` is given, queue it: one transaction, durable on
+    /// return. A delivery id seen before creates nothing.
+    fn record_delivery(
+        &self,
+        source: &str,
+        delivery_id: &str,
+        project: &str,
+        event: &str,
+        pipeline: Option<&NewPipeline>,
+    ) -> Result<Delivery>;
+    fn create_pipeline(&self, p: &NewPipeline) -> Result<i64>;
+    /// Take the oldest queued pipeline and mark it running.
+    fn claim_next(&self) -> Result<Option<Pipeline>>;
+    fn pipeline(&self, id: i64) -> Result<Option<Pipeline>>;
+    fn pipelines(&self, project: Option<&str>, limit: i64) -> Result<Vec<Pipeline>>;
+    fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()>;
+    fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()>;
+    fn jobs(&self, pipeline_id: i64) -> Result<Vec<Job>>;
+    fn job(&self, id: i64) -> Result<Option<Job>>;
+    fn upsert_job(&self, job: &Job) -> Result<()>;
+    /// Pipelines and jobs a crash left `running`: failed (or queued again), returned.
+    fn recover(&self, requeue: bool) -> Result<Vec<Pipeline>>;
+    fn counts(&self) -> Result<Counts>;
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub pipelines: Vec<(String, i64)>,
+    pub jobs: Vec<(String, i64)>,
+    pub queued: i64,
+    pub running_memory_bytes: i64,
+}
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE deliveries (
+        source TEXT NOT NULL,
+        delivery_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        event TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        pipeline_id INTEGER,
+        PRIMARY KEY (source, delivery_id)
+    );
+    CREATE TABLE pipelines (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        project TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        sha TEXT NOT NULL,
+        tag TEXT,
+        source TEXT NOT NULL,
+        status TEXT NOT NULL,
+        jobs_filter TEXT NOT NULL DEFAULT '[]',
+        rerun_of INTEGER,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        error TEXT,
+        dir TEXT,
+        pid INTEGER
+    );
+    CREATE INDEX pipelines_status ON pipelines (status, id);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        pipeline_id INTEGER NOT NULL REFERENCES pipelines (id),
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        duration_ms INTEGER,
+        exit_code INTEGER,
+        failure_reason TEXT,
+        peak_memory_bytes INTEGER,
+        memory_limit_bytes INTEGER,
+        attempts INTEGER,
+        note TEXT,
+        log_path TEXT,
+        artifacts_dir TEXT,
+        UNIQUE (pipeline_id, idx)
+    );",
+];
+
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+        )?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError(format!(
+                "{} was written by a newer rave (schema {version}, this rave knows {}); upgrade rave",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+            tx.commit()?;
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid";
+
+fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
+    let filter: String = r.get(7)?;
+    Ok(Pipeline {
+        id: r.get(0)?,
+        project: r.get(1)?,
+        ref_name: r.get(2)?,
+        sha: r.get(3)?,
+        tag: r.get(4)?,
+        source: r.get(5)?,
+        status: r.get(6)?,
+        jobs_filter: serde_json::from_str(&filter).unwrap_or_default(),
+        rerun_of: r.get(8)?,
+        created_at: r.get(9)?,
+        started_at: r.get(10)?,
+        finished_at: r.get(11)?,
+        error: r.get(12)?,
+        dir: r.get(13)?,
+        pid: r.get(14)?,
+    })
+}
+
+const JOB_COLS: &str = "id, pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code, failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir";
+
+fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: r.get(0)?,
+        pipeline_id: r.get(1)?,
+        index: r.get(2)?,
+        name: r.get(3)?,
+        stage: r.get(4)?,
+        status: r.get(5)?,
+        started_at: r.get(6)?,
+        finished_at: r.get(7)?,
+        duration_ms: r.get(8)?,
+        exit_code: r.get(9)?,
+        failure_reason: r.get(10)?,
+        peak_memory_bytes: r.get(11)?,
+        memory_limit_bytes: r.get(12)?,
+        attempts: r.get(13)?,
+        note: r.get(14)?,
+        log_path: r.get(15)?,
+        artifacts_dir: r.get(16)?,
+    })
+}
+
+fn insert_pipeline(c: &Connection, p: &NewPipeline) -> rusqlite::Result<i64> {
+    c.execute(
+        "INSERT INTO pipelines (project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8)",
+        params![
+            p.project,
+            p.ref_name,
+            p.sha,
+            p.tag,
+            p.source,
+            serde_json::to_string(&p.jobs).unwrap_or_else(|_| "[]".into()),
+            p.rerun_of,
+            now()
+        ],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+impl PipelineStore for SqliteStore {
+    fn record_delivery(
+        &self,
+        source: &str,
+        delivery_id: &str,
+        project: &str,
+        event: &str,
+        pipeline: Option<&NewPipeline>,
+    ) -> Result<Delivery> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let seen: Option<Option<i64>> = tx
+            .query_row(
+                "SELECT pipeline_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
+                params![source, delivery_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(p) = seen {
+            return Ok(Delivery::Duplicate(p));
+        }
+        let id = match pipeline {
+            Some(p) => Some(insert_pipeline(&tx, p)?),
+            None => None,
+        };
+        tx.execute(
+            "INSERT INTO deliveries (source, delivery_id, project, event, received_at, pipeline_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![source, delivery_id, project, event, now(), id],
+        )?;
+        tx.commit()?;
+        Ok(Delivery::New(id))
+    }
+
+    fn create_pipeline(&self, p: &NewPipeline) -> Result<i64> {
+        let c = self.lock();
+        Ok(insert_pipeline(&c, p)?)
+    }
+
+    fn claim_next(&self) -> Result<Option<Pipeline>> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let p = tx
+            .query_row(
+                &format!("SELECT {PIPELINE_COLS} FROM pipelines WHERE status = 'queued' ORDER BY id LIMIT 1"),
+                [],
+                pipeline_row,
+            )
+            .optional()?;
+        if let Some(p) = &p {
+            tx.execute(
+                "UPDATE pipelines SET status = 'running', started_at = ?2 WHERE id = ?1",
+                params![p.id, now()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(p.map(|mut p| {
+            p.status = "running".into();
+            p
+        }))
+    }
+
+    fn pipeline(&self, id: i64) -> Result<Option<Pipeline>> {
+        let c = self.lock();
+        Ok(c.query_row(
+            &format!("SELECT {PIPELINE_COLS} FROM pipelines WHERE id = ?1"),
+            [id],
+            pipeline_row,
+        )
+        .optional()?)
+    }
+
+    fn pipelines(&self, project: Option<&str>, limit: i64) -> Result<Vec<Pipeline>> {
+        let c = self.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {PIPELINE_COLS} FROM pipelines WHERE ?1 IS NULL OR project = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![project, limit], pipeline_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()> {
+        let c = self.lock();
+        c.execute(
+            "UPDATE pipelines SET dir = ?2, pid = ?3 WHERE id = ?1",
+            params![id, dir, pid],
+        )?;
+        Ok(())
+    }
+
+    fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "UPDATE pipelines SET status = ?2, error = COALESCE(?3, error), finished_at = ?4, pid = NULL WHERE id = ?1",
+            params![id, status, error, now()],
+        )?;
+        // Jobs that never got to run end with the pipeline.
+        tx.execute(
+            "UPDATE jobs SET status = CASE WHEN status = 'running' THEN 'failed' ELSE 'skipped' END,
+                 failure_reason = CASE WHEN status = 'running' THEN 'runner_error' ELSE failure_reason END
+             WHERE pipeline_id = ?1 AND status IN ('created', 'running')",
+            [id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn jobs(&self, pipeline_id: i64) -> Result<Vec<Job>> {
+        let c = self.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE pipeline_id = ?1 ORDER BY idx"
+        ))?;
+        let rows = st.query_map([pipeline_id], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn job(&self, id: i64) -> Result<Option<Job>> {
+        let c = self.lock();
+        Ok(c.query_row(
+            &format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"),
+            [id],
+            job_row,
+        )
+        .optional()?)
+    }
+
+    fn upsert_job(&self, j: &Job) -> Result<()> {
+        let c = self.lock();
+        c.execute(
+            "INSERT INTO jobs (pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code,
+                 failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             ON CONFLICT (pipeline_id, idx) DO UPDATE SET
+                 status = excluded.status, started_at = COALESCE(excluded.started_at, started_at),
+                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
+                 exit_code = excluded.exit_code, failure_reason = excluded.failure_reason,
+                 peak_memory_bytes = excluded.peak_memory_bytes,
+                 memory_limit_bytes = COALESCE(excluded.memory_limit_bytes, memory_limit_bytes),
+                 attempts = COALESCE(excluded.attempts, attempts), note = excluded.note",
+            params![
+                j.pipeline_id,
+                j.index,
+                j.name,
+                j.stage,
+                j.status,
+                j.started_at,
+                j.finished_at,
+                j.duration_ms,
+                j.exit_code,
+                j.failure_reason,
+                j.peak_memory_bytes,
+                j.memory_limit_bytes,
+                j.attempts,
+                j.note,
+                j.log_path,
+                j.artifacts_dir
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn recover(&self, requeue: bool) -> Result<Vec<Pipeline>> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let interrupted: Vec<Pipeline> = {
+            let mut st = tx.prepare(&format!(
+                "SELECT {PIPELINE_COLS} FROM pipelines WHERE status = 'running'"
+            ))?;
+            st.query_map([], pipeline_row)?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for p in &interrupted {
+            tx.execute(
+                "UPDATE jobs SET status = 'failed', failure_reason = 'runner_error', finished_at = ?2,
+                     note = 'rave serve stopped while the job ran'
+                 WHERE pipeline_id = ?1 AND status = 'running'",
+                params![p.id, now()],
+            )?;
+            if requeue {
+                tx.execute(
+                    "UPDATE pipelines SET status = 'queued', started_at = NULL, pid = NULL,
+                         error = 'requeued: rave serve stopped while it ran' WHERE id = ?1",
+                    [p.id],
+                )?;
+                tx.execute("DELETE FROM jobs WHERE pipeline_id = ?1", [p.id])?;
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET status = 'skipped' WHERE pipeline_id = ?1 AND status = 'created'",
+                    [p.id],
+                )?;
+                tx.execute(
+                    "UPDATE pipelines SET status = 'failed', finished_at = ?2, pid = NULL,
+                         error = 'rave serve stopped while the pipeline ran (runner_error)' WHERE id = ?1",
+                    params![p.id, now()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(interrupted)
+    }
+
+    fn counts(&self) -> Result<Counts> {
+        let c = self.lock();
+        let group = |sql: &str| -> Result<Vec<(String, i64)>> {
+            let mut st = c.prepare(sql)?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        let pipelines = group("SELECT status, COUNT(*) FROM pipelines GROUP BY status")?;
+        let jobs = group("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+        let queued = pipelines
+            .iter()
+            .find(|(s, _)| s == "queued")
+            .map_or(0, |(_, n)| *n);
+        let running_memory_bytes = c.query_row(
+            "SELECT COALESCE(SUM(memory_limit_bytes), 0) FROM jobs WHERE status = 'running'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Counts {
+            pipelines,
+            jobs,
+            queued,
+            running_memory_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn np(sha: &str) -> NewPipeline {
+        NewPipeline {
+            project: "p".into(),
+            ref_name: "main".into(),
+            sha: sha.into(),
+            source: "push".into(),
+            ..NewPipeline::default()
+        }
+    }
+
+    #[test]
+    fn a_delivery_id_seen_twice_makes_one_pipeline() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&d.path().join("db")).unwrap();
+        let a = s.record_delivery("github", "x1", "p", "push", Some(&np("a"))).unwrap();
+        let b = s.record_delivery("github", "x1", "p", "push", Some(&np("a"))).unwrap();
+        let Delivery::New(Some(id)) = a else { panic!("{a:?}") };
+        assert_eq!(b, Delivery::Duplicate(Some(id)));
+        // The same id from another forge is another delivery.
+        assert!(matches!(
+            s.record_delivery("gitlab", "x1", "p", "push", Some(&np("a"))).unwrap(),
+            Delivery::New(Some(_))
+        ));
+        assert_eq!(s.pipelines(None, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn what_was_committed_survives_reopening_and_running_work_is_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.create_pipeline(&np("a")).unwrap();
+            s.create_pipeline(&np("b")).unwrap();
+            let p = s.claim_next().unwrap().unwrap();
+            assert_eq!(p.sha, "a");
+            s.upsert_job(&Job {
+                pipeline_id: p.id,
+                index: 0,
+                name: "build".into(),
+                stage: "build".into(),
+                status: "running".into(),
+                ..Job::default()
+            })
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let rec = s.recover(false).unwrap();
+        assert_eq!(rec.len(), 1);
+        let p = s.pipeline(rec[0].id).unwrap().unwrap();
+        assert_eq!(p.status, "failed");
+        let jobs = s.jobs(p.id).unwrap();
+        assert_eq!(jobs[0].failure_reason.as_deref(), Some("runner_error"));
+        // The queued one is still queued, next in line.
+        assert_eq!(s.claim_next().unwrap().unwrap().sha, "b");
+    }
+}

@@ -1,0 +1,173 @@
+//! `rave serve`: git push and tag webhooks start pipelines; history, logs and artifacts are
+//! kept in a data dir and served over an HTTP API with bearer tokens; `/metrics` for
+//! Prometheus.
+//!
+//! Data dir layout:
+//!
+//! ```text
+//! rave.db                 SQLite (WAL): deliveries, pipelines, jobs
+//! mirrors/<project>.git   bare mirrors, fetched before each pipeline
+//! pipelines/<id>/src      the checkout of exactly the pipeline's commit (+ .rave/runs/1/…)
+//! pipelines/<id>/events.jsonl, console.log, summary.json
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod hooks;
+pub mod metrics;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use crate::config::{Config, OnRestart, Scope};
+use crate::db::{PipelineStore, SqliteStore};
+
+/// What every handler and the queue share.
+pub struct State {
+    pub store: Arc<dyn PipelineStore>,
+    pub cfg: Config,
+    pub data_dir: PathBuf,
+    pub metrics: metrics::Metrics,
+    /// Wakes the queue when a pipeline is added.
+    pub wake: tokio::sync::Notify,
+    /// Pipeline id → pid of its `rave run`, for cancel.
+    pub running: Mutex<HashMap<i64, u32>>,
+    /// Per-source token buckets: (tokens, last refill).
+    pub limiter: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// API tokens: sha256 of the value, scope, name.
+    pub tokens: Vec<([u8; 32], Scope, String)>,
+    pub rave_exe: PathBuf,
+    /// One fetch at a time per server: libgit2 and a mirror do not like concurrent writers.
+    pub fetch_lock: Arc<Mutex<()>>,
+    pub memory_budget: Option<u64>,
+}
+
+pub struct ServeOptions {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub json_logs: bool,
+    /// The `rave` binary that runs pipelines.
+    pub rave_exe: PathBuf,
+}
+
+/// Run the server until SIGINT/SIGTERM. Errors name what to fix.
+pub fn serve(opts: ServeOptions) -> Result<(), String> {
+    init_tracing(opts.json_logs);
+    let cfg = match &opts.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let data_dir = opts
+        .data_dir
+        .clone()
+        .or_else(|| cfg.server.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("rave-data"));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create the data dir {}: {e}", data_dir.display()))?;
+    let listen = opts
+        .listen
+        .clone()
+        .or_else(|| cfg.server.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let store = SqliteStore::open(&data_dir.join("rave.db")).map_err(|e| e.to_string())?;
+    let mut tokens = Vec::new();
+    for t in &cfg.tokens {
+        let v = t.value()?;
+        tokens.push((sha(&v), t.scope, t.name.clone()));
+    }
+    if tokens.is_empty() {
+        warn!("no [[tokens]] in the config: the API answers 401 to everything (webhooks still work)");
+    }
+    if cfg.projects.is_empty() {
+        warn!("no [[projects]] in the config: every webhook is refused");
+    }
+    let memory_budget = match cfg.server.memory.as_deref() {
+        Some(m) => Some(
+            rave_model::units::parse_memory(m).map_err(|e| format!("[server] memory: {e}"))?,
+        ),
+        None => None,
+    };
+    let requeue = cfg.server.on_restart == OnRestart::Requeue;
+    let state = Arc::new(State {
+        store: Arc::new(store),
+        cfg,
+        data_dir,
+        metrics: metrics::Metrics::default(),
+        wake: tokio::sync::Notify::new(),
+        running: Mutex::new(HashMap::new()),
+        limiter: Mutex::new(HashMap::new()),
+        tokens,
+        rave_exe: opts.rave_exe,
+        fetch_lock: Arc::new(Mutex::new(())),
+        memory_budget,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async move {
+        // Before listening: whatever a crash interrupted is settled first.
+        let interrupted = state.store.recover(requeue).map_err(|e| e.to_string())?;
+        if !interrupted.is_empty() {
+            warn!(
+                count = interrupted.len(),
+                requeue, "pipelines were running when rave serve stopped"
+            );
+        }
+        worker::clean_up_after_crash(&interrupted).await;
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        info!(%addr, data_dir = %state.data_dir.display(), "rave serve listening");
+        // Tests and scripts read the port from here when asked to listen on :0.
+        println!("listening on {addr}");
+        tokio::spawn(worker::run_queue(state.clone()));
+        let app = api::router(state.clone());
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(|e| format!("server: {e}"))
+    })
+}
+
+pub fn sha(s: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}
+
+fn init_tracing(json: bool) {
+    let b = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if json {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.with_ansi(false).try_init();
+    }
+}

@@ -1,0 +1,316 @@
+//! The queue: one pipeline at a time (the machine's memory budget is shared by its jobs, and
+//! `rave run` admits them within it), each in a checkout of exactly its commit, run by a child
+//! `rave run --events`, whose event lines become job rows as they come.
+//!
+//! The child runs in its own process group: a server crash does not stop it at once, and the
+//! restart kills it and sweeps what its jobs left (cgroups, containers) before anything else.
+
+use std::io::{BufRead, Seek};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::{error, info, warn};
+
+use crate::State;
+use crate::db::{Job, Pipeline};
+
+pub async fn run_queue(state: Arc<State>) {
+    loop {
+        match state.store.claim_next() {
+            Ok(Some(p)) => {
+                let id = p.id;
+                info!(pipeline = id, project = %p.project, sha = %p.sha, "pipeline started");
+                let (status, err) = run_pipeline(&state, p).await;
+                if let Err(e) = state.store.finish_pipeline(id, &status, err.as_deref()) {
+                    error!(pipeline = id, "cannot record the end of the pipeline: {e}");
+                }
+                state.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                info!(pipeline = id, %status, error = err.as_deref().unwrap_or(""), "pipeline finished");
+            }
+            Ok(None) => {
+                tokio::select! {
+                    _ = state.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => {
+                error!("cannot read the queue: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn mirror_dir(state: &State, project: &str) -> PathBuf {
+    let safe: String = project
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    state.data_dir.join("mirrors").join(format!("{safe}.git"))
+}
+
+/// Fetch the project into its mirror; returns the mirror's path.
+pub async fn fetch(state: &State, project: &str) -> Result<PathBuf, String> {
+    let proj = state
+        .cfg
+        .project(project)
+        .ok_or_else(|| format!("project `{project}` is not in the server's config"))?
+        .clone();
+    let mirror = mirror_dir(state, project);
+    let lock = state.fetch_lock.clone();
+    tokio::task::spawn_blocking(move || {
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let creds = proj.credentials()?;
+        std::fs::create_dir_all(&mirror).map_err(|e| format!("{}: {e}", mirror.display()))?;
+        rave_repo::fetch_mirror(&proj.clone_url, &creds, &mirror).map_err(|e| {
+            format!("cannot fetch {}: {e}", proj.clone_url)
+        })?;
+        Ok(mirror)
+    })
+    .await
+    .map_err(|e| format!("fetch task: {e}"))?
+}
+
+async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String>) {
+    let Some(project) = state.cfg.project(&p.project).cloned() else {
+        return ("failed".into(), Some(format!("project `{}` is not in the server's config", p.project)));
+    };
+    let dir = state.data_dir.join("pipelines").join(p.id.to_string());
+    let src = dir.join("src");
+    // A requeued pipeline starts over from a fresh checkout.
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return ("failed".into(), Some(format!("cannot create {}: {e}", dir.display())));
+    }
+    let mirror = match fetch(state, &p.project).await {
+        Ok(m) => m,
+        Err(e) => return ("failed".into(), Some(e)),
+    };
+    let (sha, branch, m2, src2) = (p.sha.clone(), p.tag.is_none().then(|| p.ref_name.clone()), mirror.clone(), src.clone());
+    let checkout = tokio::task::spawn_blocking(move || {
+        rave_repo::mirror_has(&m2, &sha).map_err(|e| e.to_string())?;
+        rave_repo::checkout_commit(&m2, &sha, &src2, branch.as_deref())
+            .map_err(|e| format!("cannot check out {sha}: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("checkout task: {e}")));
+    if let Err(e) = checkout {
+        return ("failed".into(), Some(e));
+    }
+    let events = dir.join("events.jsonl");
+    let mut args: Vec<String> = vec!["run".into(), "--json".into(), "--events".into(), events.to_string_lossy().into_owned()];
+    args.push("--source".into());
+    args.push(p.source.clone());
+    match &p.tag {
+        Some(t) => args.extend(["--tag".into(), t.clone()]),
+        None => args.extend(["--ref".into(), p.ref_name.clone()]),
+    }
+    if let Some(f) = &project.pipeline_file {
+        args.extend(["--file".into(), f.clone()]);
+    }
+    let s = &state.cfg.server;
+    for (flag, v) in [("--memory", &s.memory), ("--cpus", &s.cpus), ("--profile", &s.profile), ("--executor", &s.executor)] {
+        if let Some(v) = v {
+            args.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    if !p.jobs_filter.is_empty() {
+        args.extend(p.jobs_filter.iter().cloned());
+        args.push("--needs".into());
+    }
+    let (Ok(out), Ok(err)) = (
+        std::fs::File::create(dir.join("summary.json")),
+        std::fs::File::create(dir.join("console.log")),
+    ) else {
+        return ("failed".into(), Some(format!("cannot write in {}", dir.display())));
+    };
+    let mut child = match tokio::process::Command::new(&state.rave_exe)
+        .args(&args)
+        .current_dir(&src)
+        .env("NO_COLOR", "1")
+        .env("RAVE_SERVER_PIPELINE_ID", p.id.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return ("failed".into(), Some(format!("cannot start {}: {e}", state.rave_exe.display()))),
+    };
+    let pid = child.id();
+    if let Some(pid) = pid {
+        state.running.lock().unwrap_or_else(|p| p.into_inner()).insert(p.id, pid);
+    }
+    if let Err(e) = state.store.set_pipeline_process(p.id, &dir.to_string_lossy(), pid.map(i64::from)) {
+        error!(pipeline = p.id, "cannot record the pipeline's process: {e}");
+    }
+    let mut tail = Tail::new(events, p.id);
+    let code = loop {
+        tail.read(state);
+        tokio::select! {
+            st = child.wait() => break st.ok().and_then(|s| s.code()),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    };
+    tail.read(state);
+    match (tail.finished, code) {
+        (Some(status), _) => (status, None),
+        (None, Some(130)) => ("canceled".into(), None),
+        (None, _) => {
+            let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let last: Vec<&str> = text.lines().rev().take(5).collect();
+            let why = last.into_iter().rev().collect::<Vec<_>>().join("\n");
+            warn!(pipeline = p.id, "rave run ended without a result: {why}");
+            ("failed".into(), Some(if why.is_empty() { format!("rave run exited with {code:?}") } else { why }))
+        }
+    }
+}
+
+/// Follows the child's events file.
+struct Tail {
+    path: PathBuf,
+    pipeline: i64,
+    offset: u64,
+    partial: String,
+    jobs: Vec<Job>,
+    finished: Option<String>,
+}
+
+impl Tail {
+    fn new(path: PathBuf, pipeline: i64) -> Self {
+        Tail { path, pipeline, offset: 0, partial: String::new(), jobs: Vec::new(), finished: None }
+    }
+
+    fn read(&mut self, state: &State) {
+        let Ok(mut f) = std::fs::File::open(&self.path) else { return };
+        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut r = std::io::BufReader::new(f);
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    self.offset += n as u64;
+                    if !line.ends_with('\n') {
+                        // Half a line: keep it for the next read.
+                        self.partial.push_str(&line);
+                        continue;
+                    }
+                    let whole = std::mem::take(&mut self.partial) + &line;
+                    if let Ok(v) = serde_json::from_str::<Value>(&whole) {
+                        self.apply(state, &v);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, state: &State, v: &Value) {
+        let s = |v: &Value| v.as_str().map(str::to_string);
+        let index = v["index"].as_u64().unwrap_or(0) as usize;
+        match v["event"].as_str() {
+            Some("pipeline") => {
+                for j in v["jobs"].as_array().into_iter().flatten() {
+                    let selected = j["selected"].as_bool().unwrap_or(true);
+                    self.jobs.push(Job {
+                        pipeline_id: self.pipeline,
+                        index: j["index"].as_i64().unwrap_or(0),
+                        name: s(&j["name"]).unwrap_or_default(),
+                        stage: s(&j["stage"]).unwrap_or_default(),
+                        status: if selected { "created" } else { "skipped" }.into(),
+                        log_path: s(&j["log"]),
+                        artifacts_dir: s(&j["artifacts"]),
+                        ..Job::default()
+                    });
+                }
+                for j in &self.jobs {
+                    self.save(state, j);
+                }
+            }
+            Some("job_started") => {
+                if let Some(j) = self.jobs.get_mut(index) {
+                    j.status = "running".into();
+                    j.started_at = s(&v["at"]);
+                    j.finished_at = None;
+                    j.memory_limit_bytes = v["memory_limit_bytes"].as_i64();
+                    j.attempts = v["attempt"].as_i64();
+                    let j = j.clone();
+                    info!(pipeline = self.pipeline, job = %j.name, "job started");
+                    self.save(state, &j);
+                }
+            }
+            Some("job_finished") => {
+                let r = &v["record"];
+                if let Some(j) = self.jobs.get_mut(index) {
+                    j.status = s(&r["status"]).unwrap_or_else(|| "failed".into());
+                    j.started_at = s(&r["started_at"]).or(j.started_at.take());
+                    j.finished_at = s(&r["finished_at"]);
+                    j.duration_ms = r["duration_ms"].as_i64();
+                    j.exit_code = r["exit_code"].as_i64();
+                    j.failure_reason = s(&r["failure_reason"]);
+                    j.peak_memory_bytes = r["peak_memory_bytes"].as_i64();
+                    j.memory_limit_bytes = r["memory_limit_bytes"].as_i64().or(j.memory_limit_bytes);
+                    j.attempts = r["attempts"].as_i64();
+                    j.note = s(&r["note"]);
+                    let j = j.clone();
+                    if j.started_at.is_some() {
+                        state.metrics.job_finished(j.duration_ms, j.failure_reason.as_deref() == Some("oom_killed"));
+                    }
+                    info!(pipeline = self.pipeline, job = %j.name, status = %j.status, "job finished");
+                    self.save(state, &j);
+                }
+            }
+            Some("pipeline_finished") => {
+                self.finished = s(&v["status"]).map(|s| if s == "skipped" { "success".into() } else { s });
+            }
+            _ => {}
+        }
+    }
+
+    fn save(&self, state: &State, j: &Job) {
+        if let Err(e) = state.store.upsert_job(j) {
+            error!(pipeline = self.pipeline, job = %j.name, "cannot record the job: {e}");
+        }
+    }
+}
+
+/// After a crash: stop what the interrupted pipelines' `rave run`s left running, then sweep
+/// their jobs' cgroups and containers.
+pub async fn clean_up_after_crash(interrupted: &[Pipeline]) {
+    for p in interrupted {
+        let Some(pid) = p.pid else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        // The pid may have been reused: kill only a rave.
+        if !String::from_utf8_lossy(&cmdline).contains("rave") {
+            continue;
+        }
+        if let Some(pg) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process_group(pg, rustix::process::Signal::KILL);
+        }
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!(pipeline = p.id, pid, "killed the rave run a crash left behind");
+    }
+    let killed = rave_engine::cgroup::sweep_dead_raves();
+    if killed > 0 {
+        warn!(killed, "killed job processes whose rave was gone");
+    }
+    if rave_engine::docker::available().await
+        && let Ok(d) = rave_engine::docker::DockerExecutor::connect(String::new(), None, None).await
+    {
+        let n = d.sweep().await;
+        if n > 0 {
+            warn!(containers = n, "removed containers whose rave was gone");
+        }
+    }
+}
