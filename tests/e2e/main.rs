@@ -9,3 +9,4 @@ mod lint;
 mod release;
 mod run;
 mod scan;
+mod serve;

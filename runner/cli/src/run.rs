@@ -326,7 +326,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                     })
                 })
                 .collect();
-            let head = json!({"event": "pipeline", "id": pipeline_id, "run_dir": run_dir, "jobs": jobs});
+            let head =
+                json!({"event": "pipeline", "id": pipeline_id, "run_dir": run_dir, "jobs": jobs});
             let mut f = f;
             use std::io::Write;
             f.write_all(format!("{head}\n").as_bytes())?;

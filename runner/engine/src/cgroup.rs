@@ -221,7 +221,10 @@ pub fn sweep_dead_raves() -> usize {
         n += sweep_dead(&Path::new(V2_ROOT).join(own.trim_start_matches('/')));
         return n;
     }
-    for (ctrl, dirs) in [("memory", &["memory"][..]), ("cpu", &["cpu", "cpu,cpuacct"][..])] {
+    for (ctrl, dirs) in [
+        ("memory", &["memory"][..]),
+        ("cpu", &["cpu", "cpu,cpuacct"][..]),
+    ] {
         let own = own_path(ctrl).unwrap_or_else(|| "/".into());
         for d in dirs {
             let parent = Path::new(V2_ROOT).join(d).join(own.trim_start_matches('/'));

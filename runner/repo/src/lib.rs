@@ -374,7 +374,10 @@ pub fn resolve_in_mirror(mirror: &Path, name: &str, tag: bool) -> Result<String,
 /// Is `sha` a commit in the mirror?
 pub fn mirror_has(mirror: &Path, sha: &str) -> Result<(), RepoError> {
     let repo = git(Repository::open_bare(mirror), "open the mirror")?;
-    let oid = git(git2::Oid::from_str(sha), &format!("`{sha}` is not a commit id"))?;
+    let oid = git(
+        git2::Oid::from_str(sha),
+        &format!("`{sha}` is not a commit id"),
+    )?;
     git(
         repo.find_commit(oid),
         &format!("commit {sha} is not in the repository (was it force-pushed away?)"),

@@ -126,7 +126,9 @@ fn handle_webhook(
             return fail(
                 StatusCode::NOT_FOUND,
                 "unknown_forge",
-                format!("no webhook endpoint for `{other}`: use /hooks/gitlab, /hooks/github or /hooks/gitea"),
+                format!(
+                    "no webhook endpoint for `{other}`: use /hooks/gitlab, /hooks/github or /hooks/gitea"
+                ),
             );
         }
     };
@@ -136,10 +138,13 @@ fn handle_webhook(
     };
     // The project: `?project=NAME` on the hook URL, else the forge's project path.
     let name = project_q.cloned().or(delivery.project_path.clone());
-    let project = name.as_deref().and_then(|n| state.cfg.project(n)).or_else(|| {
-        // A ping names no project; with one project configured it can only be that one.
-        (name.is_none() && state.cfg.projects.len() == 1).then(|| &state.cfg.projects[0])
-    });
+    let project = name
+        .as_deref()
+        .and_then(|n| state.cfg.project(n))
+        .or_else(|| {
+            // A ping names no project; with one project configured it can only be that one.
+            (name.is_none() && state.cfg.projects.len() == 1).then(|| &state.cfg.projects[0])
+        });
     let Some(project) = project else {
         return fail(
             StatusCode::NOT_FOUND,
@@ -198,11 +203,7 @@ fn handle_webhook(
             (
                 StatusCode::ACCEPTED,
                 None,
-                (
-                    StatusCode::ACCEPTED,
-                    axum::Json(json!({"pipeline_id": id})),
-                )
-                    .into_response(),
+                (StatusCode::ACCEPTED, axum::Json(json!({"pipeline_id": id}))).into_response(),
             )
         }
         Ok(Delivery::New(None)) => {
@@ -369,11 +370,7 @@ async fn create_pipeline(
         rerun_of: None,
     }));
     state.wake.notify_one();
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({"pipeline_id": id})),
-    )
-        .into_response()
+    (StatusCode::CREATED, axum::Json(json!({"pipeline_id": id}))).into_response()
 }
 
 #[derive(Deserialize)]
@@ -422,7 +419,8 @@ async fn rerun(
         ref_name: p.ref_name,
         sha: p.sha,
         tag: p.tag,
-        source: "rerun".into(),
+        // GitLab keeps the source on a retry; `rerun_of` says it is one.
+        source: p.source,
         jobs: filter.clone(),
         rerun_of: Some(id),
     }));
@@ -442,7 +440,10 @@ async fn play(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) ->
     if j.status != "manual" {
         return error(
             StatusCode::CONFLICT,
-            format!("job {id} (`{}`) is {}, not a manual job waiting to be played", j.name, j.status),
+            format!(
+                "job {id} (`{}`) is {}, not a manual job waiting to be played",
+                j.name, j.status
+            ),
         );
     }
     let Some(p) = store!(state.store.pipeline(j.pipeline_id)) else {
@@ -460,11 +461,7 @@ async fn play(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) ->
         rerun_of: Some(p.id),
     }));
     state.wake.notify_one();
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({"pipeline_id": new})),
-    )
-        .into_response()
+    (StatusCode::CREATED, axum::Json(json!({"pipeline_id": new}))).into_response()
 }
 
 async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
@@ -523,11 +520,7 @@ async fn job_log(
     let follow = q.follow.is_some_and(|f| f != "0" && f != "false");
     if !follow {
         if !std::path::Path::new(&path).exists() {
-            return (
-                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                "",
-            )
-                .into_response();
+            return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "").into_response();
         }
         // Ranges work here: a client that has the first N bytes asks for the rest.
         return serve_file(&path, req, "text/plain; charset=utf-8").await;
@@ -598,7 +591,10 @@ async fn read_at(path: &str, offset: u64) -> Vec<u8> {
 
 async fn serve_file(path: &str, req: Request, content_type: &'static str) -> Response {
     use tower::ServiceExt;
-    match tower_http::services::ServeFile::new(path).oneshot(req).await {
+    match tower_http::services::ServeFile::new(path)
+        .oneshot(req)
+        .await
+    {
         Ok(r) => {
             let mut r = r.map(Body::new);
             if r.status().is_success() {
@@ -644,7 +640,13 @@ async fn artifacts_archive(
     let built = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         std::fs::create_dir_all(&tmp_dir)?;
         let path = tmp_dir.join(format!("artifacts-{id}-{}.tar", std::process::id()));
-        let f = std::fs::File::create(&path)?;
+        // Read back after writing: open for both.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
         let mut b = tar::Builder::new(f);
         b.follow_symlinks(false);
         b.append_dir_all(".", &root)?;
@@ -657,7 +659,12 @@ async fn artifacts_archive(
     .await;
     let f = match built {
         Ok(Ok(f)) => f,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot archive: {e}")),
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot archive: {e}"),
+            );
+        }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -692,7 +699,10 @@ async fn artifact_file(
         .components()
         .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
-        return error(StatusCode::BAD_REQUEST, "the path must stay inside the job's artifacts");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path must stay inside the job's artifacts",
+        );
     }
     let full = root.join(rel);
     // A symlink inside the artifacts could point anywhere: resolve and check.

@@ -106,7 +106,11 @@ pub struct Token {
     pub scope: Scope,
 }
 
-fn from_env(inline: &Option<String>, env: &Option<String>, what: &str) -> Result<Option<String>, String> {
+fn from_env(
+    inline: &Option<String>,
+    env: &Option<String>,
+    what: &str,
+) -> Result<Option<String>, String> {
     match (inline, env) {
         (Some(v), _) => Ok(Some(v.clone())),
         (None, Some(name)) => std::env::var(name)
@@ -118,14 +122,22 @@ fn from_env(inline: &Option<String>, env: &Option<String>, what: &str) -> Result
 
 impl Project {
     pub fn secret(&self) -> Result<Option<String>, String> {
-        from_env(&self.secret, &self.secret_env, &format!("project `{}`: secret_env", self.name))
+        from_env(
+            &self.secret,
+            &self.secret_env,
+            &format!("project `{}`: secret_env", self.name),
+        )
     }
     pub fn credentials(&self) -> Result<rave_repo::Credentials, String> {
         if let Some(k) = &self.ssh_key {
             return Ok(rave_repo::Credentials::SshKey(k.clone()));
         }
         Ok(
-            match from_env(&self.token, &self.token_env, &format!("project `{}`: token_env", self.name))? {
+            match from_env(
+                &self.token,
+                &self.token_env,
+                &format!("project `{}`: token_env", self.name),
+            )? {
                 Some(t) => rave_repo::Credentials::Token(t),
                 None => rave_repo::Credentials::None,
             },
@@ -135,8 +147,12 @@ impl Project {
 
 impl Token {
     pub fn value(&self) -> Result<String, String> {
-        from_env(&self.token, &self.token_env, &format!("token `{}`: token_env", self.name))?
-            .ok_or_else(|| format!("token `{}` needs `token` or `token_env`", self.name))
+        from_env(
+            &self.token,
+            &self.token_env,
+            &format!("token `{}`: token_env", self.name),
+        )?
+        .ok_or_else(|| format!("token `{}` needs `token` or `token_env`", self.name))
     }
 }
 
@@ -144,12 +160,15 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let cfg: Config =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut seen = std::collections::HashSet::new();
         for p in &cfg.projects {
             if !seen.insert(&p.name) {
-                return Err(format!("{}: project `{}` is listed twice", path.display(), p.name));
+                return Err(format!(
+                    "{}: project `{}` is listed twice",
+                    path.display(),
+                    p.name
+                ));
             }
             p.secret()?;
             p.credentials()?;

@@ -530,13 +530,20 @@ mod tests {
     fn a_delivery_id_seen_twice_makes_one_pipeline() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&d.path().join("db")).unwrap();
-        let a = s.record_delivery("github", "x1", "p", "push", Some(&np("a"))).unwrap();
-        let b = s.record_delivery("github", "x1", "p", "push", Some(&np("a"))).unwrap();
-        let Delivery::New(Some(id)) = a else { panic!("{a:?}") };
+        let a = s
+            .record_delivery("github", "x1", "p", "push", Some(&np("a")))
+            .unwrap();
+        let b = s
+            .record_delivery("github", "x1", "p", "push", Some(&np("a")))
+            .unwrap();
+        let Delivery::New(Some(id)) = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(b, Delivery::Duplicate(Some(id)));
         // The same id from another forge is another delivery.
         assert!(matches!(
-            s.record_delivery("gitlab", "x1", "p", "push", Some(&np("a"))).unwrap(),
+            s.record_delivery("gitlab", "x1", "p", "push", Some(&np("a")))
+                .unwrap(),
             Delivery::New(Some(_))
         ));
         assert_eq!(s.pipelines(None, 10).unwrap().len(), 2);

@@ -88,8 +88,9 @@ pub fn verify(forge: Forge, h: &HeaderMap, body: &[u8], secret: &str) -> Result<
                 .map_err(|_| "bad secret".to_string())?;
             mac.update(body);
             // `verify_slice` compares in constant time.
-            mac.verify_slice(&sig)
-                .map_err(|_| format!("{name} does not match the body signed with the project's secret"))
+            mac.verify_slice(&sig).map_err(|_| {
+                format!("{name} does not match the body signed with the project's secret")
+            })
         }
     }
 }
@@ -126,7 +127,11 @@ struct GithubRepo {
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 
-fn push_action(ref_name: Option<String>, sha: Option<String>, deleted: bool) -> Result<Action, String> {
+fn push_action(
+    ref_name: Option<String>,
+    sha: Option<String>,
+    deleted: bool,
+) -> Result<Action, String> {
     let r = ref_name.ok_or("the push has no `ref`")?;
     let sha = sha.unwrap_or_default();
     if deleted || sha.is_empty() || sha == ZERO_SHA {
@@ -136,9 +141,15 @@ fn push_action(ref_name: Option<String>, sha: Option<String>, deleted: bool) -> 
         return Err(format!("`{sha}` is not a commit sha"));
     }
     if let Some(b) = r.strip_prefix("refs/heads/") {
-        Ok(Action::Branch { branch: b.to_string(), sha })
+        Ok(Action::Branch {
+            branch: b.to_string(),
+            sha,
+        })
     } else if let Some(t) = r.strip_prefix("refs/tags/") {
-        Ok(Action::Tag { tag: t.to_string(), sha })
+        Ok(Action::Tag {
+            tag: t.to_string(),
+            sha,
+        })
     } else {
         Ok(Action::Nothing("not a branch or tag"))
     }
@@ -150,7 +161,9 @@ pub fn parse(forge: Forge, h: &HeaderMap, body: &[u8]) -> Result<Delivery, Strin
     let fallback_id = || hex::encode(Sha256::digest(body));
     match forge {
         Forge::Gitlab => {
-            let event = header(h, "x-gitlab-event").ok_or("missing X-Gitlab-Event")?.to_string();
+            let event = header(h, "x-gitlab-event")
+                .ok_or("missing X-Gitlab-Event")?
+                .to_string();
             let id = header(h, "x-gitlab-event-uuid")
                 .or_else(|| header(h, "x-gitlab-webhook-uuid"))
                 .map(str::to_string)
@@ -164,7 +177,12 @@ pub fn parse(forge: Forge, h: &HeaderMap, body: &[u8]) -> Result<Delivery, Strin
                 }
                 _ => Action::Nothing("an event rave does not act on"),
             };
-            Ok(Delivery { id, event, project_path, action })
+            Ok(Delivery {
+                id,
+                event,
+                project_path,
+                action,
+            })
         }
         Forge::Github | Forge::Gitea => {
             let (ev, del) = if forge == Forge::Github {
@@ -177,7 +195,9 @@ pub fn parse(forge: Forge, h: &HeaderMap, body: &[u8]) -> Result<Delivery, Strin
             let event = header(h, ev)
                 .ok_or_else(|| format!("missing {ev}"))?
                 .to_string();
-            let id = header(h, del).map(str::to_string).unwrap_or_else(fallback_id);
+            let id = header(h, del)
+                .map(str::to_string)
+                .unwrap_or_else(fallback_id);
             if event == "ping" {
                 return Ok(Delivery {
                     id,
@@ -194,7 +214,12 @@ pub fn parse(forge: Forge, h: &HeaderMap, body: &[u8]) -> Result<Delivery, Strin
             } else {
                 Action::Nothing("an event rave does not act on")
             };
-            Ok(Delivery { id, event, project_path, action })
+            Ok(Delivery {
+                id,
+                event,
+                project_path,
+                action,
+            })
         }
     }
 }
@@ -219,8 +244,12 @@ mod tests {
 
     #[test]
     fn github_signatures_are_checked_against_the_body() {
-        let body = br#"{"ref":"refs/heads/main","after":"0123456789012345678901234567890123456789"}"#;
-        let good = headers(&[("x-hub-signature-256", &format!("sha256={}", sign("s3cret", body)))]);
+        let body =
+            br#"{"ref":"refs/heads/main","after":"0123456789012345678901234567890123456789"}"#;
+        let good = headers(&[(
+            "x-hub-signature-256",
+            &format!("sha256={}", sign("s3cret", body)),
+        )]);
         assert!(verify(Forge::Github, &good, body, "s3cret").is_ok());
         assert!(verify(Forge::Github, &good, body, "other").is_err());
         assert!(verify(Forge::Github, &good, b"{}", "s3cret").is_err());
@@ -232,13 +261,35 @@ mod tests {
     fn pushes_tags_and_deletions() {
         let h = headers(&[("x-github-event", "push"), ("x-github-delivery", "d1")]);
         let sha = "0123456789abcdef0123456789abcdef01234567";
-        let d = parse(Forge::Github, &h, format!(r#"{{"ref":"refs/tags/v1.0","after":"{sha}"}}"#).as_bytes()).unwrap();
-        assert_eq!(d.action, Action::Tag { tag: "v1.0".into(), sha: sha.into() });
-        let d = parse(Forge::Github, &h, format!(r#"{{"ref":"refs/heads/x","after":"{ZERO_SHA}","deleted":true}}"#).as_bytes()).unwrap();
+        let d = parse(
+            Forge::Github,
+            &h,
+            format!(r#"{{"ref":"refs/tags/v1.0","after":"{sha}"}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            d.action,
+            Action::Tag {
+                tag: "v1.0".into(),
+                sha: sha.into()
+            }
+        );
+        let d = parse(
+            Forge::Github,
+            &h,
+            format!(r#"{{"ref":"refs/heads/x","after":"{ZERO_SHA}","deleted":true}}"#).as_bytes(),
+        )
+        .unwrap();
         assert!(matches!(d.action, Action::Nothing(_)));
         let h = headers(&[("x-gitlab-event", "Push Hook")]);
         let d = parse(Forge::Gitlab, &h, format!(r#"{{"object_kind":"push","ref":"refs/heads/main","after":"{sha}","project":{{"path_with_namespace":"g/app"}}}}"#).as_bytes()).unwrap();
-        assert_eq!(d.action, Action::Branch { branch: "main".into(), sha: sha.into() });
+        assert_eq!(
+            d.action,
+            Action::Branch {
+                branch: "main".into(),
+                sha: sha.into()
+            }
+        );
         assert_eq!(d.project_path.as_deref(), Some("g/app"));
     }
 }

@@ -72,6 +72,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         .unwrap_or_else(|| PathBuf::from("rave-data"));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data dir {}: {e}", data_dir.display()))?;
+    // Children run in their checkouts: every path handed around must be absolute.
+    let data_dir = data_dir
+        .canonicalize()
+        .map_err(|e| format!("cannot open the data dir {}: {e}", data_dir.display()))?;
     let listen = opts
         .listen
         .clone()
@@ -84,15 +88,17 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         tokens.push((sha(&v), t.scope, t.name.clone()));
     }
     if tokens.is_empty() {
-        warn!("no [[tokens]] in the config: the API answers 401 to everything (webhooks still work)");
+        warn!(
+            "no [[tokens]] in the config: the API answers 401 to everything (webhooks still work)"
+        );
     }
     if cfg.projects.is_empty() {
         warn!("no [[projects]] in the config: every webhook is refused");
     }
     let memory_budget = match cfg.server.memory.as_deref() {
-        Some(m) => Some(
-            rave_model::units::parse_memory(m).map_err(|e| format!("[server] memory: {e}"))?,
-        ),
+        Some(m) => {
+            Some(rave_model::units::parse_memory(m).map_err(|e| format!("[server] memory: {e}"))?)
+        }
         None => None,
     };
     let requeue = cfg.server.on_restart == OnRestart::Requeue;

@@ -86,7 +86,9 @@ impl Metrics {
         self.with(|m| {
             *m.webhook_requests.entry((forge.into(), code)).or_default() += 1;
             if let Some(e) = error {
-                *m.webhook_errors.entry((forge.into(), e.into())).or_default() += 1;
+                *m.webhook_errors
+                    .entry((forge.into(), e.into()))
+                    .or_default() += 1;
             }
             m.webhook_duration.observe(took.as_secs_f64());
         })
@@ -112,16 +114,23 @@ impl Metrics {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         out.push_str("# HELP webhook_requests_total Webhook deliveries received, by forge and HTTP status.\n# TYPE webhook_requests_total counter\n");
         for ((f, c), n) in &m.webhook_requests {
-            let _ = writeln!(out, "webhook_requests_total{{forge=\"{f}\",code=\"{c}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "webhook_requests_total{{forge=\"{f}\",code=\"{c}\"}} {n}"
+            );
         }
         out.push_str("# HELP webhook_errors_total Webhook deliveries refused, by forge and reason.\n# TYPE webhook_errors_total counter\n");
         for ((f, r), n) in &m.webhook_errors {
-            let _ = writeln!(out, "webhook_errors_total{{forge=\"{f}\",reason=\"{r}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "webhook_errors_total{{forge=\"{f}\",reason=\"{r}\"}} {n}"
+            );
         }
         out.push_str("# HELP webhook_deduplicated_total Deliveries whose id was seen before.\n# TYPE webhook_deduplicated_total counter\n");
         let _ = writeln!(out, "webhook_deduplicated_total {}", m.webhook_deduplicated);
         out.push_str("# HELP webhook_duration_seconds Time to answer a webhook delivery.\n# TYPE webhook_duration_seconds histogram\n");
-        m.webhook_duration.render(&mut out, "webhook_duration_seconds");
+        m.webhook_duration
+            .render(&mut out, "webhook_duration_seconds");
         out.push_str("# HELP rave_pipelines Pipelines by status.\n# TYPE rave_pipelines gauge\n");
         for (s, n) in &counts.pipelines {
             let _ = writeln!(out, "rave_pipelines{{status=\"{s}\"}} {n}");
@@ -132,10 +141,16 @@ impl Metrics {
         }
         out.push_str("# HELP rave_job_duration_seconds Duration of finished jobs.\n# TYPE rave_job_duration_seconds histogram\n");
         m.job_duration.render(&mut out, "rave_job_duration_seconds");
-        out.push_str("# HELP rave_queue_depth Pipelines waiting to run.\n# TYPE rave_queue_depth gauge\n");
+        out.push_str(
+            "# HELP rave_queue_depth Pipelines waiting to run.\n# TYPE rave_queue_depth gauge\n",
+        );
         let _ = writeln!(out, "rave_queue_depth {}", counts.queued);
         out.push_str("# HELP rave_memory_budget_used_bytes Memory limits of the jobs running now.\n# TYPE rave_memory_budget_used_bytes gauge\n");
-        let _ = writeln!(out, "rave_memory_budget_used_bytes {}", counts.running_memory_bytes);
+        let _ = writeln!(
+            out,
+            "rave_memory_budget_used_bytes {}",
+            counts.running_memory_bytes
+        );
         if let Some(b) = budget_bytes {
             out.push_str("# HELP rave_memory_budget_bytes The memory budget jobs are admitted under.\n# TYPE rave_memory_budget_bytes gauge\n");
             let _ = writeln!(out, "rave_memory_budget_bytes {b}");
@@ -143,7 +158,11 @@ impl Metrics {
         out.push_str("# HELP rave_oom_kills_total Jobs killed for exceeding their memory limit.\n# TYPE rave_oom_kills_total counter\n");
         let _ = writeln!(out, "rave_oom_kills_total {}", m.oom_kills);
         out.push_str("# HELP rave_uptime_seconds Seconds since this server started.\n# TYPE rave_uptime_seconds gauge\n");
-        let _ = writeln!(out, "rave_uptime_seconds {}", self.started.elapsed().as_secs());
+        let _ = writeln!(
+            out,
+            "rave_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
         out
     }
 }

@@ -27,7 +27,11 @@ pub async fn run_queue(state: Arc<State>) {
                 if let Err(e) = state.store.finish_pipeline(id, &status, err.as_deref()) {
                     error!(pipeline = id, "cannot record the end of the pipeline: {e}");
                 }
-                state.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                state
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 info!(pipeline = id, %status, error = err.as_deref().unwrap_or(""), "pipeline finished");
             }
             Ok(None) => {
@@ -47,7 +51,13 @@ pub async fn run_queue(state: Arc<State>) {
 fn mirror_dir(state: &State, project: &str) -> PathBuf {
     let safe: String = project
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     state.data_dir.join("mirrors").join(format!("{safe}.git"))
 }
@@ -65,9 +75,8 @@ pub async fn fetch(state: &State, project: &str) -> Result<PathBuf, String> {
         let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         let creds = proj.credentials()?;
         std::fs::create_dir_all(&mirror).map_err(|e| format!("{}: {e}", mirror.display()))?;
-        rave_repo::fetch_mirror(&proj.clone_url, &creds, &mirror).map_err(|e| {
-            format!("cannot fetch {}: {e}", proj.clone_url)
-        })?;
+        rave_repo::fetch_mirror(&proj.clone_url, &creds, &mirror)
+            .map_err(|e| format!("cannot fetch {}: {e}", proj.clone_url))?;
         Ok(mirror)
     })
     .await
@@ -76,20 +85,34 @@ pub async fn fetch(state: &State, project: &str) -> Result<PathBuf, String> {
 
 async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String>) {
     let Some(project) = state.cfg.project(&p.project).cloned() else {
-        return ("failed".into(), Some(format!("project `{}` is not in the server's config", p.project)));
+        return (
+            "failed".into(),
+            Some(format!(
+                "project `{}` is not in the server's config",
+                p.project
+            )),
+        );
     };
     let dir = state.data_dir.join("pipelines").join(p.id.to_string());
     let src = dir.join("src");
     // A requeued pipeline starts over from a fresh checkout.
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        return ("failed".into(), Some(format!("cannot create {}: {e}", dir.display())));
+        return (
+            "failed".into(),
+            Some(format!("cannot create {}: {e}", dir.display())),
+        );
     }
     let mirror = match fetch(state, &p.project).await {
         Ok(m) => m,
         Err(e) => return ("failed".into(), Some(e)),
     };
-    let (sha, branch, m2, src2) = (p.sha.clone(), p.tag.is_none().then(|| p.ref_name.clone()), mirror.clone(), src.clone());
+    let (sha, branch, m2, src2) = (
+        p.sha.clone(),
+        p.tag.is_none().then(|| p.ref_name.clone()),
+        mirror.clone(),
+        src.clone(),
+    );
     let checkout = tokio::task::spawn_blocking(move || {
         rave_repo::mirror_has(&m2, &sha).map_err(|e| e.to_string())?;
         rave_repo::checkout_commit(&m2, &sha, &src2, branch.as_deref())
@@ -101,7 +124,12 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         return ("failed".into(), Some(e));
     }
     let events = dir.join("events.jsonl");
-    let mut args: Vec<String> = vec!["run".into(), "--json".into(), "--events".into(), events.to_string_lossy().into_owned()];
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--json".into(),
+        "--events".into(),
+        events.to_string_lossy().into_owned(),
+    ];
     args.push("--source".into());
     args.push(p.source.clone());
     match &p.tag {
@@ -112,7 +140,12 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         args.extend(["--file".into(), f.clone()]);
     }
     let s = &state.cfg.server;
-    for (flag, v) in [("--memory", &s.memory), ("--cpus", &s.cpus), ("--profile", &s.profile), ("--executor", &s.executor)] {
+    for (flag, v) in [
+        ("--memory", &s.memory),
+        ("--cpus", &s.cpus),
+        ("--profile", &s.profile),
+        ("--executor", &s.executor),
+    ] {
         if let Some(v) = v {
             args.extend([flag.to_string(), v.clone()]);
         }
@@ -125,7 +158,10 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         std::fs::File::create(dir.join("summary.json")),
         std::fs::File::create(dir.join("console.log")),
     ) else {
-        return ("failed".into(), Some(format!("cannot write in {}", dir.display())));
+        return (
+            "failed".into(),
+            Some(format!("cannot write in {}", dir.display())),
+        );
     };
     let mut child = match tokio::process::Command::new(&state.rave_exe)
         .args(&args)
@@ -139,13 +175,26 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return ("failed".into(), Some(format!("cannot start {}: {e}", state.rave_exe.display()))),
+        Err(e) => {
+            return (
+                "failed".into(),
+                Some(format!("cannot start {}: {e}", state.rave_exe.display())),
+            );
+        }
     };
     let pid = child.id();
     if let Some(pid) = pid {
-        state.running.lock().unwrap_or_else(|p| p.into_inner()).insert(p.id, pid);
+        state
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(p.id, pid);
     }
-    if let Err(e) = state.store.set_pipeline_process(p.id, &dir.to_string_lossy(), pid.map(i64::from)) {
+    if let Err(e) =
+        state
+            .store
+            .set_pipeline_process(p.id, &dir.to_string_lossy(), pid.map(i64::from))
+    {
         error!(pipeline = p.id, "cannot record the pipeline's process: {e}");
     }
     let mut tail = Tail::new(events, p.id);
@@ -165,7 +214,14 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             let last: Vec<&str> = text.lines().rev().take(5).collect();
             let why = last.into_iter().rev().collect::<Vec<_>>().join("\n");
             warn!(pipeline = p.id, "rave run ended without a result: {why}");
-            ("failed".into(), Some(if why.is_empty() { format!("rave run exited with {code:?}") } else { why }))
+            (
+                "failed".into(),
+                Some(if why.is_empty() {
+                    format!("rave run exited with {code:?}")
+                } else {
+                    why
+                }),
+            )
         }
     }
 }
@@ -182,11 +238,20 @@ struct Tail {
 
 impl Tail {
     fn new(path: PathBuf, pipeline: i64) -> Self {
-        Tail { path, pipeline, offset: 0, partial: String::new(), jobs: Vec::new(), finished: None }
+        Tail {
+            path,
+            pipeline,
+            offset: 0,
+            partial: String::new(),
+            jobs: Vec::new(),
+            finished: None,
+        }
     }
 
     fn read(&mut self, state: &State) {
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return };
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return;
+        };
         if f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
             return;
         }
@@ -255,19 +320,24 @@ impl Tail {
                     j.exit_code = r["exit_code"].as_i64();
                     j.failure_reason = s(&r["failure_reason"]);
                     j.peak_memory_bytes = r["peak_memory_bytes"].as_i64();
-                    j.memory_limit_bytes = r["memory_limit_bytes"].as_i64().or(j.memory_limit_bytes);
+                    j.memory_limit_bytes =
+                        r["memory_limit_bytes"].as_i64().or(j.memory_limit_bytes);
                     j.attempts = r["attempts"].as_i64();
                     j.note = s(&r["note"]);
                     let j = j.clone();
                     if j.started_at.is_some() {
-                        state.metrics.job_finished(j.duration_ms, j.failure_reason.as_deref() == Some("oom_killed"));
+                        state.metrics.job_finished(
+                            j.duration_ms,
+                            j.failure_reason.as_deref() == Some("oom_killed"),
+                        );
                     }
                     info!(pipeline = self.pipeline, job = %j.name, status = %j.status, "job finished");
                     self.save(state, &j);
                 }
             }
             Some("pipeline_finished") => {
-                self.finished = s(&v["status"]).map(|s| if s == "skipped" { "success".into() } else { s });
+                self.finished =
+                    s(&v["status"]).map(|s| if s == "skipped" { "success".into() } else { s });
             }
             _ => {}
         }
@@ -299,7 +369,10 @@ pub async fn clean_up_after_crash(interrupted: &[Pipeline]) {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        warn!(pipeline = p.id, pid, "killed the rave run a crash left behind");
+        warn!(
+            pipeline = p.id,
+            pid, "killed the rave run a crash left behind"
+        );
     }
     let killed = rave_engine::cgroup::sweep_dead_raves();
     if killed > 0 {

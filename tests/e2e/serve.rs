@@ -1,0 +1,483 @@
+//! `rave serve` against real git repositories: a bare origin the test pushes to, webhook
+//! bodies signed exactly as GitHub (HMAC-SHA256 of the body) and GitLab (shared token) sign
+//! them, the real binary on a loopback port, and `kill -9` recovery.
+
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::support::*;
+
+const SECRET: &str = "hook-secret-1234";
+const ADMIN: &str = "admin-token-5678";
+const READER: &str = "read-token-9012";
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `rave serve` on a free loopback port; returns once it listens.
+fn start(data: &Path, config: &Path) -> Server {
+    let mut child = Command::new(rave_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start rave serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("rave serve said {line:?}"))
+        .to_string();
+    Server {
+        child,
+        url: format!("http://{addr}"),
+    }
+}
+
+/// A work repository and the bare origin the server fetches from.
+struct Origin {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    bare: PathBuf,
+}
+
+impl Origin {
+    fn new(files: &[(&str, &str)]) -> Origin {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let bare = dir.path().join("origin.git");
+        std::fs::create_dir_all(&work).unwrap();
+        for (p, c) in files {
+            std::fs::write(work.join(p), c).unwrap();
+        }
+        sh(
+            dir.path(),
+            "git init -q --bare origin.git && cd work && git init -q -b main . && git add -A && git commit -qm init && git remote add origin ../origin.git && git push -q origin main",
+        );
+        Origin {
+            _dir: dir,
+            work,
+            bare,
+        }
+    }
+
+    /// Commit (files written, `rm` removed) and push; returns the new sha.
+    fn commit(&self, files: &[(&str, &str)], rm: &[&str]) -> String {
+        for (p, c) in files {
+            std::fs::write(self.work.join(p), c).unwrap();
+        }
+        for p in rm {
+            std::fs::remove_file(self.work.join(p)).unwrap();
+        }
+        sh(
+            &self.work,
+            "git add -A && git commit -qm change && git push -q origin main",
+        );
+        self.head()
+    }
+
+    fn head(&self) -> String {
+        let o = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(&self.work)
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    }
+}
+
+fn config(dir: &Path, origin: &Origin, extra: &str) -> PathBuf {
+    let path = dir.join("rave.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nrate_limit_per_sec = 1000\nmax_body_bytes = 65536\n{extra}\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nscope = \"admin\"\n\n[[tokens]]\nname = \"dash\"\ntoken = \"{READER}\"\nscope = \"read\"\n",
+            origin.bare.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+fn github_push(s: &Server, delivery: &str, r: &str, sha: &str) -> reqwest::blocking::Response {
+    let body = json!({"ref": r, "after": sha, "deleted": sha.starts_with("0000"), "repository": {"full_name": "team/app"}}).to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", delivery)
+        .header("X-Hub-Signature-256", sig)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .unwrap()
+}
+
+fn get(s: &Server, path: &str, token: &str) -> Value {
+    let r = client()
+        .get(format!("{}{path}", s.url))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "GET {path}: {}", r.status());
+    r.json().unwrap()
+}
+
+fn post(s: &Server, path: &str, token: &str) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", s.url))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+/// Wait for a pipeline to end; returns it with its jobs.
+fn finished(s: &Server, id: i64) -> Value {
+    wait_until(&format!("pipeline {id} never finished"), 120, || {
+        let v = get(s, &format!("/api/pipelines/{id}"), READER);
+        !matches!(v["pipeline"]["status"].as_str(), Some("queued" | "running"))
+    });
+    get(s, &format!("/api/pipelines/{id}"), READER)
+}
+
+fn job_of<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name} in {v:#}"))
+}
+
+fn text(s: &Server, path: &str) -> String {
+    client()
+        .get(format!("{}{path}", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+const PIPELINE: &str = "stages: [build, test, release]
+build:
+  stage: build
+  script:
+    - echo \"built $CI_COMMIT_SHA on $CI_COMMIT_REF_NAME\"
+    - mkdir -p out && echo \"artifact-of-$CI_COMMIT_SHA\" > out/app.txt
+  artifacts: {paths: [out/]}
+test:
+  stage: test
+  script: [cat out/app.txt]
+release:
+  stage: release
+  rules: [{if: $CI_COMMIT_TAG}]
+  script: [echo \"releasing $CI_COMMIT_TAG\"]
+";
+
+#[test]
+fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", PIPELINE)]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+
+    // Forged, unsigned and oversized deliveries are refused before anything is stored.
+    let forged = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", format!("sha256={}", "0".repeat(64)))
+        .body(
+            json!({"ref": "refs/heads/main", "after": a, "repository": {"full_name": "team/app"}})
+                .to_string(),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    assert!(forged.text().unwrap().contains("does not match"));
+    let huge = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .body(vec![b'x'; 200_000])
+        .send()
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+
+    let r = github_push(&s, "delivery-1", "refs/heads/main", &a);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    // The branch moves on before the pipeline checks out: it still runs exactly `a`.
+    let b = origin.commit(&[("later.txt", "later\n")], &[]);
+    let again = github_push(&s, "delivery-1", "refs/heads/main", &a);
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().unwrap();
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["pipeline_id"], id);
+
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["sha"], a);
+    let build = job_of(&v, "build");
+    assert_eq!(build["status"], "success");
+    assert!(build["memory_limit_bytes"].as_i64().unwrap() > 0);
+    // `release` is only in tag pipelines.
+    assert!(
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["name"] != "release"),
+        "{v:#}"
+    );
+    let build_id = build["id"].as_i64().unwrap();
+    let log = text(&s, &format!("/api/jobs/{build_id}/log"));
+    assert!(log.contains(&format!("built {a} on main")), "{log}");
+
+    // One artifact file, with a byte range, and the whole set as an archive.
+    let part = client()
+        .get(format!(
+            "{}/api/jobs/{build_id}/artifacts/out/app.txt",
+            s.url
+        ))
+        .bearer_auth(READER)
+        .header("Range", "bytes=0-7")
+        .send()
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.text().unwrap(), "artifact");
+    let tar = client()
+        .get(format!("{}/api/jobs/{build_id}/artifacts", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let listing = data.path().join("a.tar");
+    std::fs::write(&listing, &tar).unwrap();
+    let out = Command::new("tar")
+        .arg("-tf")
+        .arg(&listing)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("out/app.txt"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let escape = client()
+        .get(format!(
+            "{}/api/jobs/{build_id}/artifacts/..%2F..%2Fsummary.json",
+            s.url
+        ))
+        .bearer_auth(READER)
+        .send()
+        .unwrap();
+    assert!(
+        escape.status() == 400 || escape.status() == 404,
+        "{}",
+        escape.status()
+    );
+
+    // A tag push (GitLab's way of signing: the shared token) runs the release pipeline.
+    sh(&origin.work, "git tag v1.0 && git push -q origin v1.0");
+    let body = json!({"object_kind": "tag_push", "ref": "refs/tags/v1.0", "after": b, "checkout_sha": b, "project": {"path_with_namespace": "team/app"}}).to_string();
+    let bad = client()
+        .post(format!("{}/hooks/gitlab", s.url))
+        .header("X-Gitlab-Event", "Tag Push Hook")
+        .header("X-Gitlab-Token", "wrong")
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    let r = client()
+        .post(format!("{}/hooks/gitlab", s.url))
+        .header("X-Gitlab-Event", "Tag Push Hook")
+        .header("X-Gitlab-Event-UUID", "gl-1")
+        .header("X-Gitlab-Token", SECRET)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let tag_id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, tag_id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["tag"], "v1.0");
+    let release = job_of(&v, "release");
+    assert_eq!(release["status"], "success", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", release["id"]));
+    assert!(log.contains("releasing v1.0"), "{log}");
+
+    // A branch deletion starts nothing.
+    let r = github_push(&s, "delivery-del", "refs/heads/gone", &"0".repeat(40));
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["pipeline_id"], Value::Null);
+
+    // Tokens: none → 401, read-only → 403 on a write, admin → rerun of one job.
+    let r = client()
+        .get(format!("{}/api/pipelines", s.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (code, _) = post(&s, &format!("/api/pipelines/{id}/rerun?job=test"), READER);
+    assert_eq!(code, 403);
+    let (code, v) = post(&s, &format!("/api/pipelines/{id}/rerun?job=test"), ADMIN);
+    assert_eq!(code, 201, "{v}");
+    let rerun = v["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, rerun);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["sha"], a, "a rerun runs the same commit");
+    assert_eq!(v["pipeline"]["rerun_of"], id);
+    assert_eq!(job_of(&v, "test")["status"], "success");
+
+    let list = get(&s, "/api/pipelines", READER);
+    assert_eq!(list["pipelines"].as_array().unwrap().len(), 3);
+    let metrics = text(&s, "/metrics");
+    for line in [
+        "webhook_requests_total{forge=\"github\",code=\"202\"} 1",
+        "webhook_requests_total{forge=\"github\",code=\"401\"} 1",
+        "webhook_deduplicated_total 1",
+        "rave_pipelines{status=\"success\"} 3",
+        "rave_queue_depth 0",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
+    let origin = Origin::new(&[
+        (
+            ".gitlab-ci.yml",
+            "work:\n  script:\n    - if test -f slow; then echo STARTED; sleep 6061; fi\n    - echo quick\n",
+        ),
+        ("slow", "1\n"),
+    ]);
+    let a = origin.head();
+    let b = origin.commit(&[], &["slow"]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let dd = data.path().join("data");
+    let s = start(&dd, &cfg);
+    let r = github_push(&s, "k-1", "refs/heads/main", &a);
+    assert_eq!(r.status(), 202);
+    let first = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    // Follow the log while the job runs: lines arrive as they are written.
+    wait_until("the slow job never started", 60, || {
+        let v = get(&s, &format!("/api/pipelines/{first}"), READER);
+        v["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["status"] == "running"))
+    });
+    let v = get(&s, &format!("/api/pipelines/{first}"), READER);
+    let job_id = job_of(&v, "work")["id"].as_i64().unwrap();
+    let mut follow = client()
+        .get(format!("{}/api/jobs/{job_id}/log?follow=1", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("STARTED") {
+        let n = follow.read(&mut buf).unwrap();
+        assert!(n > 0, "the followed log ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // A second delivery is acknowledged while the first pipeline runs.
+    let r = github_push(&s, "k-2", "refs/heads/main", &b);
+    assert_eq!(r.status(), 202);
+    let second = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+
+    let mut s = s;
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    drop(s);
+    let s = start(&dd, &cfg);
+    // The interrupted pipeline is failed, its job named a runner error, its process gone.
+    let v = get(&s, &format!("/api/pipelines/{first}"), READER);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    assert_eq!(
+        job_of(&v, "work")["failure_reason"],
+        "runner_error",
+        "{v:#}"
+    );
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 6061"])
+        .output()
+        .unwrap();
+    assert!(
+        sleeping.stdout.is_empty(),
+        "the job outlived the restart: {}",
+        String::from_utf8_lossy(&sleeping.stdout)
+    );
+    // The delivery acknowledged before the kill runs after the restart.
+    let v = finished(&s, second);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["sha"], b);
+    let log = text(&s, &format!("/api/jobs/{}/log", job_of(&v, "work")["id"]));
+    assert!(log.contains("quick"), "{log}");
+}
+
+#[test]
+fn too_many_requests_from_one_source_get_429() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", PIPELINE)]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nrate_limit_per_sec = 5\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n",
+            origin.bare.display()
+        ),
+    )
+    .unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let codes: Vec<u16> = (0..30)
+        .map(|_| {
+            client()
+                .get(format!("{}/healthz", s.url))
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(codes[0], 200);
+    assert!(codes.contains(&429), "{codes:?}");
+    let r = client().get(format!("{}/healthz", s.url)).send().unwrap();
+    if r.status() == 429 {
+        assert_eq!(r.headers()["retry-after"], "1");
+    }
+}
