@@ -362,6 +362,47 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     assert_eq!(v["pipeline"]["rerun_of"], id);
     assert_eq!(job_of(&v, "test")["status"], "success");
 
+    // The CLI clients, against the same server.
+    let env = [("RAVE_SERVER", s.url.as_str()), ("RAVE_TOKEN", READER)];
+    let shown = rave_env(data.path(), &["pipelines", &id.to_string()], &env);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert!(
+        shown.stdout.contains("build") && shown.stdout.contains("success"),
+        "{}",
+        shown.stdout
+    );
+    let out = data.path().join("app.txt");
+    let dl = rave_env(
+        data.path(),
+        &[
+            "artifacts",
+            "download",
+            &build_id.to_string(),
+            "out/app.txt",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(dl.code, 0, "{}", dl.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("artifact-of-{a}\n")
+    );
+    let logs = rave_env(data.path(), &["logs", &build_id.to_string()], &env);
+    assert!(
+        logs.stdout.contains(&format!("built {a}")),
+        "{}",
+        logs.stdout
+    );
+    let refused = rave_env(data.path(), &["rerun", &id.to_string(), "--failed"], &env);
+    assert_eq!(refused.code, 2);
+    assert!(
+        refused.stderr.contains("403") && refused.stderr.contains("admin token"),
+        "{}",
+        refused.stderr
+    );
+
     let list = get(&s, "/api/pipelines", READER);
     assert_eq!(list["pipelines"].as_array().unwrap().len(), 3);
     let metrics = text(&s, "/metrics");

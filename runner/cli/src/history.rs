@@ -19,8 +19,13 @@ pub struct RunsArgs {
 
 #[derive(Args, Debug)]
 pub struct LogsArgs {
-    #[command(flatten)]
-    pub pipeline: PipelineArgs,
+    /// Pipeline file (default: pipeline.yml, else .gitlab-ci.yml). No `-f` here: that is
+    /// `--follow`, as in `tail -f`.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Project directory (default: the repository containing the current directory).
+    #[arg(short = 'C', long = "dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// Job whose log to print (instance name such as `test 1/2`, or job name); without it,
     /// the run's jobs are listed.
     #[arg(value_name = "JOB")]
@@ -28,6 +33,15 @@ pub struct LogsArgs {
     /// Run number (default: the latest).
     #[arg(long, value_name = "N")]
     pub run: Option<u64>,
+    /// Read from a `rave serve` at this URL instead; JOB is then a job id.
+    #[arg(long, env = "RAVE_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// API token for --server.
+    #[arg(long, env = "RAVE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// With --server: keep printing what the job writes until it ends.
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 fn runs_dir(args: &PipelineArgs) -> anyhow::Result<PathBuf> {
@@ -94,7 +108,23 @@ pub fn list(args: &RunsArgs) -> anyhow::Result<i32> {
 }
 
 pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
-    let dir = runs_dir(&args.pipeline)?;
+    if let Some(server) = &args.server {
+        let Some(job) = &args.job else {
+            anyhow::bail!("with --server, give the job id to print (see `rave pipelines ID`)");
+        };
+        let s = crate::client::ServerArgs {
+            server: server.clone(),
+            token: args.token.clone().unwrap_or_default(),
+        };
+        return crate::client::logs(&s, job, args.follow);
+    }
+    if args.follow {
+        anyhow::bail!("--follow reads from a server: add --server URL (or set RAVE_SERVER)");
+    }
+    let dir = runs_dir(&PipelineArgs {
+        file: args.file.clone(),
+        dir: args.dir.clone(),
+    })?;
     let all = runs(&dir);
     let Some((id, summary)) = (match args.run {
         Some(n) => all.iter().find(|(id, _)| *id == n),

@@ -2,6 +2,7 @@
 //! arguments, calls the model/plan/engine crates, and turns their results into output and
 //! exit codes (0 success, 1 pipeline failed, 2 definition or usage error, 130 interrupted).
 
+mod client;
 mod console;
 mod graph;
 mod history;
@@ -49,6 +50,13 @@ enum Command {
     Logs(history::LogsArgs),
     /// Serve webhooks, the pipeline queue, the API and metrics for a team.
     Serve(serve::ServeArgs),
+    /// List a server's pipelines, or show one with its jobs.
+    Pipelines(client::PipelinesArgs),
+    /// Run a server's pipeline again (all, `--failed`, or `--job NAME`).
+    Rerun(client::RerunArgs),
+    /// Download artifacts from a server.
+    #[command(subcommand)]
+    Artifacts(client::ArtifactsCommand),
     /// Print shell completions.
     Completions {
         /// Shell to generate completions for.
@@ -69,6 +77,9 @@ fn main() {
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Serve(a) => serve::run(a),
+        Command::Pipelines(a) => client::pipelines(a),
+        Command::Rerun(a) => client::rerun(a),
+        Command::Artifacts(c) => client::artifacts(c),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
             Ok(0)
