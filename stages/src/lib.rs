@@ -2,9 +2,12 @@
 //! provenance, verification) and the `keys` that sign them. Each is a library behind a `rave`
 //! subcommand a job's script calls (`rave release create`, `rave release verify`, `rave keys`).
 
+pub mod cpio;
+pub mod image;
 pub mod keys;
 pub mod publish;
 pub mod release;
+pub mod vmtest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {

@@ -6,6 +6,7 @@ mod client;
 mod console;
 mod graph;
 mod history;
+mod image;
 mod lint;
 mod project;
 mod release;
@@ -48,6 +49,9 @@ enum Command {
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
     Logs(history::LogsArgs),
+    /// VM images of the workspace's service crates: build them, boot-test them in QEMU.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Serve webhooks, the pipeline queue, the API and metrics for a team.
     Serve(serve::ServeArgs),
     /// List a server's pipelines, or show one with its jobs.
@@ -77,6 +81,7 @@ fn main() {
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Serve(a) => serve::run(a),
+        Command::Image(c) => image::run(c),
         Command::Pipelines(a) => client::pipelines(a),
         Command::Rerun(a) => client::rerun(a),
         Command::Artifacts(c) => client::artifacts(c),

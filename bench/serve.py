@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""rave serve benchmarks: webhook intake and webhook-to-first-job latency, on a real bare git
+repository and the real binary on a loopback port. Timings are reported, never asserted.
+
+Usage: bench/serve.py [--rave PATH] [--deliveries N] [--dup-every K] [--clients C] [--pushes P]
+
+intake   N GitHub push deliveries (HMAC-signed), every K-th one a re-send of an earlier
+         delivery id, from C concurrent keep-alive clients. Reports deliveries/s and checks in
+         the database that every acknowledged new delivery made exactly one pipeline and every
+         re-send none (no delivery lost, none doubled).
+latency  P pushes one after another, each waited for: time from sending the webhook to the
+         first job's start (as the job's own started_at records it), p50 / p99, and to the
+         pipeline's end.
+
+No other CI runner here takes webhooks (gitlab-ci-local and make have no server), so these are
+absolute numbers, not ratios.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = b"bench-secret"
+TOKEN = "bench-token"
+
+
+def sh(cmd, cwd=None):
+    subprocess.run(cmd, shell=True, cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def setup(tmp):
+    work, bare = tmp / "work", tmp / "origin.git"
+    work.mkdir()
+    (work / ".gitlab-ci.yml").write_text("build:\n  script: [echo built]\n")
+    sh("git init -q --bare origin.git", cwd=tmp)
+    sh("git init -q -b main . && git add -A && git -c user.name=b -c user.email=b@b commit -qm init "
+       "&& git push -q ../origin.git main", cwd=work)
+    sha = subprocess.run("git rev-parse HEAD", shell=True, cwd=work, capture_output=True,
+                         text=True).stdout.strip()
+    cfg = tmp / "rave.toml"
+    cfg.write_text(f"""[server]
+rate_limit_per_sec = 1000000
+[[projects]]
+name = "bench/app"
+clone_url = "{bare}"
+secret = "{SECRET.decode()}"
+[[tokens]]
+name = "bench"
+token = "{TOKEN}"
+scope = "admin"
+""")
+    return cfg, sha
+
+
+def start(rave, data, cfg):
+    p = subprocess.Popen([rave, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data),
+                          "--config", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline().strip()
+    host, port = line.removeprefix("listening on ").rsplit(":", 1)
+    return p, host, int(port)
+
+
+def body_for(sha):
+    return json.dumps({"ref": "refs/heads/main", "after": sha,
+                       "repository": {"full_name": "bench/app"}}).encode()
+
+
+def send(conn, body, delivery):
+    sig = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+    conn.request("POST", "/hooks/github", body=body, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": delivery,
+        "X-Hub-Signature-256": sig, "Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, json.loads(data or b"null")
+
+
+def intake(rave, args):
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        cfg, sha = setup(tmp)
+        proc, host, port = start(rave, tmp / "data", cfg)
+        try:
+            ids = []
+            for i in range(args.deliveries):
+                if args.dup_every and i % args.dup_every == args.dup_every - 1 and i > 0:
+                    ids.append(ids[i // 2])  # a forge re-sending an earlier delivery
+                else:
+                    ids.append(f"d-{i}")
+            chunks = [ids[c::args.clients] for c in range(args.clients)]
+            body = body_for(sha)
+
+            def worker(chunk):
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                out = []
+                for d in chunk:
+                    out.append((d,) + send(conn, body, d))
+                conn.close()
+                return out
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.clients) as ex:
+                results = [r for rs in ex.map(worker, chunks) for r in rs]
+            took = time.perf_counter() - t0
+        finally:
+            proc.kill()
+            proc.wait()
+        codes = {}
+        for _, code, _ in results:
+            codes[code] = codes.get(code, 0) + 1
+        acked_new = {d for d, code, _ in results if code == 202}
+        unique = len(set(ids))
+        db = sqlite3.connect(tmp / "data" / "rave.db")
+        deliveries = db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+        pipelines = db.execute("SELECT COUNT(*) FROM pipelines").fetchone()[0]
+        print(f"intake: {len(ids)} deliveries ({unique} distinct ids) from {args.clients} clients "
+              f"in {took:.2f} s = {len(ids) / took:.0f} deliveries/s; answers {codes}")
+        lost = len(acked_new) - pipelines
+        print(f"        stored after kill -9: {deliveries} deliveries, {pipelines} pipelines; "
+              f"acknowledged-new {len(acked_new)} -> lost {max(lost, 0)}, doubled {max(-lost, 0)}")
+
+
+def parse_time(s):
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def latency(rave, args):
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        cfg, sha = setup(tmp)
+        proc, host, port = start(rave, tmp / "data", cfg)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        first, whole = [], []
+        try:
+            for i in range(args.pushes):
+                sent = time.time()
+                code, v = send(conn, body_for(sha), f"lat-{i}")
+                assert code == 202, (code, v)
+                pid = v["pipeline_id"]
+                while True:
+                    conn.request("GET", f"/api/pipelines/{pid}",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+                    p = json.loads(conn.getresponse().read())
+                    if p["pipeline"]["status"] not in ("queued", "running"):
+                        break
+                    time.sleep(0.005)
+                done = time.time()
+                started = [parse_time(j["started_at"]) for j in p["jobs"] if j["started_at"]]
+                first.append(min(started) - sent)
+                whole.append(done - sent)
+        finally:
+            proc.kill()
+            proc.wait()
+
+        def q(xs, p):
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+        print(f"latency: {args.pushes} pushes, webhook -> first job started: "
+              f"p50 {q(first, 0.5) * 1000:.0f} ms, p99 {q(first, 0.99) * 1000:.0f} ms; "
+              f"-> pipeline finished: p50 {q(whole, 0.5) * 1000:.0f} ms, "
+              f"p99 {q(whole, 0.99) * 1000:.0f} ms (mean {statistics.mean(whole) * 1000:.0f} ms)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
+    ap.add_argument("--deliveries", type=int, default=2000)
+    ap.add_argument("--dup-every", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--pushes", type=int, default=30)
+    args = ap.parse_args()
+    if not os.path.exists(args.rave):
+        print("building rave (release) ...")
+        subprocess.run("cargo build --release -q -p rave", shell=True, cwd=ROOT, check=True)
+    intake(args.rave, args)
+    latency(args.rave, args)
+
+
+if __name__ == "__main__":
+    main()
