@@ -52,6 +52,8 @@ pub struct BuildOptions {
     pub kernel: Option<PathBuf>,
     /// A Nix file (`nix-build`) or flake reference (`nix build`) that builds the image.
     pub nix: Option<String>,
+    /// Extra arguments for the Nix build (`--option substituters ''` offline, …).
+    pub nix_args: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -509,7 +511,9 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
             c
         };
         cmd.current_dir(&opts.workspace)
-            .args(["--cores", &cores, "--max-jobs", &jobs, "--out-link"])
+            .args(["--cores", &cores, "--max-jobs", &jobs])
+            .args(&opts.nix_args)
+            .arg("--out-link")
             .arg(&link);
         eprintln!(
             "rave image: nix build of {nix} (variant {}) with --cores {cores} --max-jobs {jobs}",
@@ -527,7 +531,6 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
         };
         std::fs::copy(&k, dir.join("vmlinuz")).map_err(|e| ImageError(e.to_string()))?;
         std::fs::copy(&i, dir.join("initramfs.cpio")).map_err(|e| ImageError(e.to_string()))?;
-        let _ = std::fs::remove_file(&link);
         let services = match std::fs::read_to_string(link.join("image.json")) {
             Ok(t) => serde_json::from_str::<ImageMeta>(&t)
                 .map(|m| m.services)
@@ -552,6 +555,8 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
             },
             built_by: format!("nix: {nix}"),
         };
+        // The out-link would pin the build in the Nix store forever; the copies are the image.
+        let _ = std::fs::remove_file(&link);
         for f in ["vmlinuz", "initramfs.cpio"] {
             meta.files.insert(f.into(), sha256_file(&dir.join(f))?);
         }

@@ -5,6 +5,7 @@ mod support;
 
 mod docker;
 mod graph;
+mod image;
 mod lint;
 mod release;
 mod run;

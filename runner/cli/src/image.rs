@@ -40,6 +40,10 @@ pub struct BuildArgs {
     /// reference for `nix build` (contains `#`).
     #[arg(long, value_name = "FILE|REF")]
     pub nix: Option<String>,
+    /// An extra argument for the Nix build (repeat: `--nix-arg=--option --nix-arg=substituters
+    /// --nix-arg=`).
+    #[arg(long = "nix-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub nix_args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +130,7 @@ fn build(a: &BuildArgs) -> anyhow::Result<i32> {
         out: a.out.clone(),
         kernel: a.kernel.clone(),
         nix: a.nix.clone(),
+        nix_args: a.nix_args.clone(),
     };
     match image::build(&opts) {
         Ok(metas) => {

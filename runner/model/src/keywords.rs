@@ -137,6 +137,7 @@ pub const RAVE: &[&str] = &[
     "default_image",
     "nix_single_user",
     "scan",
+    "image",
 ];
 
 pub const PROFILE: &[&str] = &["memory", "cpus", "jobs", "nix_cores", "nix_max_jobs"];

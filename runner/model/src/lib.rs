@@ -297,22 +297,34 @@ fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeli
         }
     }
     // Stage kinds under `.rave:` become ordinary jobs.
-    if let Some(scan) = entries
+    let rave_cfg = entries
         .iter()
         .find(|(k, _)| k.name == ".rave")
-        .and_then(|(_, v)| v.get("scan"))
+        .map(|(_, v)| v);
+    let mut kind_jobs: Vec<(&str, Key, Node)> = Vec::new();
+    if let Some(scan) = rave_cfg.and_then(|v| v.get("scan"))
         && let Some((key, node)) = stage_kinds::scan_job(scan, &stage_names, r.diags)
     {
+        kind_jobs.push(("scan", key, node));
+    }
+    if let Some(image) = rave_cfg.and_then(|v| v.get("image")) {
+        for (key, node) in stage_kinds::image_jobs(image, &stage_names, r.diags) {
+            kind_jobs.push(("image", key, node));
+        }
+    }
+    for (kind, key, node) in kind_jobs {
         if p.jobs.contains_key(&key.name) {
             r.diags.push(
                 Diagnostic::error(
                     format!(
-                        "`.rave: scan` makes a job `{}`, but the pipeline already has one",
+                        "`.rave: {kind}` makes a job `{}`, but the pipeline already has one",
                         key.name
                     ),
                     Some(key.span),
                 )
-                .with_help("give the scan job another name with `.rave: scan: name:`"),
+                .with_help(format!(
+                    "give the {kind} job another name with `.rave: {kind}: name:`"
+                )),
             );
         } else if let Some(job) = r.job(&key, &with_defaults(&node, &defaults), &stage_names) {
             p.jobs.insert(job.name.clone(), job);

@@ -16,6 +16,17 @@
 //!     variables: {RAVE_MEMORY: 1G}
 //! ```
 
+//!
+//! ```yaml
+//! .rave:
+//!   image:                              # VM images of the service crates (docs/images.md)
+//!     services_dir: services
+//!     services: {api: {port: 8080, health: /health}, metrics: {ports: [9100]}}
+//!     variants: {p1: [api], p2: [api, metrics]}   # default: one image with every service
+//!     boot_timeout: 120s
+//!     nix: nix/image.nix                # build with Nix instead of cargo + packing
+//! ```
+
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::source::Span;
 use crate::yaml::{self, Key, Limits, Node, Value};
@@ -31,6 +42,24 @@ const SCAN_KEYS: &[&str] = &[
     "rules",
 ];
 const TOOLS: &[&str] = &["trivy", "npm-audit", "secrets"];
+const IMAGE_KEYS: &[&str] = &[
+    "stage",
+    "test_stage",
+    "name",
+    "test_name",
+    "services_dir",
+    "services",
+    "variants",
+    "kernel",
+    "nix",
+    "nix_args",
+    "boot_timeout",
+    "accel",
+    "needs",
+    "variables",
+    "test_variables",
+    "rules",
+];
 
 fn q(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
@@ -162,4 +191,175 @@ pub fn scan_job(cfg: &Node, stages: &[String], diags: &mut Vec<Diagnostic>) -> O
         },
         node,
     ))
+}
+
+/// The two jobs a `.rave: image:` block stands for: the build (`rave image build`, artifacts
+/// kept 7 days) and the boot test (`rave image test`, needs the build, console logs kept).
+pub fn image_jobs(cfg: &Node, stages: &[String], diags: &mut Vec<Diagnostic>) -> Vec<(Key, Node)> {
+    let Some(m) = cfg.as_map() else {
+        diags.push(Diagnostic::error(
+            "`.rave: image` must be a mapping",
+            Some(cfg.span),
+        ));
+        return Vec::new();
+    };
+    for (k, _) in m {
+        if !IMAGE_KEYS.contains(&k.name.as_str()) {
+            diags.push(
+                Diagnostic::error(
+                    format!("unknown key `{}` in `.rave: image`", k.name),
+                    Some(k.span),
+                )
+                .with_help_opt(did_you_mean(&k.name, IMAGE_KEYS.iter().copied())),
+            );
+        }
+    }
+    let text = |k: &str| cfg.get(k).and_then(Node::scalar_string);
+    let pick_stage = |k: &str, want: &str| {
+        text(k).unwrap_or_else(|| {
+            if stages.iter().any(|s| s == want) {
+                want.to_string()
+            } else {
+                stages.first().cloned().unwrap_or_else(|| want.to_string())
+            }
+        })
+    };
+    let name = text("name").unwrap_or_else(|| "rave-image".into());
+    let test_name = text("test_name").unwrap_or_else(|| "rave-vm-test".into());
+    let mut build = vec!["rave image build --out rave-image".to_string()];
+    if let Some(d) = text("services_dir") {
+        build.push(format!("--services-dir {}", shell_quote(&d)));
+    }
+    if let Some(services) = cfg.get("services") {
+        let Some(sm) = services.as_map() else {
+            diags.push(Diagnostic::error(
+                "`.rave: image: services` maps each service to its `port` (or `ports`) and `health`",
+                Some(services.span),
+            ));
+            return Vec::new();
+        };
+        for (k, v) in sm {
+            let mut ports: Vec<String> = v
+                .get("ports")
+                .and_then(Node::as_seq)
+                .map(|s| s.iter().filter_map(Node::scalar_string).collect())
+                .unwrap_or_default();
+            if let Some(p) = v.get("port").and_then(Node::scalar_string) {
+                ports.insert(0, p);
+            }
+            if ports.is_empty() || ports.iter().any(|p| p.parse::<u16>().is_err()) {
+                diags.push(Diagnostic::error(
+                    format!(
+                        "service `{}` needs `port: N` (or `ports: [N, …]`) with TCP port numbers",
+                        k.name
+                    ),
+                    Some(v.span),
+                ));
+                return Vec::new();
+            }
+            let health = v
+                .get("health")
+                .and_then(Node::scalar_string)
+                .map(|h| format!(":{h}"))
+                .unwrap_or_default();
+            build.push(format!(
+                "--service {}",
+                shell_quote(&format!("{}={}{health}", k.name, ports.join(",")))
+            ));
+        }
+    }
+    if let Some(vs) = cfg.get("variants").and_then(Node::as_map) {
+        for (k, v) in vs {
+            let list: Vec<String> = v
+                .as_seq()
+                .map(|s| s.iter().filter_map(Node::scalar_string).collect())
+                .unwrap_or_default();
+            build.push(format!(
+                "--variant {}",
+                shell_quote(&format!("{}={}", k.name, list.join(",")))
+            ));
+        }
+    }
+    if let Some(k) = text("kernel") {
+        build.push(format!("--kernel {}", shell_quote(&k)));
+    }
+    if let Some(n) = text("nix") {
+        build.push(format!("--nix {}", shell_quote(&n)));
+    }
+    for a in cfg
+        .get("nix_args")
+        .and_then(Node::as_seq)
+        .into_iter()
+        .flatten()
+        .filter_map(Node::scalar_string)
+    {
+        build.push(format!("--nix-arg={}", shell_quote(&a)));
+    }
+    let mut test = vec!["rave image test --dir rave-image".to_string()];
+    if let Some(t) = text("boot_timeout") {
+        test.push(format!("--timeout {}", shell_quote(&t)));
+    }
+    if let Some(a) = text("accel") {
+        test.push(format!("--accel {}", shell_quote(&a)));
+    }
+    let build_y = format!(
+        "stage: {}\nscript:\n  - {}\nartifacts:\n  expire_in: 7 days\n  paths: [rave-image/]\n",
+        q(&pick_stage("stage", "build")),
+        q(&build.join(" "))
+    );
+    let test_y = format!(
+        "stage: {}\nneeds: [{}]\nscript:\n  - {}\nartifacts:\n  when: always\n  expire_in: 7 days\n  paths: [rave-image/*/console.log]\n",
+        q(&pick_stage("test_stage", "test")),
+        q(&name),
+        q(&test.join(" "))
+    );
+    let mut out = Vec::new();
+    for (job_name, y, extra) in [
+        (name, build_y, &["needs", "variables", "rules"][..]),
+        (test_name, test_y, &["rules"][..]),
+    ] {
+        let mut node = match yaml::parse(&y, cfg.span.file, Limits::default()) {
+            Ok(n) => n,
+            Err(e) => {
+                diags.push(Diagnostic::error(
+                    format!("internal: the image job did not expand: {}", e.message),
+                    Some(cfg.span),
+                ));
+                return Vec::new();
+            }
+        };
+        respan(&mut node, cfg.span);
+        if let Value::Map(m) = &mut node.value {
+            for k in extra {
+                if let Some(v) = cfg.get(k) {
+                    m.push((
+                        Key {
+                            name: (*k).into(),
+                            span: v.span,
+                        },
+                        v.clone(),
+                    ));
+                }
+            }
+            if extra.len() == 1
+                && let Some(v) = cfg.get("test_variables")
+            {
+                m.push((
+                    Key {
+                        name: "variables".into(),
+                        span: v.span,
+                    },
+                    v.clone(),
+                ));
+            }
+        }
+        out.push((
+            Key {
+                name: job_name,
+                span: cfg.span,
+            },
+            node,
+        ));
+    }
+    out
 }
