@@ -31,8 +31,15 @@ pub struct ServiceDef {
     pub ports: Vec<u16>,
     /// HTTP path answering 200 once the service is up, on its first port.
     pub health: Option<String>,
+    /// Command-line arguments the init starts it with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[derive(Clone, Debug)]
@@ -265,8 +272,13 @@ fn init_script(services: &[ServiceDef], modules: &[String]) -> String {
     );
     for svc in services {
         let port = svc.ports.first().copied().unwrap_or(0);
+        let args: String = svc
+            .args
+            .iter()
+            .map(|a| format!(" {}", sh_quote(a)))
+            .collect();
         s.push_str(&format!(
-            "echo \"rave-image: starting {n}\"\nPORT={port} /services/{n} > /dev/console 2>&1 &\n",
+            "echo \"rave-image: starting {n}\"\nPORT={port} /services/{n}{args} > /dev/console 2>&1 &\n",
             n = svc.name
         ));
     }

@@ -30,6 +30,13 @@ pub struct BuildArgs {
     /// A service with its ports and health path: `NAME=PORT[,PORT…][:/health]`.
     #[arg(long = "service", value_name = "SPEC")]
     pub services: Vec<String>,
+    /// One command-line argument for a service, in order: `NAME=ARG` (repeat).
+    #[arg(
+        long = "service-arg",
+        value_name = "NAME=ARG",
+        allow_hyphen_values = true
+    )]
+    pub service_args: Vec<String>,
     /// A variant with the services it holds: `NAME=svc[,svc…]` (default: one variant with all).
     #[arg(long = "variant", value_name = "SPEC")]
     pub variants: Vec<String>,
@@ -82,6 +89,7 @@ fn parse_service(s: &str) -> Result<ServiceDef, String> {
         name: name.to_string(),
         ports,
         health,
+        args: Vec::new(),
         sha256: None,
     })
 }
@@ -100,6 +108,19 @@ fn build(a: &BuildArgs) -> anyhow::Result<i32> {
             Ok(d) => services.push(d),
             Err(e) => {
                 eprintln!("error: {e}");
+                return Ok(2);
+            }
+        }
+    }
+    for sa in &a.service_args {
+        let Some((name, arg)) = sa.split_once('=') else {
+            eprintln!("error: --service-arg `{sa}`: write NAME=ARG");
+            return Ok(2);
+        };
+        match services.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.args.push(arg.to_string()),
+            None => {
+                eprintln!("error: --service-arg `{sa}`: no --service {name}=… declared");
                 return Ok(2);
             }
         }

@@ -266,6 +266,18 @@ pub fn image_jobs(cfg: &Node, stages: &[String], diags: &mut Vec<Diagnostic>) ->
                 "--service {}",
                 shell_quote(&format!("{}={}{health}", k.name, ports.join(",")))
             ));
+            for a in v
+                .get("args")
+                .and_then(Node::as_seq)
+                .into_iter()
+                .flatten()
+                .filter_map(Node::scalar_string)
+            {
+                build.push(format!(
+                    "--service-arg {}",
+                    shell_quote(&format!("{}={a}", k.name))
+                ));
+            }
         }
     }
     if let Some(vs) = cfg.get("variants").and_then(Node::as_map) {
