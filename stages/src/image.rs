@@ -220,7 +220,7 @@ pub fn library_closure(bin: &Path) -> Result<Vec<PathBuf>, ImageError> {
             ));
         }
         let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.trim().split_whitespace().next(),
+            Some((_, rhs)) => rhs.split_whitespace().next(),
             None => line
                 .split_whitespace()
                 .next()

@@ -306,12 +306,8 @@ fn a_restart_sweeps_what_a_killed_rave_left() {
     // The next rave on this machine removes them, whatever it runs.
     let r = rave(d.path(), &["run", "quick"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("container(s) an earlier rave left behind"),
-        "{}",
-        r.stderr
-    );
+    // (Tests run in parallel: another rave starting now may be the one that sweeps them; any
+    // rave does, which is the point. Without the sweep they would stay.)
     assert!(
         rave_containers(d.path()).trim().is_empty(),
         "left behind: {}",
