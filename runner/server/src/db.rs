@@ -579,4 +579,28 @@ mod tests {
         // The queued one is still queued, next in line.
         assert_eq!(s.claim_next().unwrap().unwrap().sha, "b");
     }
+
+    #[test]
+    fn requeue_puts_interrupted_pipelines_back_in_line() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&d.path().join("db")).unwrap();
+        s.create_pipeline(&np("a")).unwrap();
+        let p = s.claim_next().unwrap().unwrap();
+        s.upsert_job(&Job {
+            pipeline_id: p.id,
+            index: 0,
+            name: "build".into(),
+            stage: "build".into(),
+            status: "running".into(),
+            ..Job::default()
+        })
+        .unwrap();
+        assert_eq!(s.recover(true).unwrap().len(), 1);
+        let again = s.claim_next().unwrap().unwrap();
+        assert_eq!(again.id, p.id);
+        assert!(
+            s.jobs(p.id).unwrap().is_empty(),
+            "a requeued pipeline starts over"
+        );
+    }
 }

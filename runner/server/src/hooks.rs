@@ -258,6 +258,20 @@ mod tests {
     }
 
     #[test]
+    fn gitea_and_forgejo_sign_with_a_bare_hex_hmac() {
+        let body = br#"{"ref":"refs/heads/main"}"#;
+        let sig = sign("s3cret", body);
+        for header in ["x-gitea-signature", "x-forgejo-signature"] {
+            let h = headers(&[(header, &sig)]);
+            assert!(verify(Forge::Gitea, &h, body, "s3cret").is_ok(), "{header}");
+            assert!(verify(Forge::Gitea, &h, body, "nope").is_err(), "{header}");
+        }
+        let gitlab = headers(&[("x-gitlab-token", "s3cret")]);
+        assert!(verify(Forge::Gitlab, &gitlab, body, "s3cret").is_ok());
+        assert!(verify(Forge::Gitlab, &gitlab, body, "s3cre").is_err());
+    }
+
+    #[test]
     fn pushes_tags_and_deletions() {
         let h = headers(&[("x-github-event", "push"), ("x-github-delivery", "d1")]);
         let sha = "0123456789abcdef0123456789abcdef01234567";
