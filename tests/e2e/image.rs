@@ -44,6 +44,10 @@ fn tools_present() {
 }
 
 fn workspace(rave_cfg: &str) -> tempfile::TempDir {
+    workspace_with(rave_cfg, "")
+}
+
+fn workspace_with(rave_cfg: &str, jobs: &str) -> tempfile::TempDir {
     git_repo(&[
         (
             "Cargo.toml",
@@ -57,7 +61,7 @@ fn workspace(rave_cfg: &str) -> tempfile::TempDir {
         (".gitignore", "target/\n"),
         (
             ".gitlab-ci.yml",
-            &format!("stages: [build, test]\n.rave:\n  image:\n{rave_cfg}"),
+            &format!("stages: [build, test, release]\n{jobs}.rave:\n  image:\n{rave_cfg}"),
         ),
     ])
 }
@@ -65,10 +69,20 @@ fn workspace(rave_cfg: &str) -> tempfile::TempDir {
 #[test]
 fn a_service_crate_becomes_an_image_that_boots_and_answers() {
     tools_present();
-    let d = workspace(
+    let d = workspace_with(
         "    services: {hello: {port: 8080, health: /health}}\n    variants: {p1: [hello]}\n    boot_timeout: 120s\n    test_variables: {RAVE_MEMORY: 1G}\n",
+        "release:\n  stage: release\n  needs: [rave-image, rave-vm-test]\n  rules: [{if: $CI_COMMIT_TAG}]\n  script: [mkdir -p release, cp -r rave-image release/, rave release create --dir release]\n  artifacts: {paths: [release/]}\n",
     );
-    let r = rave(d.path(), &["run", "--json"]);
+    let keys = tempfile::tempdir().unwrap();
+    let k = rave(keys.path(), &["keys", "generate", "--dir", "k"]);
+    assert_eq!(k.code, 0, "{}", k.stderr);
+    let private = std::fs::read_to_string(keys.path().join("k/rave-release")).unwrap();
+    sh(d.path(), "git tag v1.0.0");
+    let key_var = format!("RAVE_SIGNING_KEY={private}");
+    let r = rave(
+        d.path(),
+        &["run", "--json", "--tag", "v1.0.0", "--var", &key_var],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v = json(&r.stdout);
     assert_eq!(job(&v, "rave-image")["status"], "success");
@@ -91,6 +105,20 @@ fn a_service_crate_becomes_an_image_that_boots_and_answers() {
     assert_eq!(
         meta["files"]["initramfs.cpio"],
         hex::encode(sha2::Sha256::digest(&initrd))
+    );
+    // The tag pipeline's signed manifest lists the image, made by the image job.
+    let rel = d.path().join(".rave/runs/1/artifacts/002-release/release");
+    let manifest = json(&std::fs::read_to_string(rel.join("release-manifest.json")).unwrap());
+    let arts = manifest["artifacts"].as_array().unwrap();
+    let initrd_entry = arts
+        .iter()
+        .find(|a| a["path"] == "rave-image/p1/initramfs.cpio")
+        .unwrap_or_else(|| panic!("{manifest:#}"));
+    assert_eq!(initrd_entry["sha256"], meta["files"]["initramfs.cpio"]);
+    assert_eq!(initrd_entry["job"], "rave-image");
+    assert_eq!(
+        initrd_entry["media_type"],
+        "application/octet-stream; kind=vm-image"
     );
 }
 
