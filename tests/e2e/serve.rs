@@ -522,3 +522,200 @@ fn too_many_requests_from_one_source_get_429() {
         assert_eq!(r.headers()["retry-after"], "1");
     }
 }
+
+/// A real sshd on a loopback port (Debian's openssh-server; ./x test installs it).
+struct Sshd {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sshd(dir: &Path) -> Sshd {
+    assert!(
+        Path::new("/usr/sbin/sshd").exists(),
+        "sshd is required (./x test installs openssh-server)"
+    );
+    sh(
+        dir,
+        "ssh-keygen -q -t ed25519 -N '' -f host_key && ssh-keygen -q -t ed25519 -N '' -f client_key && cp client_key.pub authorized_keys && chmod 600 authorized_keys client_key && mkdir -p /run/sshd",
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!("Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\n"),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("sshd never listened", 20, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Sshd { child, port }
+}
+
+#[test]
+fn fetches_over_ssh_with_the_projects_key_and_a_pinned_host_key() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", PIPELINE)]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let ssh = sshd(data.path());
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let host_pub = std::fs::read_to_string(data.path().join("host_key.pub")).unwrap();
+    let port = ssh.port;
+    std::fs::write(
+        data.path().join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}"),
+    )
+    .unwrap();
+    // Another host's key: what a man in the middle would present.
+    sh(data.path(), "ssh-keygen -q -t ed25519 -N '' -f other_key");
+    let other_pub = std::fs::read_to_string(data.path().join("other_key.pub")).unwrap();
+    std::fs::write(
+        data.path().join("wrong_hosts"),
+        format!("[127.0.0.1]:{port} {other_pub}"),
+    )
+    .unwrap();
+    let d = data.path().display();
+    let url = format!("ssh://{user}@127.0.0.1:{port}{}", origin.bare.display());
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{url}\"\nsecret = \"{SECRET}\"\nssh_key = \"{d}/client_key\"\nssh_known_hosts = \"{d}/known_hosts\"\n\n[[projects]]\nname = \"team/spoofed\"\nclone_url = \"{url}\"\nsecret = \"{SECRET}\"\nssh_key = \"{d}/client_key\"\nssh_known_hosts = \"{d}/wrong_hosts\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{READER}\"\nscope = \"read\"\n"
+        ),
+    )
+    .unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let r = github_push(&s, "ssh-1", "refs/heads/main", &a);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["sha"], a);
+
+    // The same repository behind a host key that is not the pinned one: refused.
+    let body =
+        json!({"ref": "refs/heads/main", "after": a, "repository": {"full_name": "team/spoofed"}})
+            .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let r = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "ssh-2")
+        .header(
+            "X-Hub-Signature-256",
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        )
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let err = v["pipeline"]["error"].as_str().unwrap();
+    assert!(err.contains("not the one pinned"), "{err}");
+}
+
+#[test]
+fn fetches_over_http_with_the_projects_token() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", PIPELINE)]);
+    let a = origin.head();
+    let root = origin.bare.parent().unwrap().to_path_buf();
+    // git's own smart-HTTP backend behind basic auth: the token is the password.
+    let mut git_http = Command::new("python3")
+        .arg(fixtures().join("servers/git_http.py"))
+        .arg(&root)
+        .arg("deploy-token-42")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(git_http.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[projects]]\nname = \"team/app\"\nclone_url = \"http://127.0.0.1:{port}/origin.git\"\nsecret = \"{SECRET}\"\ntoken_env = \"APP_TOKEN\"\n\n[[projects]]\nname = \"team/nokey\"\nclone_url = \"http://127.0.0.1:{port}/origin.git\"\nsecret = \"{SECRET}\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{READER}\"\nscope = \"read\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(rave_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("APP_TOKEN", "deploy-token-42")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let s = Server {
+        child,
+        url: format!(
+            "http://{}",
+            line.trim().strip_prefix("listening on ").unwrap()
+        ),
+    };
+    let r = github_push(&s, "http-1", "refs/heads/main", &a);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+
+    // Without a token the forge refuses, and the pipeline says why.
+    let body =
+        json!({"ref": "refs/heads/main", "after": a, "repository": {"full_name": "team/nokey"}})
+            .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let r = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "http-2")
+        .header(
+            "X-Hub-Signature-256",
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        )
+        .body(body)
+        .send()
+        .unwrap();
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let err = v["pipeline"]["error"].as_str().unwrap();
+    assert!(
+        err.contains("none are configured for this project"),
+        "{err}"
+    );
+    let _ = git_http.kill();
+    let _ = git_http.wait();
+}

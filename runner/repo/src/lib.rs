@@ -309,7 +309,35 @@ pub enum Credentials {
     /// Sent as the password over HTTPS (GitLab/Gitea/GitHub personal or deploy tokens); the
     /// user name is `oauth2` unless the URL carries one.
     Token(String),
-    SshKey(PathBuf),
+    /// A private key; `known_hosts` (OpenSSH format) pins the server's host key, else the
+    /// user's `~/.ssh/known_hosts` decides, as for `git`.
+    SshKey {
+        key: PathBuf,
+        known_hosts: Option<PathBuf>,
+    },
+}
+
+/// Host-key blobs for `host` (`[host]:port` for a non-default port) in a known_hosts text.
+fn known_host_keys(text: &str, host: &str, port: Option<u16>) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let names: Vec<String> = match port {
+        Some(p) if p != 22 => vec![format!("[{host}]:{p}")],
+        _ => vec![host.to_string()],
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let hosts = f.next()?;
+            let _kind = f.next()?;
+            let key = f.next()?;
+            hosts
+                .split(',')
+                .any(|h| names.iter().any(|n| n == h))
+                .then(|| base64::engine::general_purpose::STANDARD.decode(key).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Fetch every branch and tag of `url` into the bare mirror `mirror` (made on first use). The
@@ -320,7 +348,34 @@ pub fn fetch_mirror(url: &str, creds: &Credentials, mirror: &Path) -> Result<(),
         Err(_) => git(Repository::init_bare(mirror), "create the mirror")?,
     };
     let mut cb = git2::RemoteCallbacks::new();
-    let creds = creds.clone();
+    if let Credentials::SshKey {
+        known_hosts: Some(kh),
+        ..
+    } = creds
+    {
+        let text = std::fs::read_to_string(kh).map_err(|e| RepoError::Git {
+            context: format!("cannot read {}", kh.display()),
+            source: git2::Error::from_str(&e.to_string()),
+        })?;
+        let (host, port) = ssh_host_port(url);
+        let pinned = known_host_keys(&text, &host, port);
+        let kh = kh.clone();
+        cb.certificate_check(move |cert, _| {
+            let Some(key) = cert.as_hostkey().and_then(|h| h.hostkey()) else {
+                // Not SSH (an HTTPS certificate): the system's CA store decides.
+                return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+            };
+            if pinned.iter().any(|p| p.as_slice() == key) {
+                Ok(git2::CertificateCheckStatus::CertificateOk)
+            } else {
+                Err(git2::Error::from_str(&format!(
+                    "the SSH host key of {host} is not the one pinned in {}",
+                    kh.display()
+                )))
+            }
+        });
+    }
+    let cb_creds = creds.clone();
     let mut tries = 0;
     cb.credentials(move |_url, user, allowed| {
         // libgit2 asks again after a refusal; a second ask means these credentials failed.
@@ -330,14 +385,14 @@ pub fn fetch_mirror(url: &str, creds: &Credentials, mirror: &Path) -> Result<(),
                 "the configured credentials were refused",
             ));
         }
-        match &creds {
+        match &cb_creds {
             Credentials::Token(t)
                 if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
             {
                 git2::Cred::userpass_plaintext(user.unwrap_or("oauth2"), t)
             }
-            Credentials::SshKey(k) if allowed.contains(git2::CredentialType::SSH_KEY) => {
-                git2::Cred::ssh_key(user.unwrap_or("git"), None, k, None)
+            Credentials::SshKey { key, .. } if allowed.contains(git2::CredentialType::SSH_KEY) => {
+                git2::Cred::ssh_key(user.unwrap_or("git"), None, key, None)
             }
             _ => Err(git2::Error::from_str(
                 "the remote asks for credentials and none are configured for this project",
@@ -347,15 +402,53 @@ pub fn fetch_mirror(url: &str, creds: &Credentials, mirror: &Path) -> Result<(),
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     let mut remote = git(repo.remote_anonymous(url), "open the remote")?;
-    git(
-        remote.fetch(
-            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-            Some(&mut fo),
-            None,
-        ),
-        &format!("fetch {url}"),
-    )?;
+    let fetched = remote.fetch(
+        &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        Some(&mut fo),
+        None,
+    );
+    if let Err(e) = &fetched
+        && e.class() == git2::ErrorClass::Ssh
+        && e.message().contains("hostkey")
+    {
+        let (host, port) = ssh_host_port(url);
+        let context = match creds {
+            Credentials::SshKey {
+                known_hosts: Some(kh),
+                ..
+            } => format!(
+                "fetch {url}: the SSH host key of {host} is not the one pinned in {} (the server changed its key, or this is not the server)",
+                kh.display()
+            ),
+            _ => {
+                let p = port.map(|p| format!("-p {p} ")).unwrap_or_default();
+                format!(
+                    "fetch {url}: the server's SSH host key is not known; pin it with the project's `ssh_known_hosts` (ssh-keyscan {p}{host} > known_hosts) or add it to ~/.ssh/known_hosts"
+                )
+            }
+        };
+        return Err(RepoError::Git {
+            context,
+            source: git2::Error::from_str(e.message()),
+        });
+    }
+    git(fetched, &format!("fetch {url}"))?;
     Ok(())
+}
+
+/// Host and port of an SSH URL (`ssh://user@host:port/path` or scp-like `user@host:path`).
+fn ssh_host_port(url: &str) -> (String, Option<u16>) {
+    let rest = url.strip_prefix("ssh://").unwrap_or(url);
+    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+    if url.starts_with("ssh://") {
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().ok()),
+            None => (hostport.to_string(), None),
+        }
+    } else {
+        (rest.split(':').next().unwrap_or(rest).to_string(), None)
+    }
 }
 
 /// The commit a branch or tag names in the mirror.
@@ -419,4 +512,25 @@ pub fn checkout_commit(
         git(repo.set_head(&format!("refs/heads/{b}")), "set HEAD")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod ssh_tests {
+    use super::*;
+
+    #[test]
+    fn ssh_urls_and_known_hosts() {
+        assert_eq!(
+            ssh_host_port("ssh://git@example.com:2222/g/app.git"),
+            ("example.com".into(), Some(2222))
+        );
+        assert_eq!(
+            ssh_host_port("git@example.com:g/app.git"),
+            ("example.com".into(), None)
+        );
+        let kh = "# c\n[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\nexample.com,10.0.0.1 ssh-ed25519 AAAA\n";
+        assert_eq!(known_host_keys(kh, "127.0.0.1", Some(2222)).len(), 1);
+        assert_eq!(known_host_keys(kh, "127.0.0.1", None).len(), 0);
+        assert_eq!(known_host_keys(kh, "example.com", Some(22)).len(), 1);
+    }
 }

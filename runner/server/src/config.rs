@@ -88,6 +88,8 @@ pub struct Project {
     pub token: Option<String>,
     pub token_env: Option<String>,
     pub ssh_key: Option<PathBuf>,
+    /// OpenSSH known_hosts lines pinning the server's host key (default: ~/.ssh/known_hosts).
+    pub ssh_known_hosts: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,7 +132,10 @@ impl Project {
     }
     pub fn credentials(&self) -> Result<rave_repo::Credentials, String> {
         if let Some(k) = &self.ssh_key {
-            return Ok(rave_repo::Credentials::SshKey(k.clone()));
+            return Ok(rave_repo::Credentials::SshKey {
+                key: k.clone(),
+                known_hosts: self.ssh_known_hosts.clone(),
+            });
         }
         Ok(
             match from_env(
