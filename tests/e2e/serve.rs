@@ -345,6 +345,24 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().unwrap()["pipeline_id"], Value::Null);
 
+    // A ping (GitHub sends one when the hook is made) is answered and starts nothing.
+    let ping = json!({"zen": "Keep it logically awesome.", "hook_id": 1}).to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(ping.as_bytes());
+    let r = client()
+        .post(format!("{}/hooks/github?project=team/app", s.url))
+        .header("X-GitHub-Event", "ping")
+        .header("X-GitHub-Delivery", "ping-1")
+        .header(
+            "X-Hub-Signature-256",
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        )
+        .body(ping)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["message"], "pong");
+
     // Tokens: none → 401, read-only → 403 on a write, admin → rerun of one job.
     let r = client()
         .get(format!("{}/api/pipelines", s.url))
@@ -718,4 +736,88 @@ fn fetches_over_http_with_the_projects_token() {
     );
     let _ = git_http.kill();
     let _ = git_http.wait();
+}
+
+#[test]
+fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "stages: [build, deploy, check]\nbuild:\n  stage: build\n  script:\n    - if test -f slow; then echo SLOW; sleep 6062; fi\n    - echo built\ndeploy:\n  stage: deploy\n  when: manual\n  script: [echo deployed]\nflaky:\n  stage: check\n  needs: []\n  script: [echo checking, exit 3]\n",
+    )]);
+    sh(
+        &origin.work,
+        "git checkout -q -b slow && touch slow && git add slow && git commit -qm slow && git push -q origin slow && git checkout -q main",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let run = |body: Value| -> i64 {
+        let r = client()
+            .post(format!("{}/api/pipelines", s.url))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap()
+    };
+
+    // Run a ref: the server resolves it to its commit now.
+    let id = run(json!({"project": "team/app", "ref": "main"}));
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["sha"], origin.head());
+    assert_eq!(v["pipeline"]["source"], "api");
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    assert_eq!(job_of(&v, "build")["status"], "success");
+    assert_eq!(job_of(&v, "flaky")["exit_code"], 3);
+    let deploy = job_of(&v, "deploy");
+    assert_eq!(deploy["status"], "manual", "{v:#}");
+
+    // Play the manual job: it runs, at the same commit.
+    let (code, p) = post(&s, &format!("/api/jobs/{}/play", deploy["id"]), ADMIN);
+    assert_eq!(code, 201, "{p}");
+    let played = finished(&s, p["pipeline_id"].as_i64().unwrap());
+    assert_eq!(job_of(&played, "deploy")["status"], "success", "{played:#}");
+    assert_eq!(played["pipeline"]["rerun_of"], id);
+    let (code, _) = post(
+        &s,
+        &format!("/api/jobs/{}/play", job_of(&v, "build")["id"]),
+        ADMIN,
+    );
+    assert_eq!(code, 409, "only manual jobs are played");
+
+    // Rerun the failed jobs only.
+    let (code, r) = post(&s, &format!("/api/pipelines/{id}/rerun?failed=1"), ADMIN);
+    assert_eq!(code, 201, "{r}");
+    assert_eq!(r["jobs"], json!(["flaky"]));
+    let again = finished(&s, r["pipeline_id"].as_i64().unwrap());
+    assert_eq!(job_of(&again, "flaky")["exit_code"], 3);
+    assert!(
+        again["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["name"] != "build" || j["status"] == "skipped"),
+        "{again:#}"
+    );
+
+    // Cancel a running pipeline: its job is stopped, nothing keeps running.
+    let slow = run(json!({"project": "team/app", "ref": "slow"}));
+    wait_until("the slow job never started", 60, || {
+        get(&s, &format!("/api/pipelines/{slow}"), READER)["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["status"] == "running"))
+    });
+    let (code, _) = post(&s, &format!("/api/pipelines/{slow}/cancel"), ADMIN);
+    assert_eq!(code, 202);
+    let v = finished(&s, slow);
+    assert_eq!(v["pipeline"]["status"], "canceled", "{v:#}");
+    assert_eq!(job_of(&v, "build")["status"], "canceled", "{v:#}");
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 6062"])
+        .output()
+        .unwrap();
+    assert!(sleeping.stdout.is_empty(), "the canceled job still runs");
+    let (code, _) = post(&s, &format!("/api/pipelines/{slow}/cancel"), ADMIN);
+    assert_eq!(code, 409, "a finished pipeline cannot be canceled");
 }
