@@ -83,6 +83,25 @@ pub struct Boot {
     pub nic: String,
 }
 
+impl ImageMeta {
+    /// An image's metadata before its files' digests are added.
+    fn new(variant: &str, kernel_version: &str, services: Vec<ServiceDef>, built_by: &str) -> Self {
+        ImageMeta {
+            variant: variant.to_string(),
+            kernel_version: kernel_version.to_string(),
+            services,
+            files: BTreeMap::new(),
+            boot: Boot {
+                kernel: "vmlinuz".into(),
+                initrd: "initramfs.cpio".into(),
+                append: "console=ttyS0 panic=-1".into(),
+                nic: NIC.0.into(),
+            },
+            built_by: built_by.to_string(),
+        }
+    }
+}
+
 pub fn sha256_file(p: &Path) -> Result<String, ImageError> {
     let mut f = std::fs::File::open(p).map_err(|e| ImageError(format!("{}: {e}", p.display())))?;
     let mut h = Sha256::new();
@@ -299,6 +318,20 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
+impl BuildOptions {
+    /// The variants to build: one `default` with every service unless some are configured.
+    fn variants_or_default(&self) -> Vec<Variant> {
+        if self.variants.is_empty() {
+            vec![Variant {
+                name: "default".into(),
+                services: Vec::new(),
+            }]
+        } else {
+            self.variants.clone()
+        }
+    }
+}
+
 /// Build every variant; returns their metadata (also written as image.json).
 pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
     std::fs::create_dir_all(&opts.out)
@@ -362,14 +395,7 @@ pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
         })?;
     let modules = module_load_order(&Path::new("/lib/modules").join(&kver), NIC.1)?;
     let bb = busybox()?;
-    let variants = if opts.variants.is_empty() {
-        vec![Variant {
-            name: "default".into(),
-            services: Vec::new(),
-        }]
-    } else {
-        opts.variants.clone()
-    };
+    let variants = opts.variants_or_default();
     let mut metas = Vec::new();
     for v in &variants {
         let mut chosen: Vec<ServiceDef> = Vec::new();
@@ -454,20 +480,7 @@ pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
         }
         c.bytes("init", init_script(&chosen, &mod_names).as_bytes(), 0o755)
             .map_err(io)?;
-        let meta_services = chosen.clone();
-        let mut meta = ImageMeta {
-            variant: v.name.clone(),
-            kernel_version: kver.clone(),
-            services: meta_services,
-            files: BTreeMap::new(),
-            boot: Boot {
-                kernel: "vmlinuz".into(),
-                initrd: "initramfs.cpio".into(),
-                append: "console=ttyS0 panic=-1".into(),
-                nic: NIC.0.into(),
-            },
-            built_by: "rave image build".into(),
-        };
+        let mut meta = ImageMeta::new(&v.name, &kver, chosen.clone(), "rave image build");
         c.bytes(
             "etc/rave-image.json",
             serde_json::to_string_pretty(&meta)
@@ -500,14 +513,7 @@ fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
 fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, ImageError> {
     let cores = std::env::var("NIX_BUILD_CORES").unwrap_or_else(|_| "1".into());
     let jobs = std::env::var("NIX_MAX_JOBS").unwrap_or_else(|_| "1".into());
-    let variants = if opts.variants.is_empty() {
-        vec![Variant {
-            name: "default".into(),
-            services: Vec::new(),
-        }]
-    } else {
-        opts.variants.clone()
-    };
+    let variants = opts.variants_or_default();
     let mut metas = Vec::new();
     for v in &variants {
         let dir = opts.out.join(&v.name);
@@ -554,19 +560,7 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
                 .cloned()
                 .collect(),
         };
-        let mut meta = ImageMeta {
-            variant: v.name.clone(),
-            kernel_version: String::new(),
-            services,
-            files: BTreeMap::new(),
-            boot: Boot {
-                kernel: "vmlinuz".into(),
-                initrd: "initramfs.cpio".into(),
-                append: "console=ttyS0 panic=-1".into(),
-                nic: NIC.0.into(),
-            },
-            built_by: format!("nix: {nix}"),
-        };
+        let mut meta = ImageMeta::new(&v.name, "", services, &format!("nix: {nix}"));
         // The out-link would pin the build in the Nix store forever; the copies are the image.
         let _ = std::fs::remove_file(&link);
         for f in ["vmlinuz", "initramfs.cpio"] {

@@ -129,7 +129,18 @@ fn client() -> reqwest::blocking::Client {
 }
 
 fn github_push(s: &Server, delivery: &str, r: &str, sha: &str) -> reqwest::blocking::Response {
-    let body = json!({"ref": r, "after": sha, "deleted": sha.starts_with("0000"), "repository": {"full_name": "team/app"}}).to_string();
+    github_push_to(s, "team/app", delivery, r, sha)
+}
+
+/// A push delivery for `project`, signed as GitHub signs it.
+fn github_push_to(
+    s: &Server,
+    project: &str,
+    delivery: &str,
+    r: &str,
+    sha: &str,
+) -> reqwest::blocking::Response {
+    let body = json!({"ref": r, "after": sha, "deleted": sha.starts_with("0000"), "repository": {"full_name": project}}).to_string();
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
     mac.update(body.as_bytes());
     let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
@@ -630,22 +641,7 @@ fn fetches_over_ssh_with_the_projects_key_and_a_pinned_host_key() {
     assert_eq!(v["pipeline"]["sha"], a);
 
     // The same repository behind a host key that is not the pinned one: refused.
-    let body =
-        json!({"ref": "refs/heads/main", "after": a, "repository": {"full_name": "team/spoofed"}})
-            .to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let r = client()
-        .post(format!("{}/hooks/github", s.url))
-        .header("X-GitHub-Event", "push")
-        .header("X-GitHub-Delivery", "ssh-2")
-        .header(
-            "X-Hub-Signature-256",
-            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
-        )
-        .body(body)
-        .send()
-        .unwrap();
+    let r = github_push_to(&s, "team/spoofed", "ssh-2", "refs/heads/main", &a);
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
     let v = finished(&s, id);
@@ -710,22 +706,7 @@ fn fetches_over_http_with_the_projects_token() {
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
 
     // Without a token the forge refuses, and the pipeline says why.
-    let body =
-        json!({"ref": "refs/heads/main", "after": a, "repository": {"full_name": "team/nokey"}})
-            .to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let r = client()
-        .post(format!("{}/hooks/github", s.url))
-        .header("X-GitHub-Event", "push")
-        .header("X-GitHub-Delivery", "http-2")
-        .header(
-            "X-Hub-Signature-256",
-            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
-        )
-        .body(body)
-        .send()
-        .unwrap();
+    let r = github_push_to(&s, "team/nokey", "http-2", "refs/heads/main", &a);
     let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");

@@ -148,11 +148,7 @@ impl DockerExecutor {
                 continue;
             }
             if let Some(id) = c.id {
-                let rm = RemoveContainerOptionsBuilder::new()
-                    .force(true)
-                    .v(true)
-                    .build();
-                if self.docker.remove_container(&id, Some(rm)).await.is_ok() {
+                if self.remove(&id).await.is_ok() {
                     n += 1;
                 }
             }
@@ -290,20 +286,12 @@ impl DockerExecutor {
             ..Default::default()
         };
         let created = self
-            .docker
-            .create_container(
-                None::<bollard::query_parameters::CreateContainerOptions>,
-                body,
-            )
+            .create(body)
             .await
             .map_err(|e| format!("cannot create the container: {e}"))?;
         let id = created.id;
         let result = self.drive(&id, limit, cancel, graceful_stops, log).await;
-        let rm = RemoveContainerOptionsBuilder::new()
-            .force(true)
-            .v(true)
-            .build();
-        let _ = self.docker.remove_container(&id, Some(rm)).await;
+        let _ = self.remove(&id).await;
         result
     }
 
@@ -378,11 +366,7 @@ impl DockerExecutor {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), logs).await;
         let info = self
-            .docker
-            .inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
+            .inspect(id)
             .await
             .map_err(|e| format!("cannot inspect the container: {e}"))?;
         peak.abort();
@@ -395,6 +379,41 @@ impl DockerExecutor {
             timed_out,
             canceled,
         })
+    }
+}
+
+impl DockerExecutor {
+    async fn create(
+        &self,
+        body: ContainerCreateBody,
+    ) -> Result<bollard::models::ContainerCreateResponse, bollard::errors::Error> {
+        self.docker
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            )
+            .await
+    }
+
+    /// Remove a container and its anonymous volumes, running or not.
+    async fn remove(&self, id: &str) -> Result<(), bollard::errors::Error> {
+        let rm = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        self.docker.remove_container(id, Some(rm)).await
+    }
+
+    async fn inspect(
+        &self,
+        id: &str,
+    ) -> Result<bollard::models::ContainerInspectResponse, bollard::errors::Error> {
+        self.docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
     }
 }
 
@@ -497,16 +516,9 @@ impl DockerExecutor {
                 }),
                 ..Default::default()
             };
-            let created = self
-                .docker
-                .create_container(
-                    None::<bollard::query_parameters::CreateContainerOptions>,
-                    body,
-                )
-                .await
-                .map_err(|e| {
-                    format!("cannot create service `{}`: {}", svc.image, first_line(&e))
-                })?;
+            let created = self.create(body).await.map_err(|e| {
+                format!("cannot create service `{}`: {}", svc.image, first_line(&e))
+            })?;
             res.services.push((created.id.clone(), svc.clone()));
             self.docker
                 .start_container(
@@ -533,16 +545,9 @@ impl DockerExecutor {
         };
         let deadline = Instant::now() + wait;
         for (id, svc) in &res.services {
-            let info = self
-                .docker
-                .inspect_container(
-                    id,
-                    None::<bollard::query_parameters::InspectContainerOptions>,
-                )
-                .await
-                .map_err(|e| {
-                    format!("cannot inspect service `{}`: {}", svc.image, first_line(&e))
-                })?;
+            let info = self.inspect(id).await.map_err(|e| {
+                format!("cannot inspect service `{}`: {}", svc.image, first_line(&e))
+            })?;
             let ports: Vec<u16> = info
                 .config
                 .and_then(|c| c.exposed_ports)
@@ -597,15 +602,7 @@ impl DockerExecutor {
 
     /// The exit code of a container that is no longer running.
     async fn exit_code(&self, id: &str) -> Option<i64> {
-        let state = self
-            .docker
-            .inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
-            .await
-            .ok()?
-            .state?;
+        let state = self.inspect(id).await.ok()?.state?;
         (state.running == Some(false)).then(|| state.exit_code.unwrap_or(-1))
     }
 
@@ -639,11 +636,7 @@ impl DockerExecutor {
     /// Remove the services, the network and the cgroup.
     async fn release(&self, res: JobResources) {
         for (id, _) in &res.services {
-            let rm = RemoveContainerOptionsBuilder::new()
-                .force(true)
-                .v(true)
-                .build();
-            let _ = self.docker.remove_container(id, Some(rm)).await;
+            let _ = self.remove(id).await;
         }
         if let Some(net) = &res.network {
             let _ = self.docker.remove_network(net).await;

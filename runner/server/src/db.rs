@@ -526,6 +526,17 @@ mod tests {
         }
     }
 
+    fn running(pipeline_id: i64) -> Job {
+        Job {
+            pipeline_id,
+            index: 0,
+            name: "build".into(),
+            stage: "build".into(),
+            status: "running".into(),
+            ..Job::default()
+        }
+    }
+
     #[test]
     fn a_delivery_id_seen_twice_makes_one_pipeline() {
         let d = tempfile::tempdir().unwrap();
@@ -559,15 +570,7 @@ mod tests {
             s.create_pipeline(&np("b")).unwrap();
             let p = s.claim_next().unwrap().unwrap();
             assert_eq!(p.sha, "a");
-            s.upsert_job(&Job {
-                pipeline_id: p.id,
-                index: 0,
-                name: "build".into(),
-                stage: "build".into(),
-                status: "running".into(),
-                ..Job::default()
-            })
-            .unwrap();
+            s.upsert_job(&running(p.id)).unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         let rec = s.recover(false).unwrap();
@@ -586,15 +589,7 @@ mod tests {
         let s = SqliteStore::open(&d.path().join("db")).unwrap();
         s.create_pipeline(&np("a")).unwrap();
         let p = s.claim_next().unwrap().unwrap();
-        s.upsert_job(&Job {
-            pipeline_id: p.id,
-            index: 0,
-            name: "build".into(),
-            stage: "build".into(),
-            status: "running".into(),
-            ..Job::default()
-        })
-        .unwrap();
+        s.upsert_job(&running(p.id)).unwrap();
         assert_eq!(s.recover(true).unwrap().len(), 1);
         let again = s.claim_next().unwrap().unwrap();
         assert_eq!(again.id, p.id);
