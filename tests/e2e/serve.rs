@@ -274,6 +274,11 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
         "{v:#}"
     );
     let build_id = build["id"].as_i64().unwrap();
+    // The checkout is pruned once the run is over; what the API serves stays.
+    let checkout = data.path().join(format!("data/pipelines/{id}/src"));
+    assert!(!checkout.join(".gitlab-ci.yml").exists());
+    assert!(!checkout.join(".rave/runs/1/src").exists());
+    assert!(checkout.join(".rave/runs/1/summary.json").exists());
     let log = text(&s, &format!("/api/jobs/{build_id}/log"));
     assert!(log.contains(&format!("built {a} on main")), "{log}");
 

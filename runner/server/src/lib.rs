@@ -7,7 +7,8 @@
 //! ```text
 //! rave.db                 SQLite (WAL): deliveries, pipelines, jobs
 //! mirrors/<project>.git   bare mirrors, fetched before each pipeline
-//! pipelines/<id>/src      the checkout of exactly the pipeline's commit (+ .rave/runs/1/…)
+//! pipelines/<id>/src      the checkout of exactly the pipeline's commit; after the run only
+//!                         its .rave/runs/1/{logs,artifacts,summary.json} are kept
 //! pipelines/<id>/events.jsonl, console.log, summary.json
 //! ```
 

@@ -206,6 +206,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         }
     };
     tail.read(state);
+    prune_checkout(&src);
     match (tail.finished, code) {
         (Some(status), _) => (status, None),
         (None, Some(130)) => ("canceled".into(), None),
@@ -222,6 +223,36 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
                     why
                 }),
             )
+        }
+    }
+}
+
+/// After a run, keep what the API serves (logs, artifacts, summary) and drop the rest: the
+/// checked-out files, the run's snapshot of them, per-checkout caches. A server's disk then
+/// grows with logs and artifacts, not with one copy of the repository per pipeline; a rerun
+/// checks the commit out again from the mirror.
+fn prune_checkout(src: &Path) {
+    let Ok(entries) = std::fs::read_dir(src) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name() == ".rave" {
+            continue;
+        }
+        let p = e.path();
+        let _ = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+    let rave = src.join(".rave");
+    let _ = std::fs::remove_dir_all(rave.join("cache"));
+    if let Ok(runs) = std::fs::read_dir(rave.join("runs")) {
+        for run in runs.flatten() {
+            for sub in ["src", "jobs"] {
+                let _ = std::fs::remove_dir_all(run.path().join(sub));
+            }
         }
     }
 }
