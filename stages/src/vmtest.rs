@@ -166,6 +166,35 @@ fn boot(
     Ok(Guest { child })
 }
 
+/// Where the verdict "KVM guests hang on this host" is kept: the job's cache dir, else the
+/// user's. It holds the host kernel's release, so it is forgotten when the host changes.
+fn kvm_verdict_file() -> Option<PathBuf> {
+    let dir = std::env::var_os("RAVE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("rave")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rave")))?;
+    Some(dir.join("kvm-hangs"))
+}
+
+fn host_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Did a KVM guest hang on this host (same kernel) before?
+pub fn kvm_known_to_hang(verdict: &Path) -> bool {
+    std::fs::read_to_string(verdict).is_ok_and(|t| t.trim() == host_kernel())
+}
+
+fn remember_kvm_hangs(verdict: &Path) {
+    if let Some(d) = verdict.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ = std::fs::write(verdict, host_kernel() + "\n");
+}
+
 fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
@@ -195,9 +224,19 @@ pub fn test_variant(opts: &TestOptions, variant_dir: &Path) -> Result<TestReport
     }
     let host_port = |guest: u16| forwards.iter().find(|(_, g)| *g == guest).map(|(h, _)| *h);
     let console = variant_dir.join("console.log");
+    let verdict = kvm_verdict_file();
+    let hung_before = verdict.as_deref().is_some_and(kvm_known_to_hang);
     let mut accel = match opts.accel.as_str() {
-        "auto" if kvm_usable() => "kvm".to_string(),
-        "auto" => "tcg".to_string(),
+        "auto" if kvm_usable() && !hung_before => "kvm".to_string(),
+        "auto" => {
+            if hung_before && let Some(v) = &verdict {
+                eprintln!(
+                    "rave image test: a KVM guest hung on this host before; booting under TCG (delete {} to try KVM again)",
+                    v.display()
+                );
+            }
+            "tcg".to_string()
+        }
         other => other.to_string(),
     };
     let t0 = Instant::now();
@@ -218,6 +257,9 @@ pub fn test_variant(opts: &TestOptions, variant_dir: &Path) -> Result<TestReport
                 opts.kvm_grace.as_secs()
             );
             drop(guest);
+            if let Some(v) = &verdict {
+                remember_kvm_hangs(v);
+            }
             accel = "tcg".into();
             guest = boot(variant_dir, &meta, &forwards, &accel, &console)?;
         }
@@ -308,6 +350,20 @@ pub fn test_variant(opts: &TestOptions, variant_dir: &Path) -> Result<TestReport
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kvm_hang_is_remembered_for_this_host_kernel_only() {
+        let d = tempfile::tempdir().unwrap();
+        let v = d.path().join("rave/kvm-hangs");
+        assert!(!kvm_known_to_hang(&v));
+        remember_kvm_hangs(&v);
+        assert!(kvm_known_to_hang(&v));
+        std::fs::write(&v, "another-kernel\n").unwrap();
+        assert!(
+            !kvm_known_to_hang(&v),
+            "a new host kernel gets KVM tried again"
+        );
+    }
 
     #[test]
     fn listening_ports_come_from_the_last_complete_listing() {
