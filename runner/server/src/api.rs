@@ -100,7 +100,21 @@ async fn webhook(
     body: Bytes,
 ) -> Response {
     let t = Instant::now();
-    let (code, reason, resp) = handle_webhook(&state, &forge, q.get("project"), &headers, &body);
+    // Storing a delivery waits for an fsync: off the async workers, so a slow disk holds up
+    // only the deliveries being stored, not every other request.
+    let st = state.clone();
+    let f = forge.clone();
+    let handled = tokio::task::spawn_blocking(move || {
+        handle_webhook(&st, &f, q.get("project"), &headers, &body)
+    })
+    .await;
+    let (code, reason, resp) = match handled {
+        Ok(r) => r,
+        Err(e) => {
+            let code = StatusCode::INTERNAL_SERVER_ERROR;
+            (code, Some("internal"), error(code, e.to_string()))
+        }
+    };
     state
         .metrics
         .webhook(&forge, code.as_u16(), t.elapsed(), reason);
