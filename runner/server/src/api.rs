@@ -60,6 +60,11 @@ async fn rate_limit(
     let allowed = {
         let mut m = state.limiter.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        // Bounded memory whatever the number of sources: forget the ones idle long enough
+        // for their bucket to be full again.
+        if m.len() >= 4096 {
+            m.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(2));
+        }
         let (tokens, last) = m.entry(addr.ip()).or_insert((rate, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
         *last = now;
