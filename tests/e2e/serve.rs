@@ -807,3 +807,55 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     let (code, _) = post(&s, &format!("/api/pipelines/{slow}/cancel"), ADMIN);
     assert_eq!(code, 409, "a finished pipeline cannot be canceled");
 }
+
+#[test]
+fn a_stopped_server_cancels_its_running_pipeline_and_keeps_the_queue() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "work:\n  script: [echo STARTED, sleep 6063]\n  after_script: [echo cleaned-up]\n",
+    )]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let dd = data.path().join("data");
+    let mut s = start(&dd, &cfg);
+    let first = github_push(&s, "stop-1", "refs/heads/main", &a)
+        .json::<Value>()
+        .unwrap()["pipeline_id"]
+        .as_i64()
+        .unwrap();
+    wait_until("the job never started", 60, || {
+        get(&s, &format!("/api/pipelines/{first}"), READER)["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["status"] == "running"))
+    });
+    let queued = github_push(&s, "stop-2", "refs/heads/main", &a)
+        .json::<Value>()
+        .unwrap()["pipeline_id"]
+        .as_i64()
+        .unwrap();
+    // SIGTERM, as systemd stops a service: the server stops the run it has going and exits.
+    let pid = rustix::process::Pid::from_raw(s.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    drop(s);
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 6063"])
+        .output()
+        .unwrap();
+    assert!(sleeping.stdout.is_empty(), "the job outlived the server");
+    let s = start(&dd, &cfg);
+    let v = get(&s, &format!("/api/pipelines/{first}"), READER);
+    assert_eq!(v["pipeline"]["status"], "canceled", "{v:#}");
+    assert_eq!(job_of(&v, "work")["status"], "canceled", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", job_of(&v, "work")["id"]));
+    assert!(log.contains("cleaned-up"), "after_script ran: {log}");
+    // The pipeline that was only queued runs after the restart (and is canceled by hand).
+    wait_until("the queued pipeline never started", 60, || {
+        get(&s, &format!("/api/pipelines/{queued}"), READER)["pipeline"]["status"] == "running"
+    });
+    let (code, _) = post(&s, &format!("/api/pipelines/{queued}/cancel"), ADMIN);
+    assert_eq!(code, 202);
+    assert_eq!(finished(&s, queued)["pipeline"]["status"], "canceled");
+}

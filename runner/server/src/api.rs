@@ -494,16 +494,27 @@ async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) 
             axum::Json(json!({"pipeline_id": id, "status": "canceled"})).into_response()
         }
         "running" => {
-            let pid = state
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            // Under the `running` lock, so the queue, which registers the pid under it and
+            // then looks for a cancel, cannot miss this one.
+            let running = state.running.lock().unwrap_or_else(|p| p.into_inner());
+            match running
                 .get(&id)
-                .copied();
-            if let Some(pg) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+                .and_then(|p| rustix::process::Pid::from_raw(*p as i32))
+            {
                 // As Ctrl-C: the run stops its jobs gracefully (after_script runs).
-                let _ = rustix::process::kill_process(pg, rustix::process::Signal::INT);
+                Some(pg) => {
+                    let _ = rustix::process::kill_process(pg, rustix::process::Signal::INT);
+                }
+                // Still fetching: the queue sees this before it starts the run.
+                None => {
+                    state
+                        .cancel_requested
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id);
+                }
             }
+            drop(running);
             (
                 StatusCode::ACCEPTED,
                 axum::Json(json!({"pipeline_id": id, "status": "canceling"})),

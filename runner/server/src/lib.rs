@@ -40,6 +40,10 @@ pub struct State {
     pub wake: tokio::sync::Notify,
     /// Pipeline id → pid of its `rave run`, for cancel.
     pub running: Mutex<HashMap<i64, u32>>,
+    /// Pipelines canceled before their `rave run` started (still fetching).
+    pub cancel_requested: Mutex<std::collections::HashSet<i64>>,
+    /// Set when the server is asked to stop: the queue takes nothing new.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// Per-source token buckets: (tokens, last refill).
     pub limiter: Mutex<HashMap<IpAddr, (f64, Instant)>>,
     /// API tokens: sha256 of the value, scope, name.
@@ -110,6 +114,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         metrics: metrics::Metrics::default(),
         wake: tokio::sync::Notify::new(),
         running: Mutex::new(HashMap::new()),
+        cancel_requested: Mutex::new(Default::default()),
+        stopping: tokio_util::sync::CancellationToken::new(),
         limiter: Mutex::new(HashMap::new()),
         tokens,
         rave_exe: opts.rave_exe,
@@ -138,15 +144,38 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         info!(%addr, data_dir = %state.data_dir.display(), "rave serve listening");
         // Tests and scripts read the port from here when asked to listen on :0.
         println!("listening on {addr}");
-        tokio::spawn(worker::run_queue(state.clone()));
+        let queue = tokio::spawn(worker::run_queue(state.clone()));
         let app = api::router(state.clone());
-        axum::serve(
+        let served = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown())
         .await
-        .map_err(|e| format!("server: {e}"))
+        .map_err(|e| format!("server: {e}"));
+        // A stop (SIGTERM from systemd, Ctrl-C) cancels the running pipeline as a user's
+        // cancel would (after_script runs, the record says `canceled`) instead of leaving it to
+        // be failed at the next start; queued pipelines stay queued.
+        state.stopping.cancel();
+        let pids: Vec<u32> = state
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .copied()
+            .collect();
+        for pid in pids {
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::INT);
+            }
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(60), queue)
+            .await
+            .is_err()
+        {
+            warn!("the running pipeline did not stop within 60 s; the next start fails it");
+        }
+        served
     })
 }
 

@@ -19,6 +19,9 @@ use crate::db::{Job, Pipeline};
 
 pub async fn run_queue(state: Arc<State>) {
     loop {
+        if state.stopping.is_cancelled() {
+            return;
+        }
         match state.store.claim_next() {
             Ok(Some(p)) => {
                 let id = p.id;
@@ -36,6 +39,7 @@ pub async fn run_queue(state: Arc<State>) {
             }
             Ok(None) => {
                 tokio::select! {
+                    _ = state.stopping.cancelled() => {}
                     _ = state.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -163,6 +167,21 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             Some(format!("cannot write in {}", dir.display())),
         );
     };
+    // Canceled while fetching, or the server is stopping: do not start it.
+    if state
+        .cancel_requested
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&p.id)
+    {
+        return ("canceled".into(), None);
+    }
+    if state.stopping.is_cancelled() {
+        return (
+            "canceled".into(),
+            Some("rave serve stopped before the pipeline started".into()),
+        );
+    }
     let mut child = match tokio::process::Command::new(&state.rave_exe)
         .args(&args)
         .current_dir(&src)
@@ -184,11 +203,18 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     };
     let pid = child.id();
     if let Some(pid) = pid {
-        state
-            .running
+        let mut running = state.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(p.id, pid);
+        // A cancel that came between the check above and now found no pid: deliver it.
+        let late = state
+            .cancel_requested
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(p.id, pid);
+            .remove(&p.id);
+        drop(running);
+        if late && let Some(pg) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(pg, rustix::process::Signal::INT);
+        }
     }
     if let Err(e) =
         state
