@@ -749,13 +749,7 @@ impl Executor for DockerExecutor {
             Err(e) => outcome.runner_error = Some(e),
         }
         if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
-            let status = if outcome.succeeded() {
-                "success"
-            } else if outcome.canceled {
-                "canceled"
-            } else {
-                "failed"
-            };
+            let status = outcome.ci_job_status();
             if write("after_script.sh", &spec.after_script).is_ok() {
                 log.system("Running after_script").await;
                 let never = Cancel::default();

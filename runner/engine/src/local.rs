@@ -265,13 +265,7 @@ impl Executor for LocalExecutor {
             outcome.oom_killed = cg.oom_killed();
         }
         if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
-            let status = if outcome.succeeded() {
-                "success"
-            } else if outcome.canceled {
-                "canceled"
-            } else {
-                "failed"
-            };
+            let status = outcome.ci_job_status();
             let after = spec.scratch_dir.join("after_script.sh");
             if std::fs::write(&after, script_text(&spec.after_script, true)).is_ok() {
                 log.system("Running after_script").await;

@@ -96,6 +96,17 @@ pub struct ExecOutcome {
 }
 
 impl ExecOutcome {
+    /// `CI_JOB_STATUS` as after_script sees it (GitLab's values).
+    pub fn ci_job_status(&self) -> &'static str {
+        if self.succeeded() {
+            "success"
+        } else if self.canceled {
+            "canceled"
+        } else {
+            "failed"
+        }
+    }
+
     pub fn succeeded(&self) -> bool {
         self.exit_code == Some(0)
             && !self.oom_killed
