@@ -379,17 +379,26 @@ async fn create_pipeline(
             }
         }
     };
-    let id = store!(state.store.create_pipeline(&NewPipeline {
-        project: b.project,
-        ref_name: name.clone(),
-        sha,
-        tag: is_tag.then_some(name),
-        source: "api".into(),
-        jobs: b.jobs,
-        rerun_of: None,
-    }));
-    state.wake.notify_one();
+    let id = store!(queue(
+        &state,
+        &NewPipeline {
+            project: b.project,
+            ref_name: name.clone(),
+            sha,
+            tag: is_tag.then_some(name),
+            source: "api".into(),
+            jobs: b.jobs,
+            rerun_of: None,
+        }
+    ));
     (StatusCode::CREATED, axum::Json(json!({"pipeline_id": id}))).into_response()
+}
+
+/// Store a new pipeline and wake the queue for it.
+fn queue(state: &State, p: &NewPipeline) -> Result<i64, crate::db::StoreError> {
+    let id = state.store.create_pipeline(p)?;
+    state.wake.notify_one();
+    Ok(id)
 }
 
 #[derive(Deserialize)]
@@ -433,17 +442,11 @@ async fn rerun(
     } else {
         p.jobs_filter.clone()
     };
-    let new = store!(state.store.create_pipeline(&NewPipeline {
-        project: p.project,
-        ref_name: p.ref_name,
-        sha: p.sha,
-        tag: p.tag,
-        // GitLab keeps the source on a retry; `rerun_of` says it is one.
-        source: p.source,
-        jobs: filter.clone(),
-        rerun_of: Some(id),
-    }));
-    state.wake.notify_one();
+    // GitLab keeps the source on a retry; `rerun_of` says it is one.
+    let new = store!(queue(
+        &state,
+        &NewPipeline::again(&p, &p.source, filter.clone())
+    ));
     (
         StatusCode::CREATED,
         axum::Json(json!({"pipeline_id": new, "jobs": filter})),
@@ -470,16 +473,7 @@ async fn play(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) ->
     };
     // The manual job runs with what it needs, at the same commit, as a new pipeline linked to
     // the first (rave's pipelines are immutable once finished).
-    let new = store!(state.store.create_pipeline(&NewPipeline {
-        project: p.project,
-        ref_name: p.ref_name,
-        sha: p.sha,
-        tag: p.tag,
-        source: "web".into(),
-        jobs: vec![j.name],
-        rerun_of: Some(p.id),
-    }));
-    state.wake.notify_one();
+    let new = store!(queue(&state, &NewPipeline::again(&p, "web", vec![j.name])));
     (StatusCode::CREATED, axum::Json(json!({"pipeline_id": new}))).into_response()
 }
 

@@ -38,6 +38,21 @@ pub struct NewPipeline {
     pub rerun_of: Option<i64>,
 }
 
+impl NewPipeline {
+    /// The same commit of `p` again (a rerun or a play), linked to it by `rerun_of`.
+    pub fn again(p: &Pipeline, source: &str, jobs: Vec<String>) -> NewPipeline {
+        NewPipeline {
+            project: p.project.clone(),
+            ref_name: p.ref_name.clone(),
+            sha: p.sha.clone(),
+            tag: p.tag.clone(),
+            source: source.to_string(),
+            jobs,
+            rerun_of: Some(p.id),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Pipeline {
     pub id: i64,

@@ -5,7 +5,7 @@
 //! The child runs in its own process group: a server crash does not stop it at once, and the
 //! restart kills it and sweeps what its jobs left (cgroups, containers) before anything else.
 
-use std::io::{BufRead, Seek};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -287,7 +287,8 @@ fn prune_checkout(src: &Path) {
 struct Tail {
     path: PathBuf,
     pipeline: i64,
-    offset: u64,
+    /// Opened once the child has made the file; reads go on where the last one stopped.
+    reader: Option<std::io::BufReader<std::fs::File>>,
     partial: String,
     jobs: Vec<Job>,
     finished: Option<String>,
@@ -298,7 +299,7 @@ impl Tail {
         Tail {
             path,
             pipeline,
-            offset: 0,
+            reader: None,
             partial: String::new(),
             jobs: Vec::new(),
             finished: None,
@@ -306,19 +307,20 @@ impl Tail {
     }
 
     fn read(&mut self, state: &State) {
-        let Ok(mut f) = std::fs::File::open(&self.path) else {
-            return;
-        };
-        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
-            return;
+        if self.reader.is_none() {
+            let Ok(f) = std::fs::File::open(&self.path) else {
+                return;
+            };
+            self.reader = Some(std::io::BufReader::new(f));
         }
-        let mut r = std::io::BufReader::new(f);
         loop {
             let mut line = String::new();
+            let Some(r) = self.reader.as_mut() else {
+                return;
+            };
             match r.read_line(&mut line) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    self.offset += n as u64;
+                Ok(_) => {
                     if !line.ends_with('\n') {
                         // Half a line: keep it for the next read.
                         self.partial.push_str(&line);
