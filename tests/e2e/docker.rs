@@ -64,6 +64,19 @@ fn busybox_image(tag: &str, changes: &[&str]) {
     );
 }
 
+/// An image serving /www/hello.txt on port 8080 (declared with EXPOSE).
+fn web_image() -> &'static str {
+    let tag = "rave-test/web:latest";
+    busybox_image(
+        tag,
+        &[
+            "EXPOSE 8080",
+            r#"CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]"#,
+        ],
+    );
+    tag
+}
+
 /// Containers rave made for runs under `dir` (tests run in parallel; each checks its own).
 fn rave_containers(dir: &std::path::Path) -> String {
     let all = docker(&[
@@ -90,6 +103,13 @@ fn rave_networks(dir: &std::path::Path) -> String {
     ])
     .1;
     mine(&all, dir)
+}
+
+/// No container or network of a run under `dir` is left.
+fn assert_nothing_left(dir: &std::path::Path) {
+    let (c, n) = (rave_containers(dir), rave_networks(dir));
+    assert!(c.trim().is_empty(), "containers left behind: {c}");
+    assert!(n.trim().is_empty(), "networks left behind: {n}");
 }
 
 fn mine(all: &str, dir: &std::path::Path) -> String {
@@ -137,11 +157,7 @@ fn jobs_with_an_image_run_in_containers_under_their_limits() {
         ),
         "{missing:#}"
     );
-    assert!(
-        rave_containers(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_containers(d.path())
-    );
+    assert_nothing_left(d.path());
 }
 
 #[test]
@@ -169,11 +185,7 @@ fn cancel_removes_the_container() {
         job(&json(&String::from_utf8_lossy(&out.stdout)), "long")["status"],
         "canceled"
     );
-    assert!(
-        rave_containers(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_containers(d.path())
-    );
+    assert_nothing_left(d.path());
 }
 
 #[test]
@@ -205,14 +217,7 @@ fn image_entrypoint_is_kept_unless_the_job_overrides_it() {
 
 #[test]
 fn services_are_reachable_by_alias_and_a_deaf_one_fails_with_its_output() {
-    let web = "rave-test/web:latest";
-    busybox_image(
-        web,
-        &[
-            "EXPOSE 8080",
-            r#"CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]"#,
-        ],
-    );
+    let web = web_image();
     let mute = "rave-test/mute:latest";
     busybox_image(
         mute,
@@ -262,28 +267,12 @@ fn services_are_reachable_by_alias_and_a_deaf_one_fails_with_its_output() {
         "{note}"
     );
     assert!(note.contains("boom"), "{note}");
-    assert!(
-        rave_containers(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_containers(d.path())
-    );
-    assert!(
-        rave_networks(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_networks(d.path())
-    );
+    assert_nothing_left(d.path());
 }
 
 #[test]
 fn a_restart_sweeps_what_a_killed_rave_left() {
-    let web = "rave-test/web:latest";
-    busybox_image(
-        web,
-        &[
-            "EXPOSE 8080",
-            r#"CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]"#,
-        ],
-    );
+    let web = web_image();
     let d = git_repo(&[(
         ".gitlab-ci.yml",
         &format!(
@@ -308,16 +297,7 @@ fn a_restart_sweeps_what_a_killed_rave_left() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     // (Tests run in parallel: another rave starting now may be the one that sweeps them; any
     // rave does, which is the point. Without the sweep they would stay.)
-    assert!(
-        rave_containers(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_containers(d.path())
-    );
-    assert!(
-        rave_networks(d.path()).trim().is_empty(),
-        "left behind: {}",
-        rave_networks(d.path())
-    );
+    assert_nothing_left(d.path());
     assert!(
         !(had_group && group.exists()),
         "{} is left",

@@ -183,15 +183,6 @@ fn finished(s: &Server, id: i64) -> Value {
     get(s, &format!("/api/pipelines/{id}"), READER)
 }
 
-fn job_of<'a>(v: &'a Value, name: &str) -> &'a Value {
-    v["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job {name} in {v:#}"))
-}
-
 fn text(s: &Server, path: &str) -> String {
     client()
         .get(format!("{}{path}", s.url))
@@ -261,7 +252,7 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["sha"], a);
-    let build = job_of(&v, "build");
+    let build = job(&v, "build");
     assert_eq!(build["status"], "success");
     assert!(build["memory_limit_bytes"].as_i64().unwrap() > 0);
     // `release` is only in tag pipelines.
@@ -351,7 +342,7 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     let v = finished(&s, tag_id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["tag"], "v1.0");
-    let release = job_of(&v, "release");
+    let release = job(&v, "release");
     assert_eq!(release["status"], "success", "{v:#}");
     let log = text(&s, &format!("/api/jobs/{}/log", release["id"]));
     assert!(log.contains("releasing v1.0"), "{log}");
@@ -394,7 +385,7 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["sha"], a, "a rerun runs the same commit");
     assert_eq!(v["pipeline"]["rerun_of"], id);
-    assert_eq!(job_of(&v, "test")["status"], "success");
+    assert_eq!(job(&v, "test")["status"], "success");
 
     // The CLI clients, against the same server.
     let env = [("RAVE_SERVER", s.url.as_str()), ("RAVE_TOKEN", READER)];
@@ -477,7 +468,7 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
             .is_some_and(|j| j.iter().any(|j| j["status"] == "running"))
     });
     let v = get(&s, &format!("/api/pipelines/{first}"), READER);
-    let job_id = job_of(&v, "work")["id"].as_i64().unwrap();
+    let job_id = job(&v, "work")["id"].as_i64().unwrap();
     let mut follow = client()
         .get(format!("{}/api/jobs/{job_id}/log?follow=1", s.url))
         .bearer_auth(READER)
@@ -503,11 +494,7 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
     // The interrupted pipeline is failed, its job named a runner error, its process gone.
     let v = get(&s, &format!("/api/pipelines/{first}"), READER);
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
-    assert_eq!(
-        job_of(&v, "work")["failure_reason"],
-        "runner_error",
-        "{v:#}"
-    );
+    assert_eq!(job(&v, "work")["failure_reason"], "runner_error", "{v:#}");
     let sleeping = Command::new("pgrep")
         .args(["-f", "sleep 6061"])
         .output()
@@ -521,7 +508,7 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
     let v = finished(&s, second);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["sha"], b);
-    let log = text(&s, &format!("/api/jobs/{}/log", job_of(&v, "work")["id"]));
+    let log = text(&s, &format!("/api/jobs/{}/log", job(&v, "work")["id"]));
     assert!(log.contains("quick"), "{log}");
 }
 
@@ -754,20 +741,20 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     assert_eq!(v["pipeline"]["sha"], origin.head());
     assert_eq!(v["pipeline"]["source"], "api");
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
-    assert_eq!(job_of(&v, "build")["status"], "success");
-    assert_eq!(job_of(&v, "flaky")["exit_code"], 3);
-    let deploy = job_of(&v, "deploy");
+    assert_eq!(job(&v, "build")["status"], "success");
+    assert_eq!(job(&v, "flaky")["exit_code"], 3);
+    let deploy = job(&v, "deploy");
     assert_eq!(deploy["status"], "manual", "{v:#}");
 
     // Play the manual job: it runs, at the same commit.
     let (code, p) = post(&s, &format!("/api/jobs/{}/play", deploy["id"]), ADMIN);
     assert_eq!(code, 201, "{p}");
     let played = finished(&s, p["pipeline_id"].as_i64().unwrap());
-    assert_eq!(job_of(&played, "deploy")["status"], "success", "{played:#}");
+    assert_eq!(job(&played, "deploy")["status"], "success", "{played:#}");
     assert_eq!(played["pipeline"]["rerun_of"], id);
     let (code, _) = post(
         &s,
-        &format!("/api/jobs/{}/play", job_of(&v, "build")["id"]),
+        &format!("/api/jobs/{}/play", job(&v, "build")["id"]),
         ADMIN,
     );
     assert_eq!(code, 409, "only manual jobs are played");
@@ -777,7 +764,7 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     assert_eq!(code, 201, "{r}");
     assert_eq!(r["jobs"], json!(["flaky"]));
     let again = finished(&s, r["pipeline_id"].as_i64().unwrap());
-    assert_eq!(job_of(&again, "flaky")["exit_code"], 3);
+    assert_eq!(job(&again, "flaky")["exit_code"], 3);
     assert!(
         again["jobs"]
             .as_array()
@@ -798,7 +785,7 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     assert_eq!(code, 202);
     let v = finished(&s, slow);
     assert_eq!(v["pipeline"]["status"], "canceled", "{v:#}");
-    assert_eq!(job_of(&v, "build")["status"], "canceled", "{v:#}");
+    assert_eq!(job(&v, "build")["status"], "canceled", "{v:#}");
     let sleeping = Command::new("pgrep")
         .args(["-f", "sleep 6062"])
         .output()
@@ -848,8 +835,8 @@ fn a_stopped_server_cancels_its_running_pipeline_and_keeps_the_queue() {
     let s = start(&dd, &cfg);
     let v = get(&s, &format!("/api/pipelines/{first}"), READER);
     assert_eq!(v["pipeline"]["status"], "canceled", "{v:#}");
-    assert_eq!(job_of(&v, "work")["status"], "canceled", "{v:#}");
-    let log = text(&s, &format!("/api/jobs/{}/log", job_of(&v, "work")["id"]));
+    assert_eq!(job(&v, "work")["status"], "canceled", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", job(&v, "work")["id"]));
     assert!(log.contains("cleaned-up"), "after_script ran: {log}");
     // The pipeline that was only queued runs after the restart (and is canceled by hand).
     wait_until("the queued pipeline never started", 60, || {
