@@ -23,6 +23,44 @@ pub struct Diagnostic {
     /// Short text under the caret.
     pub label: Option<String>,
     pub help: Option<String>,
+    /// What this diagnostic is to others: a root cause (a refused or unreadable include) that
+    /// may explain later errors, or an error that such a cause may explain ("extends `x`,
+    /// which is not defined"). See [`collapse_follow_ons`].
+    pub role: Role,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Plain,
+    RootCause,
+    FollowOn,
+}
+
+/// When a root cause is present (an include that could not be read), drop the errors that it
+/// may explain (names that are not defined) and say how many were hidden, so the user sees
+/// the one thing to fix instead of dozens of consequences.
+pub fn collapse_follow_ons(diags: &mut Vec<Diagnostic>) {
+    let Some(root) = diags.iter().position(|d| d.role == Role::RootCause) else {
+        return;
+    };
+    let before = diags.len();
+    diags.retain(|d| d.role != Role::FollowOn);
+    let hidden = before - diags.len();
+    if hidden > 0 {
+        let root = diags
+            .iter()
+            .position(|d| d.role == Role::RootCause)
+            .unwrap_or(root);
+        let note = format!(
+            "{hidden} more error(s) about undefined names are hidden: they likely follow from this one; fix it and run again"
+        );
+        let d = &mut diags[root];
+        d.help = Some(match d.help.take() {
+            Some(h) => format!("{h}\n{note}"),
+            None => note,
+        });
+    }
 }
 
 impl Diagnostic {
@@ -33,7 +71,20 @@ impl Diagnostic {
             span,
             label: None,
             help: None,
+            role: Role::Plain,
         }
+    }
+
+    /// Mark as a root cause that may explain later errors.
+    pub fn root_cause(mut self) -> Self {
+        self.role = Role::RootCause;
+        self
+    }
+
+    /// Mark as an error a root cause may explain.
+    pub fn follow_on(mut self) -> Self {
+        self.role = Role::FollowOn;
+        self
     }
 
     pub fn warning(message: impl Into<String>, span: Option<Span>) -> Self {

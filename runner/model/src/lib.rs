@@ -9,6 +9,7 @@
 pub mod convert;
 pub mod diag;
 pub mod expr;
+pub mod inputs;
 pub mod keywords;
 pub mod loader;
 pub mod pipeline;
@@ -46,7 +47,14 @@ impl Loaded {
 }
 
 /// Load the pipeline of the project at `root` (`file` overrides the default file names).
+/// Included files are looked up on disk; see [`load_from`] to read them from a commit.
 pub fn load(root: &Path, file: Option<&Path>) -> Loaded {
+    load_from(root, file, None)
+}
+
+/// Load, reading `include: local` files only from `files` (the commit's tracked files,
+/// relative to `root`), as GitLab reads includes from the commit being built.
+pub fn load_from(root: &Path, file: Option<&Path>, files: Option<&[String]>) -> Loaded {
     let mut sources = Sources::default();
     let mut diagnostics = Vec::new();
     let main = match loader::find_pipeline_file(root, file) {
@@ -60,8 +68,11 @@ pub fn load(root: &Path, file: Option<&Path>) -> Loaded {
             };
         }
     };
-    let tree = loader::Loader::new(root, &mut sources, &mut diagnostics).load(&main);
-    let pipeline = tree.and_then(|t| from_tree(t, &mut diagnostics));
+    let mut loader = loader::Loader::new(root, &mut sources, &mut diagnostics).with_files(files);
+    let tree = loader.load(&main);
+    let aliased = std::mem::take(&mut loader.aliased);
+    let pipeline = tree.and_then(|t| from_tree(t, &aliased, &mut diagnostics));
+    diag::collapse_follow_ons(&mut diagnostics);
     let has_errors = diagnostics.iter().any(Diagnostic::is_error);
     Loaded {
         sources,
@@ -81,8 +92,17 @@ pub fn load_str(text: &str) -> Loaded {
         "pipeline.yml".into(),
         std::sync::Arc::from(text),
     );
-    let pipeline = match yaml::parse(text, id, yaml::Limits::default()) {
-        Ok(mut root) => {
+    let pipeline = match yaml::parse_file(text, id, yaml::Limits::default()) {
+        Ok(parsed) => {
+            for w in parsed.warnings {
+                diagnostics
+                    .push(Diagnostic::warning(w.message, Some(w.span)).with_help_opt(w.help));
+            }
+            let aliased: HashSet<String> = parsed.aliased_keys.into_iter().collect();
+            let mut root = parsed.root;
+            if let Some(h) = &parsed.header {
+                inputs::interpolate_defaults(h, &mut root, &mut diagnostics);
+            }
             if let Value::Map(m) = &mut root.value
                 && let Some(pos) = m.iter().position(|(k, _)| k.name == "include")
             {
@@ -94,7 +114,7 @@ pub fn load_str(text: &str) -> Loaded {
                 m.remove(pos);
             }
             if root.is_null() || root.as_map().is_some() {
-                from_tree(root, &mut diagnostics)
+                from_tree(root, &aliased, &mut diagnostics)
             } else {
                 diagnostics.push(Diagnostic::error(
                     format!(
@@ -149,11 +169,15 @@ fn used_hidden(node: &Node, out: &mut HashSet<String>) {
     }
 }
 
-fn from_tree(mut root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeline> {
+fn from_tree(
+    mut root: Node,
+    aliased: &HashSet<String>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Pipeline> {
     if root.is_null() {
         root.value = Value::Map(Vec::new());
     }
-    let mut used = HashSet::new();
+    let mut used = aliased.clone();
     used_hidden(&root, &mut used);
     loader::resolve_extends(&mut root, diagnostics);
     loader::resolve_references(&mut root, diagnostics);

@@ -8,8 +8,6 @@ use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use globset::GlobBuilder;
-
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::source::{Sources, Span};
 use crate::yaml::{self, Key, Limits, Node, Value};
@@ -29,6 +27,14 @@ pub struct Loader<'a> {
     pub sources: &'a mut Sources,
     pub diagnostics: &'a mut Vec<Diagnostic>,
     pub limits: Limits,
+    /// The files of the commit being built, relative to `root_dir` with `/` separators.
+    /// `include: local` reads only these (GitLab reads includes from the commit, so an
+    /// untracked file must not change the pipeline). None when there is no repository.
+    pub files: Option<&'a [String]>,
+    /// Top-level keys used through YAML aliases in any file loaded.
+    pub aliased: HashSet<String>,
+    /// The main file's `spec:` header document, if it has one.
+    pub header: Option<Node>,
     included: usize,
 }
 
@@ -78,8 +84,17 @@ impl<'a> Loader<'a> {
             sources,
             diagnostics,
             limits: Limits::default(),
+            files: None,
+            aliased: HashSet::new(),
+            header: None,
             included: 0,
         }
+    }
+
+    /// Read `include: local` files only from this list (the commit's tracked files).
+    pub fn with_files(mut self, files: Option<&'a [String]>) -> Self {
+        self.files = files;
+        self
     }
 
     fn display(&self, path: &Path) -> String {
@@ -96,7 +111,7 @@ impl<'a> Loader<'a> {
             .to_string()
     }
 
-    fn read(&mut self, path: &Path, from: Option<Span>) -> Option<Node> {
+    fn read(&mut self, path: &Path, from: Option<Span>) -> Option<yaml::Parsed> {
         let display = self.display(path);
         match std::fs::metadata(path) {
             Ok(m) if m.len() > self.limits.max_file_bytes as u64 => {
@@ -118,17 +133,25 @@ impl<'a> Loader<'a> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                self.diagnostics.push(Diagnostic::error(
-                    format!("cannot read `{display}`: {e}"),
-                    from,
-                ));
+                self.diagnostics.push(
+                    Diagnostic::error(format!("cannot read `{display}`: {e}"), from).root_cause(),
+                );
                 return None;
             }
         };
         let id = self.sources.add(path, display, Arc::from(text));
         let text = self.sources.get(id).map(|f| f.text.clone())?;
-        match yaml::parse(&text, id, self.limits) {
-            Ok(n) => Some(n),
+        match yaml::parse_file(&text, id, self.limits) {
+            Ok(parsed) => {
+                for w in &parsed.warnings {
+                    self.diagnostics.push(
+                        Diagnostic::warning(w.message.clone(), Some(w.span))
+                            .with_help_opt(w.help.clone()),
+                    );
+                }
+                self.aliased.extend(parsed.aliased_keys.iter().cloned());
+                Some(parsed)
+            }
             Err(e) => {
                 self.diagnostics
                     .push(Diagnostic::error(e.message, Some(e.span)).with_help_opt(e.help));
@@ -162,7 +185,16 @@ impl<'a> Loader<'a> {
             );
             return None;
         }
-        let node = self.read(path, from)?;
+        let parsed = self.read(path, from)?;
+        let mut node = parsed.root;
+        if let Some(h) = &parsed.header {
+            // `$[[ inputs.NAME ]]` takes each input's default: rave does not pass inputs to a
+            // file yet (`include: inputs`, `--input`), so an input without one is an error.
+            crate::inputs::interpolate_defaults(h, &mut node, self.diagnostics);
+        }
+        if stack.is_empty() {
+            self.header = parsed.header;
+        }
         let span = node.span;
         let Value::Map(mut entries) = node.value else {
             if node.is_null() {
@@ -283,7 +315,8 @@ impl<'a> Loader<'a> {
                 format!("`include: {kind}` is not supported: rave reads pipelines from the repository only"),
                 Some(span),
             )
-            .with_help("copy the file into the repository and use `include: local`"),
+            .with_help("copy the file into the repository and use `include: local`")
+            .root_cause(),
         );
     }
 
@@ -299,46 +332,117 @@ impl<'a> Loader<'a> {
             ));
             return None;
         }
-        if !rel.contains(['*', '?', '[', '{']) {
-            let p = self.root_dir.join(rel);
-            if !p.is_file() {
-                let d = Diagnostic::error(
-                    format!("included file `{pattern}` does not exist"),
-                    Some(span),
-                )
-                .with_label("not found")
-                .with_help("include: local paths are relative to the repository root");
-                self.diagnostics.push(d);
+        let files = self.candidate_files();
+        if !rel.contains('*') {
+            if !has_yaml_extension(rel) {
+                self.diagnostics.push(
+                    Diagnostic::error(
+                        format!("included file `{pattern}` does not have a YAML extension"),
+                        Some(span),
+                    )
+                    .with_help("GitLab includes only `.yml` and `.yaml` files"),
+                );
                 return None;
             }
-            return Some(vec![p]);
+            if !files.iter().any(|f| f == rel) {
+                let on_disk = self.root_dir.join(rel).is_file();
+                let d = if on_disk && !is_rave_dir(rel) {
+                    Diagnostic::error(
+                        format!("included file `{pattern}` is not committed"),
+                        Some(span),
+                    )
+                    .with_label("not tracked by git")
+                    .with_help(format!(
+                        "`git add {rel}`: included files are read from the commit being built, as GitLab does"
+                    ))
+                } else {
+                    Diagnostic::error(
+                        format!("included file `{pattern}` does not exist"),
+                        Some(span),
+                    )
+                    .with_label("not found")
+                    .with_help("include: local paths are relative to the repository root")
+                };
+                self.diagnostics.push(d.root_cause());
+                return None;
+            }
+            return Some(vec![self.root_dir.join(rel)]);
         }
-        // GitLab's include globs: `*` stays inside one directory, `**` crosses directories.
-        let glob = match GlobBuilder::new(rel).literal_separator(true).build() {
-            Ok(g) => g.compile_matcher(),
+        let re = match wildcard_regex(rel) {
+            Ok(re) => re,
             Err(e) => {
                 self.diagnostics.push(Diagnostic::error(
-                    format!("bad glob `{pattern}`: {e}"),
+                    format!("bad wildcard `{pattern}`: {e}"),
                     Some(span),
                 ));
                 return None;
             }
         };
-        let mut files = Vec::new();
-        walk(self.root_dir, self.root_dir, 0, &mut |rel_path, abs| {
-            if glob.is_match(rel_path) {
-                files.push(abs.to_path_buf());
+        let mut matched: Vec<PathBuf> = Vec::new();
+        for f in files.iter().filter(|f| re.is_match(f)) {
+            if !has_yaml_extension(f) {
+                self.diagnostics.push(
+                    Diagnostic::error(
+                        format!("`{pattern}` matches `{f}`, which does not have a YAML extension"),
+                        Some(span),
+                    )
+                    .with_help("GitLab includes only `.yml` and `.yaml` files; narrow the pattern"),
+                );
+                continue;
             }
-        });
-        files.sort();
-        if files.is_empty() {
+            matched.push(self.root_dir.join(f));
+        }
+        if matched.is_empty() {
             self.diagnostics.push(
                 Diagnostic::error(format!("`{pattern}` matches no file"), Some(span))
-                    .with_help("include: local globs are relative to the repository root"),
+                    .with_help("include: local globs are relative to the repository root; `*` stays in one directory, `**` crosses them")
+                    .root_cause(),
             );
         }
-        Some(files)
+        Some(matched)
     }
+
+    /// Files an include may name: the commit's files, or (outside a repository) the files on
+    /// disk; never rave's own `.rave/` directory.
+    fn candidate_files(&self) -> Vec<String> {
+        let mut out: Vec<String> = match self.files {
+            Some(f) => f.to_vec(),
+            None => {
+                let mut v = Vec::new();
+                walk(self.root_dir, self.root_dir, 0, &mut |rel, _| {
+                    v.push(rel.to_string_lossy().replace('\\', "/"));
+                });
+                v
+            }
+        };
+        out.retain(|f| !is_rave_dir(f));
+        out.sort();
+        out
+    }
+}
+
+fn is_rave_dir(rel: &str) -> bool {
+    rel == ".rave" || rel.starts_with(".rave/")
+}
+
+fn has_yaml_extension(path: &str) -> bool {
+    path.ends_with(".yml") || path.ends_with(".yaml")
+}
+
+/// GitLab's grammar for `include: local` wildcards: the pattern is matched whole, every
+/// character is literal except `**/` (any run of directories, or none), `**` (anything,
+/// `/` included) and `*` (anything but `/`). So `*.yml` stays in the root and `**.yml` or
+/// `ci/**/*.yml` reach into subdirectories. globset differs (`{a,b}`, `?`, `[…]` are special,
+/// `**` alone is not), hence this small translation to a regex.
+pub fn wildcard_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let escaped = regex::escape(pattern);
+    let translated = escaped
+        .replace(r"\*\*/", "(.*?/)?")
+        .replace(r"\*\*", ".*?")
+        .replace(r"\*", "([^/])*?");
+    regex::RegexBuilder::new(&format!("^{translated}$"))
+        .size_limit(1 << 20)
+        .build()
 }
 
 /// Visit the repository's files (not `.git`), bounded in depth.
@@ -476,7 +580,8 @@ fn resolve_one(
                     Some(span),
                 )
                 .with_label("unknown name")
-                .with_help_opt(help),
+                .with_help_opt(help)
+                .follow_on(),
             );
             continue;
         };
@@ -565,7 +670,8 @@ fn resolve_refs_in(node: &mut Node, root: &Node, depth: usize, diagnostics: &mut
                             ),
                             Some(span),
                         )
-                        .with_help_opt(help),
+                        .with_help_opt(help)
+                        .follow_on(),
                     );
                     node.tag = None;
                     node.value = Value::Null;

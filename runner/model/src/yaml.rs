@@ -28,7 +28,8 @@ impl Default for Limits {
         Limits {
             max_file_bytes: 4 * 1024 * 1024,
             max_nodes: 250_000,
-            max_depth: 64,
+            // GitLab's YAML loader refuses documents nested deeper than 100 levels.
+            max_depth: 100,
         }
     }
 }
@@ -142,8 +143,34 @@ pub struct YamlError {
     pub help: Option<String>,
 }
 
-/// Parse one YAML document (the first, as GitLab does for a CI file) into a [`Node`].
+/// A problem GitLab accepts but a user should hear about (a key written twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct YamlWarning {
+    pub message: String,
+    pub span: Span,
+    pub help: Option<String>,
+}
+
+/// A parsed file: the pipeline document, the `spec:` header document before it (if any),
+/// warnings, and the top-level keys whose values (or parts of them) are used through YAML
+/// aliases, so "hidden job never used" knows about `<<: *anchor`.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub root: Node,
+    pub header: Option<Node>,
+    pub warnings: Vec<YamlWarning>,
+    pub aliased_keys: Vec<String>,
+}
+
+/// Parse a file's pipeline document into a [`Node`] (warnings and header dropped).
 pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError> {
+    parse_file(text, file, limits).map(|p| p.root)
+}
+
+/// Parse a pipeline file as GitLab does: one document, or a `spec:` header document followed
+/// by `---` and the pipeline. A second document after a non-header first one is ignored by
+/// GitLab; rave says so in a warning. More than two documents are refused.
+pub fn parse_file(text: &str, file: FileId, limits: Limits) -> Result<Parsed, YamlError> {
     if text.len() > limits.max_file_bytes {
         return Err(YamlError {
             message: format!(
@@ -166,13 +193,16 @@ pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError
         limits,
         stack: Vec::new(),
         anchors: HashMap::new(),
-        root: None,
+        docs: Vec::new(),
         nodes: 0,
         error: None,
-        documents: 0,
+        warnings: Vec::new(),
+        top_key: None,
+        anchor_keys: HashMap::new(),
+        aliased_keys: Vec::new(),
     };
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
+    if let Err(e) = parser.load(&mut builder, true) {
         let m = e.marker();
         return Err(YamlError {
             message: format!("invalid YAML: {}", e.info()),
@@ -183,15 +213,56 @@ pub fn parse(text: &str, file: FileId, limits: Limits) -> Result<Node, YamlError
     if let Some(e) = builder.error {
         return Err(e);
     }
-    Ok(builder.root.unwrap_or(Node::new(
-        Value::Null,
-        Span {
-            file,
-            offset: 0,
-            line: 1,
-            col: 1,
-        },
-    )))
+    let start = Span {
+        file,
+        offset: 0,
+        line: 1,
+        col: 1,
+    };
+    let mut docs = std::mem::take(&mut builder.docs);
+    // An empty document after the first (a trailing `---`) holds nothing to ignore.
+    while docs.len() > 1 && docs.last().is_some_and(Node::is_null) {
+        docs.pop();
+    }
+    let mut warnings = std::mem::take(&mut builder.warnings);
+    let is_header = |n: &Node| n.get("spec").is_some();
+    if docs.len() > 2 {
+        return Err(YamlError {
+            message: format!(
+                "the file holds {} YAML documents; a pipeline file has at most two",
+                docs.len()
+            ),
+            span: docs[2].span,
+            help: Some("keep one document, or a `spec:` header, `---`, then the pipeline".into()),
+        });
+    }
+    let header = if docs.len() == 2 && is_header(&docs[0]) {
+        Some(docs.remove(0))
+    } else {
+        None
+    };
+    if docs.len() == 2 {
+        warnings.push(YamlWarning {
+            message: "this second YAML document is ignored".into(),
+            span: docs[1].span,
+            help: Some(
+                "GitLab reads only the first document unless it is a `spec:` header; merge the documents or remove the `---`".into(),
+            ),
+        });
+    }
+    let root = docs
+        .into_iter()
+        .next()
+        .unwrap_or(Node::new(Value::Null, start));
+    let mut aliased_keys = std::mem::take(&mut builder.aliased_keys);
+    aliased_keys.sort();
+    aliased_keys.dedup();
+    Ok(Parsed {
+        root,
+        header,
+        warnings,
+        aliased_keys,
+    })
 }
 
 /// yaml-rust2 counts positions in characters; spans hold byte offsets so snippets can be
@@ -257,10 +328,16 @@ struct Builder<'t> {
     limits: Limits,
     stack: Vec<Frame>,
     anchors: HashMap<usize, Node>,
-    root: Option<Node>,
+    /// Completed documents, in order.
+    docs: Vec<Node>,
     nodes: usize,
     error: Option<YamlError>,
-    documents: usize,
+    warnings: Vec<YamlWarning>,
+    /// The top-level key whose value is being built, and the top-level key each anchor was
+    /// defined under: an alias of that anchor counts as a use of the key.
+    top_key: Option<String>,
+    anchor_keys: HashMap<usize, String>,
+    aliased_keys: Vec<String>,
 }
 
 fn local_tag(tag: Option<Tag>) -> Option<String> {
@@ -274,10 +351,13 @@ fn local_tag(tag: Option<Tag>) -> Option<String> {
 }
 
 fn resolve_plain(s: String) -> Value {
-    match s.as_str() {
-        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
-        "true" | "True" | "TRUE" => return Value::Bool(true),
-        "false" | "False" | "FALSE" => return Value::Bool(false),
+    // GitLab reads YAML with Ruby's Psych, which follows YAML 1.1 here: `yes`/`no`/`on`/`off`
+    // are booleans too, in any case, and so is `null`.
+    let lower = s.to_ascii_lowercase();
+    match lower.as_str() {
+        "" | "~" | "null" => return Value::Null,
+        "true" | "yes" | "on" => return Value::Bool(true),
+        "false" | "no" | "off" => return Value::Bool(false),
         _ => {}
     }
     let bytes = s.as_bytes();
@@ -333,20 +413,25 @@ impl Builder<'_> {
     fn push_value(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
             self.anchors.insert(anchor, node.clone());
-        }
-        match self.stack.last_mut() {
-            None => {
-                if self.root.is_none() {
-                    self.root = Some(node);
-                }
+            if let Some(k) = &self.top_key {
+                self.anchor_keys.insert(anchor, k.clone());
             }
+        }
+        let depth = self.stack.len();
+        match self.stack.last_mut() {
+            None => self.docs.push(node),
             Some(Frame::Seq { items, .. }) => items.push(node),
             Some(Frame::Map {
                 entries,
                 pending_key,
                 ..
             }) => match pending_key.take() {
-                None => *pending_key = Some(node),
+                None => {
+                    if depth == 1 {
+                        self.top_key = node.scalar_string();
+                    }
+                    *pending_key = Some(node)
+                }
                 Some(k) => {
                     let name = match k.value {
                         Value::Str(s) => s,
@@ -364,13 +449,27 @@ impl Builder<'_> {
                             return;
                         }
                     };
-                    if name != "<<" && entries.iter().any(|(e, _)| e.name == name) {
-                        let span = k.span;
-                        self.fail(
-                            format!("key `{name}` appears twice in this mapping"),
-                            span,
-                            Some("YAML keys must be unique; keep one of them"),
-                        );
+                    if depth == 1 {
+                        self.top_key = None;
+                    }
+                    // GitLab (Psych) keeps the last value of a key written twice, in the place
+                    // of the first; rave does the same and warns, since it is rarely meant.
+                    if name != "<<"
+                        && let Some((first, value)) =
+                            entries.iter_mut().find(|(e, _)| e.name == name)
+                    {
+                        self.warnings.push(YamlWarning {
+                            message: format!(
+                                "key `{name}` appears twice in this mapping; the later value (line {}) wins",
+                                k.span.line
+                            ),
+                            span: first.span,
+                            help: Some(format!(
+                                "first written at line {}:{}, again at line {}:{}; keep one of them",
+                                first.span.line, first.span.col, k.span.line, k.span.col
+                            )),
+                        });
+                        *value = node;
                         return;
                     }
                     entries.push((Key { name, span: k.span }, node));
@@ -435,11 +534,15 @@ impl MarkedEventReceiver for Builder<'_> {
         }
         let span = self.lines.span(self.file, &mark);
         match ev {
-            Event::DocumentStart => {
-                self.documents += 1;
-            }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
+            Event::Nothing
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart
+            | Event::DocumentEnd => {}
             Event::Alias(id) => {
+                if let Some(k) = self.anchor_keys.get(&id) {
+                    self.aliased_keys.push(k.clone());
+                }
                 let Some(weight) = self.anchors.get(&id).map(Node::weight) else {
                     self.fail("alias refers to an unknown anchor".into(), span, None);
                     return;
@@ -585,10 +688,72 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_are_errors() {
-        let e = p("job:\n  image: a\n  image: b\n").unwrap_err();
-        assert!(e.message.contains("`image` appears twice"), "{}", e.message);
-        assert_eq!(e.span.line, 3);
+    fn duplicate_keys_keep_the_last_value_with_a_warning() {
+        let parsed = parse_file(
+            "job:\n  image: a\n  image: b\n",
+            FileId(0),
+            Limits::default(),
+        )
+        .unwrap();
+        let job = parsed.root.get("job").unwrap();
+        assert_eq!(job.get("image").unwrap().value, Value::Str("b".into()));
+        assert_eq!(job.as_map().unwrap().len(), 1);
+        assert_eq!(parsed.warnings.len(), 1);
+        let w = &parsed.warnings[0];
+        assert!(w.message.contains("`image` appears twice"), "{}", w.message);
+        assert_eq!(w.span.line, 2);
+        assert!(w.help.as_deref().unwrap().contains("line 3:3"), "{w:?}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_as_psych_reads_them() {
+        let n = p("a: yes\nb: Off\nc: ON\nd: 'yes'\ne: NULL\nf: y\n").unwrap();
+        assert_eq!(n.get("a").unwrap().value, Value::Bool(true));
+        assert_eq!(n.get("b").unwrap().value, Value::Bool(false));
+        assert_eq!(n.get("c").unwrap().value, Value::Bool(true));
+        assert_eq!(n.get("d").unwrap().value, Value::Str("yes".into()));
+        assert_eq!(n.get("e").unwrap().value, Value::Null);
+        assert_eq!(n.get("f").unwrap().value, Value::Str("y".into()));
+    }
+
+    #[test]
+    fn spec_header_document_is_split_off() {
+        let parsed = parse_file(
+            "spec:\n  inputs:\n    a: {default: x}\n---\njob: {script: echo}\n",
+            FileId(0),
+            Limits::default(),
+        )
+        .unwrap();
+        assert!(parsed.header.unwrap().get("spec").is_some());
+        assert!(parsed.root.get("job").is_some());
+        assert!(parsed.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_second_plain_document_is_ignored_with_a_warning_and_a_third_refused() {
+        let parsed = parse_file(
+            "a: {script: x}\n---\nb: {script: y}\n",
+            FileId(0),
+            Limits::default(),
+        )
+        .unwrap();
+        assert!(parsed.root.get("a").is_some() && parsed.root.get("b").is_none());
+        assert_eq!(parsed.warnings.len(), 1);
+        assert_eq!(parsed.warnings[0].span.line, 3);
+        let e =
+            parse_file("a: 1\n---\nb: 2\n---\nc: 3\n", FileId(0), Limits::default()).unwrap_err();
+        assert!(e.message.contains("3 YAML documents"), "{}", e.message);
+    }
+
+    #[test]
+    fn keys_used_through_aliases_are_reported() {
+        let parsed = parse_file(
+            ".base: &b\n  script: [x]\n.parts:\n  vars: &v {A: 1}\n.unused: {x: 1}\njob:\n  <<: *b\n  variables: *v\n",
+            FileId(0),
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(parsed.aliased_keys, [".base", ".parts"]);
     }
 
     #[test]
@@ -627,10 +792,10 @@ mod tests {
         let e = p(&s).unwrap_err();
         assert!(e.message.contains("recursion limit"), "{}", e.message);
         // Below the parser's own limit, rave's depth cap applies.
-        let s = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let s = format!("{}{}", "[".repeat(120), "]".repeat(120));
         let e = p(&s).unwrap_err();
         assert!(
-            e.message.contains("nesting is deeper than 64"),
+            e.message.contains("nesting is deeper than 100"),
             "{}",
             e.message
         );

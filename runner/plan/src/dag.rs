@@ -109,7 +109,8 @@ fn resolve_needs(
                         Some(need.span),
                     )
                     .with_label("unknown job")
-                    .with_help_opt(did_you_mean(&need.job, candidates)),
+                    .with_help_opt(did_you_mean(&need.job, candidates))
+                    .follow_on(),
                 );
             }
             continue;
