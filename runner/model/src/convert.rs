@@ -128,6 +128,30 @@ impl Reader<'_> {
         }
     }
 
+    /// The items of a list, with nested lists flattened as GitLab flattens them (lists built
+    /// with `!reference` or anchors inside `rules`, `needs`, `cache`, `services`), at most
+    /// [`MAX_SCRIPT_NESTING`] levels deep. A single non-list value is a list of one.
+    fn flat_items<'n>(&mut self, n: &'n Node, what: &str) -> Vec<&'n Node> {
+        let mut out = Vec::new();
+        self.flatten_into(n, what, 0, &mut out);
+        out
+    }
+
+    fn flatten_into<'n>(&mut self, n: &'n Node, what: &str, depth: usize, out: &mut Vec<&'n Node>) {
+        match &n.value {
+            Value::Seq(items) if depth <= MAX_SCRIPT_NESTING => {
+                for i in items {
+                    self.flatten_into(i, what, depth + 1, out);
+                }
+            }
+            Value::Seq(_) => self.err(
+                format!("{what} nests lists more than {MAX_SCRIPT_NESTING} levels deep"),
+                n.span,
+            ),
+            _ => out.push(n),
+        }
+    }
+
     fn duration(&mut self, n: &Node, what: &str) -> Option<Duration> {
         let s = n.scalar_string()?;
         match units::parse_duration(&s) {
@@ -294,7 +318,7 @@ impl Reader<'_> {
 
     fn needs(&mut self, n: &Node) -> Option<Vec<Need>> {
         let items: Vec<&Node> = match &n.value {
-            Value::Seq(s) => s.iter().collect(),
+            Value::Seq(_) => self.flat_items(n, "`needs`"),
             Value::Null => return Some(Vec::new()),
             _ => {
                 self.err(
@@ -338,27 +362,10 @@ impl Reader<'_> {
                         .get("optional")
                         .and_then(|a| self.bool(a, "`needs: optional`"))
                         .unwrap_or(false);
-                    let matrix = it.get("parallel").and_then(|p| {
-                        let m = p.get("matrix")?;
-                        let rows = m.as_seq()?;
-                        Some(
-                            rows.iter()
-                                .filter_map(|r| {
-                                    let rm = r.as_map()?;
-                                    Some(
-                                        rm.iter()
-                                            .map(|(k, v)| {
-                                                (
-                                                    k.name.clone(),
-                                                    v.scalar_string().unwrap_or_default(),
-                                                )
-                                            })
-                                            .collect::<IndexMap<_, _>>(),
-                                    )
-                                })
-                                .collect::<Vec<_>>(),
-                        )
-                    });
+                    let matrix = it
+                        .get("parallel")
+                        .and_then(|p| p.get("matrix"))
+                        .map(|m| self.matrix_rows(m));
                     out.push(Need {
                         job,
                         span,
@@ -380,13 +387,23 @@ impl Reader<'_> {
     }
 
     fn rules(&mut self, n: &Node, allowed: &[&str]) -> Vec<Rule> {
-        let Some(items) = n.as_seq() else {
+        let Some(list) = n.as_seq() else {
             self.err(
                 format!("`rules` must be a list, not {}", n.type_name()),
                 n.span,
             );
             return Vec::new();
         };
+        if list.is_empty() {
+            // GitLab: "rules config can't be blank".
+            self.err_help(
+                "`rules` is empty",
+                n.span,
+                Some("remove `rules:` to always add the job, or write `- when: never` to never add it".into()),
+            );
+            return Vec::new();
+        }
+        let items = self.flat_items(n, "`rules`");
         let mut out = Vec::new();
         for it in items {
             let Some(m) = self.map(it, "a rule") else {
@@ -494,6 +511,27 @@ impl Reader<'_> {
         }
     }
 
+    /// `parallel: matrix:` rows as written in a `needs` selection: each value one name or a
+    /// list of names.
+    fn matrix_rows(&mut self, m: &Node) -> Vec<IndexMap<String, Vec<String>>> {
+        let Some(rows) = m.as_seq() else {
+            self.err("`parallel: matrix` must be a list of mappings", m.span);
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in rows {
+            let Some(rm) = self.map(r, "a `matrix` entry") else {
+                continue;
+            };
+            out.push(
+                rm.iter()
+                    .map(|(k, v)| (k.name.clone(), self.strings(v, "a matrix value")))
+                    .collect(),
+            );
+        }
+        out
+    }
+
     fn parallel(&mut self, n: &Node) -> Option<Parallel> {
         match &n.value {
             Value::Int(_) => {
@@ -593,7 +631,29 @@ impl Reader<'_> {
             && let Some(rm) = self.map(r, "`artifacts: reports`")
         {
             for (k, v) in rm {
-                let files = self.strings(v, "a report path");
+                if !keywords::REPORTS.contains(&k.name.as_str()) {
+                    let help =
+                        did_you_mean(&k.name, keywords::REPORTS.iter().copied()).or_else(|| {
+                            Some(format!(
+                                "report types are: {}",
+                                keywords::REPORTS.join(", ")
+                            ))
+                        });
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!("unknown report type `{}`", k.name),
+                            Some(k.span),
+                        )
+                        .with_label("unknown report")
+                        .with_help_opt(help),
+                    );
+                    continue;
+                }
+                let files = if k.name == "coverage_report" {
+                    self.coverage_report(v)
+                } else {
+                    self.strings(v, "a report path")
+                };
                 match k.name.as_str() {
                     "junit" => a.reports.junit = files,
                     "dotenv" => a.reports.dotenv = files,
@@ -604,17 +664,60 @@ impl Reader<'_> {
         Some(a)
     }
 
-    fn cache(&mut self, n: &Node) -> Vec<Cache> {
-        let items: Vec<&Node> = match &n.value {
-            Value::Seq(s) => s.iter().collect(),
-            _ => vec![n],
+    /// `coverage_report: {coverage_format: cobertura|jacoco, path: …}`: the report's path.
+    fn coverage_report(&mut self, n: &Node) -> Vec<String> {
+        let Some(m) = self.map(n, "`coverage_report`") else {
+            return Vec::new();
         };
+        self.check_keys(m, &["coverage_format", "path"], "`coverage_report`");
+        match n
+            .get("coverage_format")
+            .and_then(|f| self.string(f, "`coverage_format`"))
+        {
+            Some(f) if matches!(f.as_str(), "cobertura" | "jacoco") => {}
+            Some(f) => self.err_help(
+                format!("unknown `coverage_format: {f}`"),
+                n.get("coverage_format").map_or(n.span, |x| x.span),
+                Some("use cobertura or jacoco".into()),
+            ),
+            None => self.err("`coverage_report` needs `coverage_format:`", n.span),
+        }
+        match n
+            .get("path")
+            .and_then(|p| self.string(p, "`coverage_report: path`"))
+        {
+            Some(p) => vec![p],
+            None => {
+                self.err("`coverage_report` needs `path:`", n.span);
+                Vec::new()
+            }
+        }
+    }
+
+    fn cache(&mut self, n: &Node) -> Vec<Cache> {
+        let items = self.flat_items(n, "`cache`");
+        if items.len() > 4 {
+            self.err_help(
+                format!("a job may have at most 4 caches, not {}", items.len()),
+                n.span,
+                Some("merge caches that share a key".into()),
+            );
+        }
         let mut out = Vec::new();
         for it in items {
             let Some(m) = self.map(it, "`cache`") else {
                 continue;
             };
             self.check_keys(m, keywords::CACHE, "`cache`");
+            if let Some(p) = it.get("paths")
+                && !matches!(p.value, Value::Seq(_) | Value::Null)
+            {
+                self.err_help(
+                    format!("`cache: paths` must be a list, not {}", p.type_name()),
+                    p.span,
+                    Some("write `paths: [dir/]`".into()),
+                );
+            }
             let mut c = Cache {
                 paths: it
                     .get("paths")
@@ -639,11 +742,22 @@ impl Reader<'_> {
             }
             if let Some(k) = it.get("key") {
                 match &k.value {
-                    Value::Map(_) => {
+                    Value::Map(km) => {
+                        self.check_keys(km, &["files", "prefix"], "`cache: key`");
                         c.key_files = k
                             .get("files")
                             .map(|x| self.strings(x, "`key: files`"))
                             .unwrap_or_default();
+                        if !(1..=2).contains(&c.key_files.len()) {
+                            self.err_help(
+                                format!(
+                                    "`cache: key: files` lists {} files; it takes one or two",
+                                    c.key_files.len()
+                                ),
+                                k.get("files").map_or(k.span, |f| f.span),
+                                Some("the key is computed from the last commit that changed those files".into()),
+                            );
+                        }
                         c.key = k
                             .get("prefix")
                             .and_then(|x| self.string(x, "`key: prefix`"));
@@ -690,13 +804,14 @@ impl Reader<'_> {
     }
 
     fn services(&mut self, n: &Node) -> Vec<Service> {
-        let Some(items) = n.as_seq() else {
+        if n.as_seq().is_none() {
             self.err(
                 format!("`services` must be a list, not {}", n.type_name()),
                 n.span,
             );
             return Vec::new();
-        };
+        }
+        let items = self.flat_items(n, "`services`");
         let mut out = Vec::new();
         for it in items {
             match &it.value {
@@ -965,6 +1080,16 @@ impl Reader<'_> {
             .get("script")
             .map(|s| self.script(s, "`script`"))
             .unwrap_or_default();
+        if let Some(sn) = n.get("script")
+            && script.iter().all(|l| l.trim().is_empty())
+        {
+            // GitLab: "script can't be blank".
+            self.err_help(
+                format!("job `{}` has an empty `script`", key.name),
+                sn.span,
+                Some("add the commands to run; a job must run at least one".into()),
+            );
+        }
         if n.get("script").is_none() && n.get("trigger").is_none() {
             self.err_help(
                 format!("job `{}` has no `script`", key.name),
@@ -987,7 +1112,8 @@ impl Reader<'_> {
                             Some(s.span),
                         )
                         .with_label("unknown stage")
-                        .with_help_opt(help),
+                        .with_help_opt(help)
+                        .follow_on(),
                     );
                 }
                 Spanned {
@@ -1011,6 +1137,20 @@ impl Reader<'_> {
             );
         }
         let when = n.get("when").and_then(|w| self.when(w)).unwrap_or_default();
+        if when == When::Never {
+            self.err_help(
+                "`when: never` is only valid inside `rules`",
+                n.get("when").map_or(key.span, |w| w.span),
+                Some("a job's own `when` is one of on_success, on_failure, always, manual, delayed; write `rules: [{when: never}]` to leave the job out".into()),
+            );
+        }
+        if let (Some(_), Some(si)) = (n.get("rules"), n.get("start_in")) {
+            self.err_help(
+                "`start_in` cannot be used with `rules`",
+                si.span,
+                Some("put `when: delayed` and `start_in` in the rule instead".into()),
+            );
+        }
         let start_in = n
             .get("start_in")
             .and_then(|d| self.duration(d, "`start_in`"));

@@ -109,10 +109,11 @@ fn lex(src: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
             }
             b'$' => {
                 i += 1;
-                let braced = b.get(i) == Some(&b'{');
-                if braced {
-                    i += 1;
+                if b.get(i) == Some(&b'{') {
+                    // GitLab's expression lexer knows only `$NAME`.
+                    return Err(err(start, "`${VAR}` is not valid in `if`: write `$VAR`"));
                 }
+                let braced = false;
                 let name_start = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                     i += 1;
@@ -326,24 +327,42 @@ fn value(op: &Operand, lookup: &dyn Fn(&str) -> Option<String>) -> Val {
 }
 
 /// A string that holds `/pattern/flags` counts as a regex on the right of `=~`, as in GitLab.
-fn as_regex(v: Val) -> Option<Regex> {
+/// Unset (null) matches nothing; a string that is not a `/regex/`, or does not compile, is an
+/// error rather than a silent "no match" (which would make `!~` silently true).
+fn as_regex(v: Val) -> Result<Option<Regex>, String> {
     match v {
-        Val::Regex(p, f) => compile(&p, &f).ok(),
+        Val::Regex(p, f) => compile(&p, &f).map(Some),
         Val::Str(s) => {
-            let rest = s.strip_prefix('/')?;
-            let end = rest.rfind('/')?;
-            compile(&rest[..end], &rest[end + 1..]).ok()
+            let parsed = s
+                .strip_prefix('/')
+                .and_then(|rest| rest.rfind('/').map(|end| (&rest[..end], &rest[end + 1..])));
+            match parsed {
+                Some((pattern, flags))
+                    if flags.chars().all(|f| matches!(f, 'i' | 'm' | 's' | 'x')) =>
+                {
+                    compile(pattern, flags).map(Some)
+                }
+                _ => Err(format!(
+                    "the variable on the right of `=~`/`!~` holds `{s}`, which is not a `/regex/`"
+                )),
+            }
         }
-        Val::Null => None,
+        Val::Null => Ok(None),
     }
 }
 
 impl Expr {
-    /// Evaluate with variables looked up by `lookup` (None = unset).
+    /// Evaluate with variables looked up by `lookup` (None = unset). A regex held in a
+    /// variable that is not one counts as no match here; see [`Expr::eval_checked`].
     pub fn eval(&self, lookup: &dyn Fn(&str) -> Option<String>) -> bool {
-        match self {
-            Expr::Or(a, b) => a.eval(lookup) || b.eval(lookup),
-            Expr::And(a, b) => a.eval(lookup) && b.eval(lookup),
+        self.eval_checked(lookup).unwrap_or(false)
+    }
+
+    /// Evaluate, failing when a variable on the right of `=~`/`!~` does not hold a valid regex.
+    pub fn eval_checked(&self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<bool, String> {
+        Ok(match self {
+            Expr::Or(a, b) => a.eval_checked(lookup)? || b.eval_checked(lookup)?,
+            Expr::And(a, b) => a.eval_checked(lookup)? && b.eval_checked(lookup)?,
             Expr::Operand(o) => match value(o, lookup) {
                 Val::Null => false,
                 Val::Str(s) => !s.is_empty(),
@@ -356,7 +375,7 @@ impl Expr {
                     CmpOp::Eq => lv == rv,
                     CmpOp::Ne => lv != rv,
                     CmpOp::Match | CmpOp::NoMatch => {
-                        let matched = match (lv, as_regex(rv)) {
+                        let matched = match (lv, as_regex(rv)?) {
                             (Val::Str(s), Some(re)) => re.is_match(&s),
                             _ => false,
                         };
@@ -364,7 +383,7 @@ impl Expr {
                     }
                 }
             }
-        }
+        })
     }
 }
 
@@ -389,7 +408,12 @@ mod tests {
         assert!(!ev("$A == null", &[("A", "")]));
         assert!(ev("$A == \"\"", &[("A", "")]));
         assert!(ev("$A == $B", &[("A", "1"), ("B", "1")]));
-        assert!(ev("${A} == \"x\"", &[("A", "x")]));
+        assert!(
+            parse("${A} == \"x\"")
+                .unwrap_err()
+                .message
+                .contains("write `$VAR`")
+        );
     }
 
     #[test]
@@ -410,6 +434,20 @@ mod tests {
         assert!(!ev("$U =~ /.*/", &[]));
         assert!(ev("$B =~ $RE", &[("B", "feat-1"), ("RE", "/^feat-/")]));
         assert!(ev("$P =~ /a\\/b/", &[("P", "a/b")]));
+        // A variable that does not hold a regex is an error, not a silent `!~` true.
+        let e = parse("$B !~ $RE").unwrap();
+        let look = |n: &str| match n {
+            "B" => Some("main".to_string()),
+            "RE" => Some("rel-(".to_string()),
+            _ => None,
+        };
+        assert!(
+            e.eval_checked(&look)
+                .unwrap_err()
+                .contains("not a `/regex/`")
+        );
+        let look2 = |n: &str| (n == "RE").then(|| "/(/".to_string());
+        assert!(e.eval_checked(&look2).is_err());
     }
 
     #[test]

@@ -117,6 +117,33 @@ pub const ARTIFACTS: &[&str] = &[
     "when",
 ];
 
+/// `artifacts: reports:` types GitLab knows.
+pub const REPORTS: &[&str] = &[
+    "accessibility",
+    "annotations",
+    "api_fuzzing",
+    "browser_performance",
+    "codequality",
+    "container_scanning",
+    "coverage_fuzzing",
+    "coverage_report",
+    "cyclonedx",
+    "dast",
+    "dependency_scanning",
+    "dotenv",
+    "junit",
+    "license_scanning",
+    "load_performance",
+    "metrics",
+    "performance",
+    "repository_xray",
+    "requirements",
+    "requirements_v2",
+    "sast",
+    "secret_detection",
+    "terraform",
+];
+
 pub const CACHE: &[&str] = &[
     "key",
     "paths",

@@ -379,6 +379,8 @@ fn is_global_typo(name: &str) -> bool {
 }
 
 /// Copy default keys into a job that does not set them, honouring `inherit: default`.
+/// A key whose value is null (`artifacts:` with nothing, or `parallel: null` to unset what
+/// `extends` brought in) counts as not written, as in GitLab.
 fn with_defaults(job: &Node, defaults: &[(Key, Node)]) -> Node {
     let inherit = job.get("inherit").and_then(|i| i.get("default"));
     let allowed = |name: &str| match inherit.map(|n| &n.value) {
@@ -388,8 +390,9 @@ fn with_defaults(job: &Node, defaults: &[(Key, Node)]) -> Node {
     };
     let mut out = job.clone();
     if let Value::Map(m) = &mut out.value {
+        m.retain(|(_, v)| !v.is_null());
         for (k, v) in defaults {
-            if allowed(&k.name) && !m.iter().any(|(jk, _)| jk.name == k.name) {
+            if allowed(&k.name) && !v.is_null() && !m.iter().any(|(jk, _)| jk.name == k.name) {
                 m.push((k.clone(), v.clone()));
             }
         }

@@ -140,8 +140,10 @@ pub struct Need {
     pub span: Span,
     pub artifacts: bool,
     pub optional: bool,
-    /// `parallel: matrix:` selection: the instances whose variables match one of these maps.
-    pub matrix: Option<Vec<IndexMap<String, String>>>,
+    /// `parallel: matrix:` selection: the instances whose variables match one of these rows
+    /// (each value one of the listed names; `$[[ matrix.NAME ]]` is the needing instance's own
+    /// value).
+    pub matrix: Option<Vec<IndexMap<String, Vec<String>>>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -62,33 +62,38 @@ fn resolve_needs(
     let mut deps = Vec::new();
     let mut artifacts = Vec::new();
     for need in needs {
-        let mut targets: Vec<&JobInstance> =
-            jobs.iter().filter(|j| j.job_name == need.job).collect();
+        let job = matrix::substitute(&need.job, &me.matrix);
+        let mut targets: Vec<&JobInstance> = jobs.iter().filter(|j| j.job_name == job).collect();
+        if targets.is_empty() {
+            // One instance by its expanded name: `needs: ["build: [amd64]"]`.
+            targets = jobs.iter().filter(|j| j.name == job).collect();
+        }
+        let defined = pipeline.jobs.contains_key(&job);
         if targets.is_empty() {
             if need.optional {
-                if !pipeline.jobs.contains_key(&need.job) {
+                if !defined {
                     diags.push(
                         Diagnostic::warning(
                             format!(
                                 "`{}` optionally needs `{}`, which is not defined",
-                                me.name, need.job
+                                me.name, job
                             ),
                             Some(need.span),
                         )
                         .with_help_opt(did_you_mean(
-                            &need.job,
+                            &job,
                             pipeline.jobs.keys().map(String::as_str),
                         )),
                     );
                 }
                 continue;
             }
-            if excluded.contains(&need.job.as_str()) {
+            if excluded.contains(&job.as_str()) {
                 diags.push(
                     Diagnostic::error(
                         format!(
                             "`{}` needs `{}`, but the rules of `{}` leave it out of this pipeline",
-                            me.name, need.job, need.job
+                            me.name, job, job
                         ),
                         Some(need.span),
                     )
@@ -96,6 +101,25 @@ fn resolve_needs(
                     .with_help(
                         "write `needs: [{job: …, optional: true}]`, or make both jobs' rules agree",
                     ),
+                );
+            } else if let Some(base) = job.split_once(": [").map(|(b, _)| b)
+                && jobs.iter().any(|j| j.job_name == base)
+            {
+                let instances: Vec<&str> = jobs
+                    .iter()
+                    .filter(|j| j.job_name == base)
+                    .map(|j| j.name.as_str())
+                    .collect();
+                diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "`{}` needs `{job}`, which is not an instance of `{base}`",
+                            me.name
+                        ),
+                        Some(need.span),
+                    )
+                    .with_label("no such instance")
+                    .with_help(format!("instances are: {}", instances.join("; "))),
                 );
             } else {
                 let candidates = pipeline
@@ -105,31 +129,46 @@ fn resolve_needs(
                     .filter(|n| *n != me.job_name);
                 diags.push(
                     Diagnostic::error(
-                        format!("`{}` needs `{}`, which is not defined", me.name, need.job),
+                        format!("`{}` needs `{}`, which is not defined", me.name, job),
                         Some(need.span),
                     )
                     .with_label("unknown job")
-                    .with_help_opt(did_you_mean(&need.job, candidates))
+                    .with_help_opt(did_you_mean(&job, candidates))
                     .follow_on(),
                 );
             }
             continue;
         }
         if let Some(rows) = &need.matrix {
+            let rows: Vec<indexmap::IndexMap<String, Vec<String>>> = rows
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|(k, vs)| {
+                            (
+                                k.clone(),
+                                vs.iter()
+                                    .map(|v| matrix::substitute(v, &me.matrix))
+                                    .collect(),
+                            )
+                        })
+                        .collect()
+                })
+                .collect();
             let selected: Vec<&JobInstance> = targets
                 .iter()
                 .copied()
-                .filter(|t| {
-                    let tv = matrix_vars(t);
-                    rows.iter().any(|r| matrix::selects(&tv, r))
-                })
+                .filter(|t| rows.iter().any(|r| matrix::selects(&t.matrix, r)))
                 .collect();
             if selected.is_empty() {
+                if need.optional {
+                    continue;
+                }
                 diags.push(
                     Diagnostic::error(
                         format!(
                             "`{}` needs a matrix instance of `{}` that does not exist",
-                            me.name, need.job
+                            me.name, job
                         ),
                         Some(need.span),
                     )
@@ -178,17 +217,6 @@ fn resolve_needs(
     (deps, artifacts)
 }
 
-/// The matrix values of an instance (the job's own `parallel: matrix` variables).
-fn matrix_vars(j: &JobInstance) -> indexmap::IndexMap<String, String> {
-    let keys: Vec<&String> = match &j.job.parallel {
-        Some(rave_model::Parallel::Matrix(rows)) => rows.iter().flat_map(|r| r.keys()).collect(),
-        _ => Vec::new(),
-    };
-    keys.into_iter()
-        .filter_map(|k| j.variables.get(k).map(|v| (k.clone(), v.clone())))
-        .collect()
-}
-
 /// Apply `dependencies:` to the artifact sources.
 fn filter_dependencies(
     jobs: &[JobInstance],
@@ -219,17 +247,38 @@ fn filter_dependencies(
             );
             continue;
         }
+        // GitLab: a dependency must be in the job's own stage or an earlier one.
         if let Some(t) = jobs.iter().find(|j| j.job_name == d.value)
-            && t.stage_index >= me.stage_index
-            && !me.uses_needs
+            && t.stage_index > me.stage_index
         {
-            diags.push(Diagnostic::error(
-                format!(
-                    "`{}` has dependency `{}`, which is not in an earlier stage",
-                    me.name, d.value
-                ),
-                Some(d.span),
-            ));
+            diags.push(
+                Diagnostic::error(
+                    format!(
+                        "`{}` (stage `{}`) has dependency `{}`, which is in the later stage `{}`",
+                        me.name, me.stage, d.value, t.stage
+                    ),
+                    Some(d.span),
+                )
+                .with_help("a dependency must be in the job's own stage or an earlier one"),
+            );
+        }
+        // With `needs:`, GitLab requires `dependencies` to name only needed jobs.
+        if let Some(needs) = &me.job.needs
+            && !needs.iter().any(|n| n.job == d.value)
+        {
+            diags.push(
+                Diagnostic::error(
+                    format!(
+                        "`{}` has dependency `{}`, which is not in its `needs`",
+                        me.name, d.value
+                    ),
+                    Some(d.span),
+                )
+                .with_help(format!(
+                    "add `{}` to `needs`, or drop it from `dependencies`",
+                    d.value
+                )),
+            );
         }
     }
     artifacts

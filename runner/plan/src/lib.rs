@@ -14,6 +14,7 @@ pub mod resources;
 pub mod rules;
 pub mod trigger;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -47,6 +48,8 @@ pub struct JobInstance {
     pub raw_variables: Vec<String>,
     /// `CI_NODE_INDEX` / `CI_NODE_TOTAL` for `parallel`.
     pub node: Option<(u32, u32)>,
+    /// This instance's `parallel: matrix` values.
+    pub matrix: IndexMap<String, String>,
     /// Longest path from this job to the end, in jobs (or, after
     /// [`dag::weighted_priorities`], in expected milliseconds).
     pub priority: u64,
@@ -113,22 +116,25 @@ pub fn plan(
     for (k, v) in &trigger.variables {
         global.insert(k.clone(), v.clone());
     }
+    // Values from the forge and the repository (branch names, commit messages) are data:
+    // they are never expanded, so a branch called `x-$SECRET` stays exactly that.
+    let literal: HashSet<String> = predefined.keys().cloned().collect();
     let mut workflow_vars = IndexMap::new();
     let mut name = None;
     if let Some(wf) = &pipeline.workflow {
         if !wf.rules.is_empty() {
-            let lookup = |n: &str| lookup_expanded(&global, n);
+            let lookup = |n: &str| lookup_expanded(&global, &literal, n);
             let env = rules::RuleEnv {
                 trigger,
                 lookup: &lookup,
             };
             match env.evaluate(&wf.rules) {
-                Some(o) if o.when != Some(When::Never) => {
+                Ok(Some(o)) if o.when != Some(When::Never) => {
                     for (k, v) in &o.variables.0 {
                         workflow_vars.insert(k.clone(), v.value.clone());
                     }
                 }
-                _ => {
+                Ok(_) => {
                     return (
                         Some(Plan {
                             stages,
@@ -141,6 +147,10 @@ pub fn plan(
                         diags,
                     );
                 }
+                Err(e) => {
+                    diags.push(rule_error(e, "workflow"));
+                    return (None, diags);
+                }
             }
         }
         name = wf.name.clone();
@@ -150,42 +160,30 @@ pub fn plan(
             global.insert(k.clone(), v.clone());
         }
     }
-    let name = name.map(|n| rave_model::vars::expand(&n, &|k| lookup_expanded(&global, k)));
+    let name =
+        name.map(|n| rave_model::vars::expand(&n, &|k| lookup_expanded(&global, &literal, k)));
 
-    // Which jobs are in, with what rule outcome.
-    let mut included: Vec<(&Job, rules::RuleOutcome)> = Vec::new();
+    // Each instance (a `parallel` copy or matrix combination) is its own job in GitLab, and
+    // its rules are evaluated with its own variables: the matrix values and the job-level
+    // predefined ones (`CI_JOB_NAME`, `CI_JOB_STAGE`, `CI_NODE_INDEX`, …).
+    let mut jobs: Vec<JobInstance> = Vec::new();
     let mut excluded: Vec<&str> = Vec::new();
     for job in pipeline.jobs.values() {
-        let vars = job_variables(pipeline, job, &predefined, &workflow_vars, trigger, None);
-        let lookup = |n: &str| lookup_expanded(&vars, n);
-        let env = rules::RuleEnv {
-            trigger,
-            lookup: &lookup,
-        };
-        let outcome = match &job.rules {
-            Some(r) => env.evaluate(r),
-            None => env
-                .only_except(job.only.as_ref(), job.except.as_ref())
-                .then(rules::RuleOutcome::default),
-        };
-        match outcome {
-            Some(o)
-                if o.when != Some(When::Never)
-                    && !(o.when.is_none() && job.when == When::Never) =>
-            {
-                included.push((job, o))
-            }
-            _ => excluded.push(&job.name),
-        }
-    }
-
-    // Expand parallel/matrix into instances.
-    let mut jobs: Vec<JobInstance> = Vec::new();
-    for (job, outcome) in &included {
         let stage_index = stages
             .iter()
             .position(|s| *s == job.stage.value)
             .unwrap_or(0);
+        let raw: Vec<String> = pipeline
+            .variables
+            .0
+            .iter()
+            .chain(job.variables.0.iter())
+            .filter(|(_, v)| v.raw)
+            .map(|(k, _)| k.clone())
+            .chain(literal.iter().cloned())
+            .collect();
+        let raw_set: HashSet<String> = raw.iter().cloned().collect();
+        let mut any = false;
         for inst in matrix::expand(job) {
             let mut vars = job_variables(
                 pipeline,
@@ -193,24 +191,48 @@ pub fn plan(
                 &predefined,
                 &workflow_vars,
                 trigger,
-                Some((&inst.variables, &outcome.variables)),
+                Some((&inst.variables, &rave_model::Variables::default())),
             );
-            vars.insert("CI_JOB_NAME".into(), inst.name.clone());
-            vars.insert("CI_JOB_NAME_SLUG".into(), trigger::slug(&inst.name));
-            vars.insert("CI_JOB_STAGE".into(), job.stage.value.clone());
-            if let Some((i, n)) = inst.node {
-                vars.insert("CI_NODE_INDEX".into(), i.to_string());
-                vars.insert("CI_NODE_TOTAL".into(), n.to_string());
+            job_predefined(&mut vars, job, &inst);
+            let outcome = {
+                let lookup = |n: &str| lookup_expanded(&vars, &raw_set, n);
+                let env = rules::RuleEnv {
+                    trigger,
+                    lookup: &lookup,
+                };
+                match &job.rules {
+                    Some(r) => env.evaluate(r),
+                    None => Ok(env
+                        .only_except(job.only.as_ref(), job.except.as_ref())
+                        .then(rules::RuleOutcome::default)),
+                }
+            };
+            let outcome = match outcome {
+                Ok(Some(o))
+                    if o.when != Some(When::Never)
+                        && !(o.when.is_none() && job.when == When::Never) =>
+                {
+                    o
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    diags.push(rule_error(e, &inst.name));
+                    continue;
+                }
+            };
+            any = true;
+            if !outcome.variables.0.is_empty() {
+                vars = job_variables(
+                    pipeline,
+                    job,
+                    &predefined,
+                    &workflow_vars,
+                    trigger,
+                    Some((&inst.variables, &outcome.variables)),
+                );
+                job_predefined(&mut vars, job, &inst);
             }
-            let raw: Vec<String> = pipeline
-                .variables
-                .0
-                .iter()
-                .chain(job.variables.0.iter())
-                .filter(|(_, v)| v.raw)
-                .map(|(k, _)| k.clone())
-                .collect();
-            let variables = expand_all(&vars, &raw);
+            let variables = expand_all(&vars, &raw_set);
             let when = outcome.when.unwrap_or(job.when);
             let allow_failure = match (&outcome.allow_failure, &job.allow_failure) {
                 (Some(a), _) => a.clone(),
@@ -236,13 +258,17 @@ pub fn plan(
                 allow_failure,
                 start_in: outcome.start_in.or(job.start_in),
                 variables,
-                raw_variables: raw,
+                raw_variables: raw.clone(),
                 node: inst.node,
+                matrix: inst.variables,
                 priority: 0,
                 memory_bytes: 0,
                 cpus: 0.0,
                 job,
             });
+        }
+        if !any {
+            excluded.push(&job.name);
         }
     }
     // Stage order among instances, so ids follow execution order for stage-ordered pipelines.
@@ -253,9 +279,9 @@ pub fn plan(
 
     dag::link(&mut jobs, pipeline, &excluded, &mut diags);
     resources::assign(&mut jobs, pipeline, opts, &mut diags);
-    if !diags.iter().any(Diagnostic::is_error)
-        && let Err(cycle) = dag::priorities(&mut jobs)
-    {
+    // A cycle is reported even next to other errors: the edges that resolved are enough to
+    // find it, and one lint pass should show every independent problem.
+    if let Err(cycle) = dag::priorities(&mut jobs) {
         {
             let names: Vec<&str> = cycle.iter().map(|&i| jobs[i].name.as_str()).collect();
             let span: Option<Span> = cycle.first().map(|&i| jobs[i].job.span);
@@ -319,34 +345,61 @@ fn job_variables(
     v
 }
 
+/// The job-level predefined variables GitLab sets before rules are evaluated.
+fn job_predefined(vars: &mut IndexMap<String, String>, job: &Job, inst: &matrix::Instance) {
+    vars.insert("CI_JOB_NAME".into(), inst.name.clone());
+    vars.insert("CI_JOB_NAME_SLUG".into(), trigger::slug(&inst.name));
+    vars.insert("CI_JOB_STAGE".into(), job.stage.value.clone());
+    if let Some((i, n)) = inst.node {
+        vars.insert("CI_NODE_INDEX".into(), i.to_string());
+        vars.insert("CI_NODE_TOTAL".into(), n.to_string());
+    }
+}
+
+fn rule_error(e: rules::RuleError, what: &str) -> Diagnostic {
+    Diagnostic::error(format!("{what}: {}", e.message), Some(e.span))
+        .with_help("a variable on the right of `=~`/`!~` must hold a regex written as `/pattern/`")
+}
+
 /// Look a variable up, expanding references to other variables (bounded, so `A: $A` or
-/// mutual references cannot loop).
-fn lookup_expanded(vars: &IndexMap<String, String>, name: &str) -> Option<String> {
-    fn go(vars: &IndexMap<String, String>, name: &str, depth: usize) -> Option<String> {
+/// mutual references cannot loop). Variables in `literal` (`expand: false`, and values that
+/// come from the forge) are returned as written.
+fn lookup_expanded(
+    vars: &IndexMap<String, String>,
+    literal: &HashSet<String>,
+    name: &str,
+) -> Option<String> {
+    fn go(
+        vars: &IndexMap<String, String>,
+        literal: &HashSet<String>,
+        name: &str,
+        depth: usize,
+    ) -> Option<String> {
         let v = vars.get(name)?;
-        if depth >= 8 || !v.contains('$') {
+        if depth >= 8 || !v.contains('$') || literal.contains(name) {
             return Some(v.clone());
         }
         Some(rave_model::vars::expand_known(v, &|n| {
             if n == name {
                 None
             } else {
-                go(vars, n, depth + 1)
+                go(vars, literal, n, depth + 1)
             }
         }))
     }
-    go(vars, name, 0)
+    go(vars, literal, name, 0)
 }
 
-fn expand_all(vars: &IndexMap<String, String>, raw: &[String]) -> IndexMap<String, String> {
+fn expand_all(
+    vars: &IndexMap<String, String>,
+    literal: &HashSet<String>,
+) -> IndexMap<String, String> {
     vars.keys()
         .map(|k| {
-            let v = if raw.contains(k) {
-                vars.get(k).cloned().unwrap_or_default()
-            } else {
-                lookup_expanded(vars, k).unwrap_or_default()
-            };
-            (k.clone(), v)
+            (
+                k.clone(),
+                lookup_expanded(vars, literal, k).unwrap_or_default(),
+            )
         })
         .collect()
 }

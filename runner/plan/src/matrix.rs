@@ -58,9 +58,37 @@ pub fn expand(job: &Job) -> Vec<Instance> {
     }
 }
 
-/// Does an instance's matrix match a `needs: parallel: matrix` selection row?
-pub fn selects(instance: &IndexMap<String, String>, selection: &IndexMap<String, String>) -> bool {
+/// Does an instance's matrix match a `needs: parallel: matrix` selection row? Each key must
+/// be one of the row's values for that key.
+pub fn selects(
+    instance: &IndexMap<String, String>,
+    selection: &IndexMap<String, Vec<String>>,
+) -> bool {
     selection
         .iter()
-        .all(|(k, v)| instance.get(k).is_some_and(|iv| iv == v))
+        .all(|(k, vs)| instance.get(k).is_some_and(|iv| vs.contains(iv)))
+}
+
+/// Replace `$[[ matrix.NAME ]]` with the needing instance's own matrix value, GitLab's way of
+/// writing one-to-one dependencies between two matrix jobs. Unknown names are left as written.
+pub fn substitute(s: &str, own: &IndexMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("$[[") {
+        let Some(len) = rest[start..].find("]]") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        let inner = rest[start + 3..start + len].trim();
+        match inner
+            .strip_prefix("matrix.")
+            .and_then(|n| own.get(n.trim()))
+        {
+            Some(v) => out.push_str(v),
+            None => out.push_str(&rest[start..start + len + 2]),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }

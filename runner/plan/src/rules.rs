@@ -48,41 +48,70 @@ fn changes_match(c: &Changes, env: &RuleEnv<'_>) -> bool {
     }
 }
 
+/// A rule that cannot be evaluated (a variable holding something that is not a regex).
+#[derive(Clone, Debug)]
+pub struct RuleError {
+    pub message: String,
+    pub span: rave_model::Span,
+}
+
 impl RuleEnv<'_> {
-    pub fn rule_matches(&self, r: &Rule) -> bool {
-        if let Some((_, e)) = &r.if_
-            && !e.eval(self.lookup)
-        {
-            return false;
+    pub fn rule_matches(&self, r: &Rule) -> Result<bool, RuleError> {
+        if let Some((src, e)) = &r.if_ {
+            let ok = e.eval_checked(self.lookup).map_err(|m| RuleError {
+                message: format!("`if: {src}`: {m}"),
+                span: r.span,
+            })?;
+            if !ok {
+                return Ok(false);
+            }
         }
         if let Some(c) = &r.changes
             && !changes_match(c, self)
         {
-            return false;
+            return Ok(false);
         }
         if let Some(ex) = &r.exists
             && !any_match(ex, &self.trigger.files, self)
         {
-            return false;
+            return Ok(false);
         }
-        true
+        Ok(true)
     }
 
     /// The first matching rule's outcome, or None when no rule matches (the job is excluded).
-    pub fn evaluate(&self, rules: &[Rule]) -> Option<RuleOutcome> {
-        let r = rules.iter().find(|r| self.rule_matches(r))?;
-        Some(RuleOutcome {
-            when: r.when,
-            allow_failure: r.allow_failure.clone(),
-            variables: r.variables.clone(),
-            needs: r.needs.clone(),
-            start_in: r.start_in,
-        })
+    pub fn evaluate(&self, rules: &[Rule]) -> Result<Option<RuleOutcome>, RuleError> {
+        for r in rules {
+            if self.rule_matches(r)? {
+                return Ok(Some(RuleOutcome {
+                    when: r.when,
+                    allow_failure: r.allow_failure.clone(),
+                    variables: r.variables.clone(),
+                    needs: r.needs.clone(),
+                    start_in: r.start_in,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     fn ref_matches(&self, refs: &[String]) -> bool {
+        let project = self.trigger.project_path();
+        refs.iter().any(|r| {
+            // `master@group/project` limits the entry to one project (forks run the same file);
+            // GitLab splits at the first `@`, even inside a regex.
+            let r = match r.split_once('@') {
+                Some((pattern, path)) if path == project => pattern,
+                Some(_) => return false,
+                None => r.as_str(),
+            };
+            self.ref_matches_one(r)
+        })
+    }
+
+    fn ref_matches_one(&self, r: &str) -> bool {
         let t = self.trigger;
-        refs.iter().any(|r| match r.as_str() {
+        match r {
             "branches" => t.tag.is_none(),
             "tags" => t.tag.is_some(),
             "pushes" => matches!(t.source, Source::Push | Source::Local),
@@ -97,7 +126,7 @@ impl RuleEnv<'_> {
                     .unwrap_or(false)
             }
             name => name == t.ref_name,
-        })
+        }
     }
 
     fn only_except_matches(&self, oe: &OnlyExcept) -> bool {

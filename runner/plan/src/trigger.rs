@@ -60,6 +60,20 @@ pub struct Trigger {
     /// Files changed by the push, for `rules: changes`. None when there is nothing to compare
     /// with (new branch, manual run): then `changes` is true, as in GitLab.
     pub changed_files: Option<Vec<String>>,
+    /// The commit before the push (`CI_COMMIT_BEFORE_SHA`); zeros when unknown.
+    pub before_sha: String,
+    pub commit: CommitInfo,
+}
+
+/// What the commit says about itself. Data from the forge or the repository: jobs see it
+/// literally, never expanded.
+#[derive(Clone, Debug, Default)]
+pub struct CommitInfo {
+    pub message: String,
+    /// `Name <email>`.
+    pub author: String,
+    /// ISO 8601.
+    pub timestamp: String,
 }
 
 impl Default for Trigger {
@@ -75,6 +89,8 @@ impl Default for Trigger {
             variables: IndexMap::new(),
             files: Vec::new(),
             changed_files: None,
+            before_sha: "0000000000000000000000000000000000000000".into(),
+            commit: CommitInfo::default(),
         }
     }
 }
@@ -92,6 +108,15 @@ pub fn slug(s: &str) -> String {
 }
 
 impl Trigger {
+    /// `group/project`: `CI_PROJECT_PATH` when the trigger's variables set it, else the
+    /// project's namespace and name.
+    pub fn project_path(&self) -> String {
+        self.variables
+            .get("CI_PROJECT_PATH")
+            .cloned()
+            .unwrap_or_else(|| format!("{}/{}", self.project_namespace, self.project_name))
+    }
+
     /// Pipeline-level predefined variables (job-level ones are added per job instance).
     pub fn predefined(&self) -> IndexMap<String, String> {
         let mut v = IndexMap::new();
@@ -99,8 +124,30 @@ impl Trigger {
             v.insert(k.to_string(), val.to_string());
         };
         set("CI", "true");
+        set("GITLAB_CI", "true");
         set("RAVE", "true");
         set("CI_SERVER", "yes");
+        set("CI_COMMIT_BEFORE_SHA", &self.before_sha);
+        set("CI_COMMIT_REF_PROTECTED", "false");
+        set(
+            "CI_COMMIT_TITLE",
+            self.commit.message.lines().next().unwrap_or(""),
+        );
+        set("CI_COMMIT_MESSAGE", &self.commit.message);
+        set(
+            "CI_COMMIT_DESCRIPTION",
+            self.commit
+                .message
+                .split_once('\n')
+                .map_or("", |(_, rest)| rest.trim_start_matches('\n')),
+        );
+        set("CI_COMMIT_AUTHOR", &self.commit.author);
+        set("CI_COMMIT_TIMESTAMP", &self.commit.timestamp);
+        set("CI_PROJECT_TITLE", &self.project_name);
+        set(
+            "CI_PROJECT_ROOT_NAMESPACE",
+            self.project_namespace.split('/').next().unwrap_or(""),
+        );
         set("CI_COMMIT_SHA", &self.sha);
         set("CI_COMMIT_SHORT_SHA", &self.sha[..self.sha.len().min(8)]);
         set("CI_COMMIT_REF_NAME", &self.ref_name);
