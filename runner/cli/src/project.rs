@@ -81,7 +81,20 @@ impl Project {
         // A relative --file is relative to where the user is (or to -C DIR), like any CLI
         // path; the project root only anchors `include: local`.
         let file = args.file.as_ref().map(|f| start.join(f));
-        let loaded = rave_model::load(&root, file.as_deref());
+        // `include: local` reads the files git tracks (relative to the project directory),
+        // as GitLab reads them from the commit.
+        let tracked = repo.as_ref().and_then(|r| {
+            let files = r.tracked_files().ok()?;
+            let prefix = relative_prefix(&root, r.root());
+            Some(match prefix {
+                None => files,
+                Some(pre) => files
+                    .into_iter()
+                    .filter_map(|f| f.strip_prefix(pre.as_str()).map(str::to_string))
+                    .collect(),
+            })
+        });
+        let loaded = rave_model::load_from(&root, file.as_deref(), tracked.as_deref());
         Ok(Project { root, loaded, repo })
     }
 
@@ -120,20 +133,17 @@ impl Project {
             let (ns, name) = repo.project_path();
             trigger.project_namespace = ns;
             trigger.project_name = name;
+            if let Some((message, author, secs)) = repo.commit_meta(&trigger.sha) {
+                trigger.commit.message = message;
+                trigger.commit.author = author;
+                trigger.commit.timestamp = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+                )
+                .to_string();
+            }
             // Paths in rules are relative to the project directory, which may be a
             // subdirectory of the repository (a monorepo, or `-C dir`).
-            let prefix = self
-                .root
-                .canonicalize()
-                .ok()
-                .zip(repo.root().canonicalize().ok())
-                .and_then(|(r, top)| {
-                    r.strip_prefix(&top)
-                        .ok()
-                        .map(|p| p.to_string_lossy().to_string())
-                })
-                .filter(|p| !p.is_empty())
-                .map(|p| format!("{p}/"));
+            let prefix = relative_prefix(&self.root, repo.root());
             let relative = |files: Vec<String>| -> Vec<String> {
                 match &prefix {
                     None => files,
@@ -165,6 +175,21 @@ impl Project {
         }
         Ok(trigger)
     }
+}
+
+/// `sub/dir/` when the project directory is below the repository's top, else None.
+fn relative_prefix(project: &Path, top: &Path) -> Option<String> {
+    project
+        .canonicalize()
+        .ok()
+        .zip(top.canonicalize().ok())
+        .and_then(|(r, top)| {
+            r.strip_prefix(&top)
+                .ok()
+                .map(|p| p.to_string_lossy().to_string())
+        })
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{p}/"))
 }
 
 fn has_pipeline(dir: &Path) -> bool {

@@ -15,6 +15,7 @@ use rave_engine::scheduler::{
     self, AFTER_SCRIPT_TIMEOUT, DEFAULT_TIMEOUT, PipelineStatus, RunConfig,
 };
 use rave_engine::workspace::{self, Workspace};
+use rave_engine::event::{NoPipeline, NoPipelineReason};
 use rave_engine::{Cancel, JobRecord};
 use rave_model::diag::did_you_mean;
 use rave_plan::Plan;
@@ -135,6 +136,16 @@ fn ignore_rave_dir(root: &Path) {
     let _ = std::fs::write(&exclude, text);
 }
 
+fn print_no_pipeline(reason: NoPipelineReason, message: String) -> anyhow::Result<()> {
+    let doc = NoPipeline {
+        pipeline: None,
+        reason,
+        message,
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
 pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let Planned {
         project,
@@ -143,7 +154,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         warnings,
     } = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
         Ok(p) => p,
-        Err(code) => return Ok(code),
+        Err(code) => {
+            if args.json {
+                print_no_pipeline(
+                    NoPipelineReason::InvalidPipeline,
+                    "the pipeline has errors (listed on stderr; `rave lint --json` gives them as JSON)".into(),
+                )?;
+            }
+            return Ok(code);
+        }
     };
     report(&project.loaded.sources, &warnings);
     // Earlier runs say how long jobs take: weight the critical path by that, so the scheduler
@@ -159,11 +178,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         return Ok(2);
     };
     if plan.skipped_by_workflow {
-        eprintln!(
+        let message = format!(
             "workflow: rules create no pipeline for {} ({})",
             trigger.ref_name,
             trigger.source.ci_value()
         );
+        eprintln!("{message}");
+        if args.json {
+            print_no_pipeline(NoPipelineReason::WorkflowRules, message)?;
+        }
         return Ok(0);
     }
     let selected = match select(&plan, &args.job_names, args.needs) {
@@ -436,6 +459,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 PipelineStatus::Failed => "failed",
                 PipelineStatus::Canceled => "canceled",
                 PipelineStatus::Skipped => "had nothing to run",
+                PipelineStatus::Manual => "is blocked on a manual job",
             },
             console::duration(Some(result.duration.as_millis() as u64)),
             plan.profile,
@@ -450,7 +474,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(match result.status {
-        PipelineStatus::Success | PipelineStatus::Skipped => 0,
+        PipelineStatus::Success | PipelineStatus::Skipped | PipelineStatus::Manual => 0,
         PipelineStatus::Failed => 1,
         PipelineStatus::Canceled => 130,
     })

@@ -27,6 +27,25 @@ pub struct JobRecord {
     pub note: Option<String>,
 }
 
+/// What `rave run --json` prints when no pipeline runs, so a script always reads one JSON
+/// object: `{"pipeline": null, "reason": "...", "message": "..."}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct NoPipeline {
+    /// Always null: there is no pipeline.
+    pub pipeline: Option<()>,
+    pub reason: NoPipelineReason,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoPipelineReason {
+    /// `workflow: rules` create no pipeline for this trigger.
+    WorkflowRules,
+    /// The pipeline file has errors (printed on stderr; `rave lint --json` lists them).
+    InvalidPipeline,
+}
+
 fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => s.serialize_str(&rfc3339_millis(*t)),

@@ -49,6 +49,9 @@ pub enum PipelineStatus {
     Failed,
     Canceled,
     Skipped,
+    /// Waiting on a manual job that blocks (GitLab's "blocked" pipeline): nothing failed, but
+    /// the jobs after it have not run.
+    Manual,
 }
 
 #[derive(Debug)]
@@ -99,6 +102,8 @@ struct Run<'p, E: Executor> {
     records: Vec<Option<JobRecord>>,
     /// A failed (not allowed) or canceled job at or above this one.
     upstream_failed: Vec<bool>,
+    /// The blocking manual job a job waits for, directly or through the jobs it waits for.
+    blocked: Vec<Option<usize>>,
     attempts: Vec<u32>,
     dotenv: Vec<HashMap<String, String>>,
     admission: Admission,
@@ -139,6 +144,7 @@ pub async fn run<E: Executor>(
         deps,
         records: vec![None; n],
         upstream_failed: vec![false; n],
+        blocked: vec![None; n],
         attempts: vec![0; n],
         dotenv: vec![HashMap::new(); n],
         canceled: false,
@@ -168,8 +174,13 @@ pub async fn run<E: Executor>(
             _ = graceful.cancelled(), if !r.canceled => r.cancel_pending(),
         }
     }
+    let blocked = r.blocked.iter().any(Option::is_some)
+        || r.records.iter().enumerate().any(|(id, rec)| {
+            rec.as_ref().is_some_and(|rec| rec.status == JobStatus::Manual)
+                && !plan.jobs[id].allow_failure.is_allowed_at_all()
+        });
     let records = r.records;
-    let status = pipeline_status(&records, r.canceled);
+    let status = pipeline_status(&records, r.canceled, blocked);
     RunResult {
         status,
         duration: started.elapsed(),
@@ -177,12 +188,18 @@ pub async fn run<E: Executor>(
     }
 }
 
-fn pipeline_status(records: &[Option<JobRecord>], canceled: bool) -> PipelineStatus {
+fn pipeline_status(
+    records: &[Option<JobRecord>],
+    canceled: bool,
+    blocked: bool,
+) -> PipelineStatus {
     let done: Vec<&JobRecord> = records.iter().flatten().collect();
     if canceled || done.iter().any(|r| r.status == JobStatus::Canceled) {
         PipelineStatus::Canceled
     } else if done.iter().any(|r| r.status == JobStatus::Failed) {
         PipelineStatus::Failed
+    } else if blocked {
+        PipelineStatus::Manual
     } else if done
         .iter()
         .all(|r| matches!(r.status, JobStatus::Skipped | JobStatus::Manual))
@@ -270,13 +287,20 @@ impl<'p, E: Executor> Run<'p, E> {
         let j = self.job(id);
         let upstream_failed = self.deps[id].iter().any(|&d| self.upstream_failed[d]);
         self.upstream_failed[id] = upstream_failed;
-        // A manual job nobody started blocks its dependents unless it may fail.
-        let blocked_by = self.deps[id].iter().copied().find(|&d| {
-            self.records[d]
-                .as_ref()
-                .is_some_and(|r| r.status == JobStatus::Manual)
-                && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
-        });
+        // A manual job nobody started blocks its dependents unless it may fail (a job that
+        // `needs` it waits either way), and what waits for a blocked job is blocked too: in
+        // GitLab every later stage waits until the manual job is played.
+        let blocked_by = self
+            .deps[id]
+            .iter()
+            .copied()
+            .find(|&d| {
+                self.records[d]
+                    .as_ref()
+                    .is_some_and(|r| r.status == JobStatus::Manual)
+                    && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
+            })
+            .or_else(|| self.deps[id].iter().find_map(|&d| self.blocked[d]));
         let named = self.cfg.selected.as_ref().is_some_and(|s| s.contains(&id));
         if self.canceled {
             let r = self.record(
@@ -287,6 +311,7 @@ impl<'p, E: Executor> Run<'p, E> {
             return self.done(id, r);
         }
         if let Some(b) = blocked_by {
+            self.blocked[id] = Some(b);
             let note = format!(
                 "waits for manual job `{}`; run it with `rave run \"{}\"`",
                 self.job(b).name,
@@ -641,7 +666,16 @@ fn save_outputs(
             ArtifactsWhen::Always => true,
         };
         if wanted && workdir.is_dir() {
-            let expand = |p: &String| rave_model::vars::expand(p, &|k| j.variables.get(k).cloned());
+            let project_dir = workdir.to_string_lossy().to_string();
+            let expand = |p: &String| {
+                rave_model::vars::expand(p, &|k| {
+                    if k == "CI_PROJECT_DIR" {
+                        Some(project_dir.clone())
+                    } else {
+                        j.variables.get(k).cloned()
+                    }
+                })
+            };
             let mut paths: Vec<String> = a.paths.iter().map(expand).collect();
             paths.extend(a.reports.junit.iter().map(expand));
             paths.extend(a.reports.dotenv.iter().map(expand));

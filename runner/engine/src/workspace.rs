@@ -117,8 +117,23 @@ fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Check that an artifact pattern stays inside the working copy.
-fn check_pattern(p: &str) -> Result<String, String> {
+/// Check that an artifact pattern stays inside the working copy. An absolute path inside it
+/// (`$CI_PROJECT_DIR/out/`, as GitLab allows) becomes relative.
+fn check_pattern(p: &str, workdir: &Path) -> Result<String, String> {
+    let canon = workdir.canonicalize().ok();
+    let inside = [Some(workdir), canon.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(|w| Path::new(p).strip_prefix(w).ok().map(Path::to_path_buf));
+    let owned;
+    let p = match inside {
+        Some(rel) if rel.as_os_str().is_empty() => ".",
+        Some(rel) => {
+            owned = rel.to_string_lossy().to_string();
+            owned.as_str()
+        }
+        None => p,
+    };
     let path = Path::new(p);
     if path.is_absolute() {
         return Err(format!(
@@ -165,7 +180,7 @@ pub fn collect_artifacts(
     let mut c = Collected::default();
     let mut ok = Vec::new();
     for p in paths {
-        match check_pattern(p) {
+        match check_pattern(p, workdir) {
             Ok(p) => ok.push(p),
             Err(e) => c.warnings.push(e),
         }
@@ -183,7 +198,7 @@ pub fn collect_artifacts(
     let exclude = match globset(
         &exclude
             .iter()
-            .filter_map(|p| check_pattern(p).ok())
+            .filter_map(|p| check_pattern(p, workdir).ok())
             .collect::<Vec<_>>(),
     ) {
         Ok(g) => g,
@@ -208,6 +223,18 @@ pub fn collect_artifacts(
             };
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
+                // A directory named by a pattern is kept even when it is empty.
+                if include.is_match(rel) && !exclude.is_match(rel) {
+                    for m in include.matches(rel) {
+                        if let Some(f) = matched_any.get_mut(m / 2) {
+                            *f = true;
+                        }
+                    }
+                    if let Err(e) = std::fs::create_dir_all(dest.join(rel)) {
+                        c.warnings
+                            .push(format!("cannot create {}: {e}", dest.join(rel).display()));
+                    }
+                }
                 stack.push(path);
                 continue;
             }
@@ -306,6 +333,29 @@ mod tests {
     fn slugs_are_safe_and_unique() {
         assert_eq!(slug(3, "build: [linux, amd64]"), "003-build-linux-amd64");
         assert_eq!(slug(12, "test 1/3"), "012-test-1-3");
+    }
+
+    #[test]
+    fn project_dir_paths_and_empty_directories_are_artifacts() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("w");
+        std::fs::create_dir_all(w.join("out/empty")).unwrap();
+        std::fs::write(w.join("out/x.txt"), "x").unwrap();
+        std::fs::create_dir_all(w.join("cache-dir")).unwrap();
+        let out = d.path().join("out");
+        let c = collect_artifacts(
+            &w,
+            &[
+                format!("{}/out/", w.display()),
+                format!("{}/cache-dir", w.display()),
+            ],
+            &[],
+            &out,
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(out.join("out/x.txt").is_file());
+        assert!(out.join("out/empty").is_dir());
+        assert!(out.join("cache-dir").is_dir());
     }
 
     #[test]

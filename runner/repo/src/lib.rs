@@ -115,6 +115,37 @@ impl Repo {
         Ok(Head { sha, branch, tag })
     }
 
+    /// What a commit says about itself: message, `Name <email>` of its author, and its time in
+    /// seconds since the epoch. None for a sha that is not a commit here.
+    pub fn commit_meta(&self, sha: &str) -> Option<(String, String, i64)> {
+        let oid = git2::Oid::from_str(sha).ok()?;
+        let c = self.repo.find_commit(oid).ok()?;
+        let author = c.author();
+        Some((
+            String::from_utf8_lossy(c.message_bytes()).to_string(),
+            format!(
+                "{} <{}>",
+                String::from_utf8_lossy(author.name_bytes()),
+                String::from_utf8_lossy(author.email_bytes())
+            ),
+            c.time().seconds(),
+        ))
+    }
+
+    /// Files git tracks (in the index) that exist in the working tree: what `include: local`
+    /// may read. Untracked files are not part of the commit and never change the pipeline.
+    pub fn tracked_files(&self) -> Result<Vec<String>, RepoError> {
+        let index = git(self.repo.index(), "reading the index")?;
+        let mut files: Vec<String> = index
+            .iter()
+            .filter_map(|e| String::from_utf8(e.path).ok())
+            .filter(|p| self.root.join(p).is_file())
+            .collect();
+        files.sort();
+        files.dedup();
+        Ok(files)
+    }
+
     /// The remote's default branch (`origin/HEAD`), else `main` or `master` if one exists.
     pub fn default_branch(&self) -> String {
         if let Ok(r) = self.repo.find_reference("refs/remotes/origin/HEAD")
