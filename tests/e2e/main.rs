@@ -3,6 +3,7 @@
 
 mod support;
 
+mod conformance;
 mod docker;
 mod graph;
 mod image;

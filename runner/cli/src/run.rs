@@ -9,13 +9,13 @@ use clap::Args;
 use rave_engine::cgroup::Cgroups;
 use rave_engine::dispatch::Dispatch;
 use rave_engine::docker::DockerExecutor;
+use rave_engine::event::{NoPipeline, NoPipelineReason};
 use rave_engine::local::LocalExecutor;
 use rave_engine::logs::LogFiles;
 use rave_engine::scheduler::{
     self, AFTER_SCRIPT_TIMEOUT, DEFAULT_TIMEOUT, PipelineStatus, RunConfig,
 };
 use rave_engine::workspace::{self, Workspace};
-use rave_engine::event::{NoPipeline, NoPipelineReason};
 use rave_engine::{Cancel, JobRecord};
 use rave_model::diag::did_you_mean;
 use rave_plan::Plan;

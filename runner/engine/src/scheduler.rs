@@ -176,7 +176,8 @@ pub async fn run<E: Executor>(
     }
     let blocked = r.blocked.iter().any(Option::is_some)
         || r.records.iter().enumerate().any(|(id, rec)| {
-            rec.as_ref().is_some_and(|rec| rec.status == JobStatus::Manual)
+            rec.as_ref()
+                .is_some_and(|rec| rec.status == JobStatus::Manual)
                 && !plan.jobs[id].allow_failure.is_allowed_at_all()
         });
     let records = r.records;
@@ -188,11 +189,7 @@ pub async fn run<E: Executor>(
     }
 }
 
-fn pipeline_status(
-    records: &[Option<JobRecord>],
-    canceled: bool,
-    blocked: bool,
-) -> PipelineStatus {
+fn pipeline_status(records: &[Option<JobRecord>], canceled: bool, blocked: bool) -> PipelineStatus {
     let done: Vec<&JobRecord> = records.iter().flatten().collect();
     if canceled || done.iter().any(|r| r.status == JobStatus::Canceled) {
         PipelineStatus::Canceled
@@ -290,8 +287,7 @@ impl<'p, E: Executor> Run<'p, E> {
         // A manual job nobody started blocks its dependents unless it may fail (a job that
         // `needs` it waits either way), and what waits for a blocked job is blocked too: in
         // GitLab every later stage waits until the manual job is played.
-        let blocked_by = self
-            .deps[id]
+        let blocked_by = self.deps[id]
             .iter()
             .copied()
             .find(|&d| {

@@ -298,7 +298,12 @@ fn from_tree(
                     );
                     continue;
                 }
-                if v.as_map().is_none() {
+                // A mapping without `script:` whose name is a misspelt global keyword
+                // (`varaibles:`) is that keyword, not a broken job.
+                let looks_like_job = ["script", "trigger", "extends", "stage", "run"]
+                    .iter()
+                    .any(|key| v.get(key).is_some());
+                if v.as_map().is_none() || (!looks_like_job && is_global_typo(&k.name)) {
                     let help = diag::did_you_mean(&k.name, keywords::GLOBAL.iter().copied());
                     r.diags.push(
                         Diagnostic::error(format!("unknown key `{}`", k.name), Some(k.span))
