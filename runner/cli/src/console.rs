@@ -1,9 +1,11 @@
 //! Live console output of a run: each job's lines prefixed by its name, start/finish lines,
 //! and the summary table. A subscriber of the engine's streams; it also writes the log files.
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use rave_engine::logs::LogFiles;
+use rave_engine::mask::{Masker, Pending};
 use rave_engine::{Event, JobRecord, JobStatus, LogChunk, Stream};
 use rave_model::units::format_memory;
 use tokio::sync::mpsc;
@@ -15,53 +17,13 @@ pub struct Console {
     pub to_stderr: bool,
     pub width: usize,
     /// Secret values replaced by `[MASKED]` in the console and the log files.
-    pub masked: Vec<Vec<u8>>,
+    pub masker: Masker,
+    /// What each job's stream keeps back until the next chunk shows whether it starts a
+    /// secret.
+    pub pending: HashMap<(usize, Stream), Pending>,
     /// `rave run --events FILE`: one JSON line per job state change, flushed as it happens
     /// (read by `rave serve` while the run goes on).
     pub events: Option<std::fs::File>,
-}
-
-/// GitLab's rule: only values of 8 characters or more are masked (shorter ones would blot out
-/// ordinary words). Multi-line values (keys) are masked line by line.
-pub fn mask_values<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = values
-        .into_iter()
-        .flat_map(|v| {
-            v.lines()
-                .map(str::trim)
-                .filter(|l| l.len() >= 8)
-                .map(|l| l.as_bytes().to_vec())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    // Longest first, so a value containing another is masked whole.
-    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    out.dedup();
-    out
-}
-
-fn mask(data: &mut Vec<u8>, masked: &[Vec<u8>]) {
-    for m in masked {
-        if data.len() < m.len() {
-            continue;
-        }
-        let mut out = Vec::with_capacity(data.len());
-        let mut i = 0;
-        let mut hit = false;
-        while i < data.len() {
-            if data[i..].starts_with(m) {
-                out.extend_from_slice(b"[MASKED]");
-                i += m.len();
-                hit = true;
-            } else {
-                out.push(data[i]);
-                i += 1;
-            }
-        }
-        if hit {
-            *data = out;
-        }
-    }
 }
 
 const COLORS: [&str; 6] = ["36", "35", "33", "34", "32", "96"];
@@ -185,6 +147,34 @@ impl Console {
         }
     }
 
+    /// Mask a chunk (keeping back what may start a secret) and write it to the log file and
+    /// the console.
+    fn output(&mut self, out: &mut dyn Write, files: &mut LogFiles, mut c: LogChunk) {
+        if !self.masker.is_empty() {
+            let pending = self.pending.entry((c.job, c.stream)).or_default();
+            c.data = self.masker.feed(pending, &c.data);
+            if c.data.is_empty() {
+                return;
+            }
+        }
+        files.write(&c);
+        self.chunk(out, &c);
+    }
+
+    /// The job ended: what its streams kept back is final.
+    fn finish_job(&mut self, out: &mut dyn Write, files: &mut LogFiles, job: usize) {
+        for stream in [Stream::Stdout, Stream::Stderr, Stream::System] {
+            if let Some(mut p) = self.pending.remove(&(job, stream)) {
+                let data = self.masker.finish(&mut p);
+                if !data.is_empty() {
+                    let c = LogChunk { job, stream, data };
+                    files.write(&c);
+                    self.chunk(out, &c);
+                }
+            }
+        }
+    }
+
     /// Consume both streams until they close. Log chunks already queued are written before an
     /// event that follows them, so a job's last lines come before its "finished" line.
     pub async fn run(
@@ -210,21 +200,16 @@ impl Console {
             tokio::select! {
                 biased;
                 c = logs.recv(), if logs_open => match c {
-                    Some(mut c) => {
-                        mask(&mut c.data, &self.masked);
-                        files.write(&c);
-                        self.chunk(&mut out, &c);
-                    }
+                    Some(c) => self.output(&mut out, &mut files, c),
                     None => logs_open = false,
                 },
                 e = events.recv(), if events_open => match e {
                     Some(e) => {
-                        while let Ok(mut c) = logs.try_recv() {
-                            mask(&mut c.data, &self.masked);
-                            files.write(&c);
-                            self.chunk(&mut out, &c);
+                        while let Ok(c) = logs.try_recv() {
+                            self.output(&mut out, &mut files, c);
                         }
                         if let Event::JobFinished { id, .. } = &e {
+                            self.finish_job(&mut out, &mut files, *id);
                             files.close(*id);
                         }
                         self.event(&mut out, &e);
@@ -239,6 +224,10 @@ impl Console {
                 let _ = out.flush();
                 files.flush_all();
             }
+        }
+        let held: Vec<usize> = self.pending.keys().map(|(j, _)| *j).collect();
+        for job in held {
+            self.finish_job(&mut out, &mut files, job);
         }
         files.flush_all();
         let _ = out.flush();
@@ -321,24 +310,4 @@ pub fn summary(records: &[&JobRecord], color: bool) -> String {
         s.push('\n');
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_long_values_and_key_lines() {
-        let m = mask_values([
-            "short",
-            "s3cr3t-token-value",
-            "-----BEGIN KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END KEY-----",
-        ]);
-        let mut d = b"token=s3cr3t-token-value; key b3BlbnNzaC1rZXktdjEAAAAA short\n".to_vec();
-        mask(&mut d, &m);
-        assert_eq!(
-            String::from_utf8(d).unwrap(),
-            "token=[MASKED]; key [MASKED] short\n"
-        );
-    }
 }

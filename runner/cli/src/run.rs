@@ -316,7 +316,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 .or_else(|| std::env::var(n).ok())
         })
         .collect();
-    let masked = console::mask_values(masked_values.iter().map(String::as_str));
+    let masker = rave_engine::mask::Masker::new(&rave_engine::mask::mask_values(
+        masked_values.iter().map(String::as_str),
+    ));
     let executor = args
         .executor
         .clone()
@@ -370,7 +372,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             color,
             to_stderr,
             width,
-            masked,
+            masker,
+            pending: Default::default(),
             events,
         };
         let printer = tokio::spawn(console.run(ev_rx, log_rx, LogFiles::new(log_paths)));

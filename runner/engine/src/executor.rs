@@ -104,7 +104,7 @@ pub trait Executor: Send + Sync + 'static {
     ) -> impl Future<Output = ExecOutcome> + Send;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stream {
     Stdout,
     Stderr,

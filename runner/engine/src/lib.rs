@@ -30,6 +30,7 @@ pub mod event;
 pub mod executor;
 pub mod local;
 pub mod logs;
+pub mod mask;
 pub mod outcome;
 pub mod scheduler;
 pub mod workspace;
