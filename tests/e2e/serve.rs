@@ -846,3 +846,149 @@ fn a_stopped_server_cancels_its_running_pipeline_and_keeps_the_queue() {
     assert_eq!(code, 202);
     assert_eq!(finished(&s, queued)["pipeline"]["status"], "canceled");
 }
+
+/// Start `rave serve` with extra environment (the server's own secrets).
+fn start_env(data: &Path, config: &Path, env: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(rave_bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start rave serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    Server {
+        child,
+        url: format!("http://{addr}"),
+    }
+}
+
+/// A job on `rave serve` sees its variables, the project's CI/CD variables (protected ones only
+/// on protected refs, masked ones masked, file ones as a private file, raw ones unexpanded) and
+/// nothing of the server's environment: not the admin token, not the webhook secret, not any
+/// other variable the server was started with.
+#[test]
+fn jobs_see_project_variables_and_none_of_the_servers_secrets() {
+    const SERVER_ONLY: &str = "server-only-value-31337";
+    const API_KEY: &str = "api-key-value-4242-abcd";
+    const ADMIN_ENV: &str = "admin-token-from-env-777";
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        r#"dump:
+  script:
+    - env | sort > env.txt
+    - echo "the key is $API_KEY"
+    - test "$DEPLOY_URL" = https://deploy.example
+    - test "$(cat "$CONFIG_FILE")" = file-content
+    - test "$RAW_VAR" = 'a$HOME'
+    - echo "sign=${SIGN:-absent}"
+  artifacts: {paths: [env.txt]}
+"#,
+    )]);
+    sh(
+        &origin.work,
+        "git checkout -q -b feature && git push -q origin feature && git checkout -q main",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let mut text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    text_cfg = text_cfg.replace(
+        "[[tokens]]\nname = \"ops\"",
+        r#"[[projects.variables]]
+name = "DEPLOY_URL"
+value = "https://deploy.example"
+
+[[projects.variables]]
+name = "API_KEY"
+value_env = "APP_API_KEY"
+masked = true
+
+[[projects.variables]]
+name = "SIGN"
+value = "protected-signing-value"
+protected = true
+
+[[projects.variables]]
+name = "CONFIG_FILE"
+value = "file-content"
+file = true
+
+[[projects.variables]]
+name = "RAW_VAR"
+value = "a$HOME"
+raw = true
+
+[[tokens]]
+name = "env-admin"
+token_env = "RAVE_ADMIN_TOKEN"
+scope = "admin"
+
+[[tokens]]
+name = "ops""#,
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let s = start_env(
+        &data.path().join("data"),
+        &cfg,
+        &[
+            ("SERVER_ONLY_SECRET", SERVER_ONLY),
+            ("APP_API_KEY", API_KEY),
+            ("RAVE_ADMIN_TOKEN", ADMIN_ENV),
+        ],
+    );
+
+    // The API lists the variables without their values.
+    let listed = get(&s, "/api/projects/team/app/variables", ADMIN);
+    let listed_text = listed.to_string();
+    assert!(listed_text.contains("\"API_KEY\"") && listed_text.contains("\"masked\":true"));
+    assert!(!listed_text.contains(API_KEY) && !listed_text.contains("file-content"));
+
+    for (delivery, branch) in [("sec-main", "main"), ("sec-feature", "feature")] {
+        let r = github_push(
+            &s,
+            delivery,
+            &format!("refs/heads/{branch}"),
+            &origin.head(),
+        );
+        assert_eq!(r.status(), 202);
+        let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+        let v = finished(&s, id);
+        assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+        let dump = job(&v, "dump");
+        let env = text(&s, &format!("/api/jobs/{}/artifacts/env.txt", dump["id"]));
+        assert!(env.contains("DEPLOY_URL=https://deploy.example"), "{env}");
+        assert!(env.contains("CI_PROJECT_NAME="), "{env}");
+        for secret in [
+            SERVER_ONLY,
+            ADMIN_ENV,
+            ADMIN,
+            SECRET,
+            "SERVER_ONLY_SECRET",
+            "APP_API_KEY",
+        ] {
+            assert!(!env.contains(secret), "the job saw `{secret}`:\n{env}");
+        }
+        let log = text(&s, &format!("/api/jobs/{}/log", dump["id"]));
+        assert!(log.contains("the key is [MASKED]"), "{log}");
+        assert!(!log.contains(API_KEY), "{log}");
+        let has_sign = env.contains("SIGN=protected-signing-value");
+        assert_eq!(
+            has_sign,
+            branch == "main",
+            "protected variable on {branch}:\n{env}"
+        );
+    }
+}

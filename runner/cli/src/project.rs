@@ -35,6 +35,11 @@ pub struct TriggerArgs {
     /// Pipeline variable, highest precedence (repeatable).
     #[arg(long = "var", short = 'v', value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
+    /// CI/CD variables for this run, as JSON `{"variables": [{"name", "value", "masked",
+    /// "raw"}], "mask": [values]}` (what
+    /// `rave serve` hands a pipeline: its project's variables). `--var` wins over them.
+    #[arg(long, value_name = "FILE")]
+    pub variables_file: Option<PathBuf>,
     /// Evaluate `rules: changes` against this revision (default: `changes` is true, as in
     /// GitLab when there is nothing to compare with).
     #[arg(long, value_name = "REV")]
@@ -113,6 +118,21 @@ impl Project {
             source,
             ..Trigger::default()
         };
+        if let Some(path) = &t.variables_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--variables-file {}: {e}", path.display()))?;
+            let vars: rave_plan::RunVariables = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "--variables-file {}: expected {{\"variables\": [{{name, value, masked, raw}}], \"mask\": [...]}}: {e}",
+                    path.display()
+                )
+            })?;
+            let mut given = Trigger::default();
+            given.add_run_variables(vars);
+            trigger.literal_variables = given.literal_variables;
+            trigger.masked_values = given.masked_values;
+            trigger.variables = given.variables;
+        }
         for kv in &t.vars {
             let (k, v) = kv
                 .split_once('=')

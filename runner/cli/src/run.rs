@@ -13,7 +13,7 @@ use rave_engine::event::{NoPipeline, NoPipelineReason};
 use rave_engine::local::LocalExecutor;
 use rave_engine::logs::LogFiles;
 use rave_engine::scheduler::{
-    self, AFTER_SCRIPT_TIMEOUT, DEFAULT_TIMEOUT, PipelineStatus, RunConfig,
+    self, AFTER_SCRIPT_TIMEOUT, DEFAULT_TIMEOUT, HostEnv, PipelineStatus, RunConfig,
 };
 use rave_engine::workspace::{self, Workspace};
 use rave_engine::{Cancel, JobRecord};
@@ -51,6 +51,14 @@ pub struct RunArgs {
     /// Keep each job's working copy under .rave/runs/<id>/jobs after it ends.
     #[arg(long)]
     pub keep: bool,
+    /// Jobs see none of rave's own environment except PATH, HOME, LANG, LC_ALL, LC_CTYPE, TZ,
+    /// TMPDIR, USER, LOGNAME, TERM and the names given with --pass-env (`rave serve` always
+    /// runs pipelines this way).
+    #[arg(long)]
+    pub clean_env: bool,
+    /// With --clean-env: also pass this variable of rave's environment to jobs (repeatable).
+    #[arg(long, value_name = "NAME", requires = "clean_env")]
+    pub pass_env: Vec<String>,
     /// Executor for jobs: `local`, or `docker` (jobs without `image:` use `.rave:
     /// default_image`). Default: `.rave: executor`, else local, with jobs that name an image
     /// run in Docker when an engine answers.
@@ -289,6 +297,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .map(|(k, v)| (k.to_string(), v))
         .chain(runner_env)
         .collect(),
+        host_env: if args.clean_env {
+            HostEnv::clean(&args.pass_env)
+        } else {
+            HostEnv::Inherit
+        },
         keep_workdirs: args.keep,
     };
     // Masked variables, as GitLab masks them in job logs: the ones RAVE_MASKED_VARIABLES names
@@ -315,6 +328,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 .cloned()
                 .or_else(|| std::env::var(n).ok())
         })
+        .chain(trigger.masked_values.iter().cloned())
         .collect();
     let masker = rave_engine::mask::Masker::new(&rave_engine::mask::mask_values(
         masked_values.iter().map(String::as_str),

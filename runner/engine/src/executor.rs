@@ -42,7 +42,10 @@ pub struct JobSpec {
     pub workdir: PathBuf,
     /// Where the executor may write its own files (scripts) for this attempt.
     pub scratch_dir: PathBuf,
+    /// The job's whole environment. With `clean_env`, a process executor starts the job with
+    /// exactly this and nothing of its own environment.
     pub env: Vec<(String, String)>,
+    pub clean_env: bool,
     pub script: Vec<String>,
     pub after_script: Vec<String>,
     pub timeout: Duration,

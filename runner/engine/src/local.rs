@@ -92,6 +92,9 @@ fn spawn(
     if let Some(cg) = cg {
         cmd.args(&cg.join_files);
     }
+    if spec.clean_env {
+        cmd.env_clear();
+    }
     cmd.current_dir(&spec.workdir)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .envs(extra_env.iter().map(|(k, v)| (k, v)))

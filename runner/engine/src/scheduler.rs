@@ -38,8 +38,45 @@ pub struct RunConfig {
     pub after_script_timeout: Duration,
     /// Variables every job gets (runner-level), below job variables.
     pub env: Vec<(String, String)>,
+    /// What jobs see of rave's own environment.
+    pub host_env: HostEnv,
     /// Keep job working copies after they end (for debugging).
     pub keep_workdirs: bool,
+}
+
+/// What of rave's own environment reaches jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HostEnv {
+    /// All of it (`rave run` on the developer's own machine, as gitlab-ci-local does).
+    #[default]
+    Inherit,
+    /// Only these variables (`rave run --clean-env`, and every run of `rave serve`): nothing
+    /// of the server's environment, tokens or secrets reaches a job.
+    Only(Vec<(String, String)>),
+}
+
+impl HostEnv {
+    /// The host variables a clean environment keeps: what tools need to work, nothing that
+    /// usually holds a secret. `extra` names more (proxies, when an operator configures them).
+    pub const ALLOWED: &'static [&'static str] = &[
+        "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "TERM",
+    ];
+
+    /// A clean environment taken from this process's environment.
+    pub fn clean(extra: &[String]) -> HostEnv {
+        HostEnv::Only(
+            std::env::vars()
+                .filter(|(k, _)| Self::ALLOWED.contains(&k.as_str()) || extra.contains(k))
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        match self {
+            HostEnv::Inherit => std::env::var(name).ok(),
+            HostEnv::Only(vars) => vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -391,7 +428,12 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn job_env(&self, id: usize, workdir: &std::path::Path) -> Vec<(String, String)> {
         let j = self.job(id);
-        let mut env: Vec<(String, String)> = self.cfg.env.clone();
+        // Lowest first: the host variables a clean environment keeps, then runner-level ones.
+        let mut env: Vec<(String, String)> = match &self.cfg.host_env {
+            HostEnv::Inherit => Vec::new(),
+            HostEnv::Only(vars) => vars.clone(),
+        };
+        env.extend(self.cfg.env.iter().cloned());
         let mut vars = j.variables.clone();
         // dotenv reports of the jobs whose artifacts this job gets, below its own variables.
         for &a in &j.artifacts_from {
@@ -443,7 +485,7 @@ impl<'p, E: Executor> Run<'p, E> {
                             .find(|(e, _)| e == n)
                             .map(|(_, v)| v.clone())
                     })
-                    .or_else(|| std::env::var(n).ok())
+                    .or_else(|| self.cfg.host_env.get(n))
                 };
                 (k.clone(), rave_model::vars::expand(v, &lookup))
             })
@@ -482,6 +524,7 @@ impl<'p, E: Executor> Run<'p, E> {
             workdir: workdir.clone(),
             scratch_dir: scratch_dir.clone(),
             env,
+            clean_env: self.cfg.host_env != HostEnv::Inherit,
             script,
             after_script: j.job.after_script.clone(),
             timeout: j.job.timeout.unwrap_or(self.cfg.default_timeout),

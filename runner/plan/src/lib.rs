@@ -20,7 +20,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use rave_model::{AllowFailure, Budget, Diagnostic, Job, Pipeline, Span, When};
 
-pub use trigger::{Source, Trigger};
+pub use trigger::{RunVariable, RunVariables, Source, Trigger};
 
 /// One job instance to run.
 #[derive(Clone, Debug)]
@@ -118,7 +118,11 @@ pub fn plan(
     }
     // Values from the forge and the repository (branch names, commit messages) are data:
     // they are never expanded, so a branch called `x-$SECRET` stays exactly that.
-    let literal: HashSet<String> = predefined.keys().cloned().collect();
+    let literal: HashSet<String> = predefined
+        .keys()
+        .cloned()
+        .chain(trigger.literal_variables.iter().cloned())
+        .collect();
     let mut workflow_vars = IndexMap::new();
     let mut name = None;
     if let Some(wf) = &pipeline.workflow {

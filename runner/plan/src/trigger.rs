@@ -63,6 +63,52 @@ pub struct Trigger {
     /// The commit before the push (`CI_COMMIT_BEFORE_SHA`); zeros when unknown.
     pub before_sha: String,
     pub commit: CommitInfo,
+    /// Names among `variables` taken literally (a CI/CD variable marked `raw`).
+    pub literal_variables: Vec<String>,
+    /// Values to mask in job output (CI/CD variables marked `masked`).
+    pub masked_values: Vec<String>,
+}
+
+/// A CI/CD variable handed to a run from outside the pipeline file (a project's variables on
+/// `rave serve`, written to the file `rave run --variables-file` reads). Above the file's own
+/// variables, below `--var`, as in GitLab.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunVariable {
+    pub name: String,
+    pub value: String,
+    /// Replaced by `[MASKED]` in job output.
+    #[serde(default)]
+    pub masked: bool,
+    /// Never expanded (`$` is literal).
+    #[serde(default)]
+    pub raw: bool,
+}
+
+/// The file `rave run --variables-file` reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunVariables {
+    pub variables: Vec<RunVariable>,
+    /// More values to mask: the contents of `file` variables, whose value is a path.
+    #[serde(default)]
+    pub mask: Vec<String>,
+}
+
+impl Trigger {
+    /// Add CI/CD variables (lower than the trigger's own `--var` values, which win).
+    pub fn add_run_variables(&mut self, given: RunVariables) {
+        self.masked_values.extend(given.mask);
+        for v in given.variables {
+            if v.masked {
+                self.masked_values.push(v.value.clone());
+            }
+            if v.raw {
+                self.literal_variables.push(v.name.clone());
+            }
+            self.variables.entry(v.name).or_insert(v.value);
+        }
+    }
 }
 
 /// What the commit says about itself. Data from the forge or the repository: jobs see it
@@ -91,6 +137,8 @@ impl Default for Trigger {
             changed_files: None,
             before_sha: "0000000000000000000000000000000000000000".into(),
             commit: CommitInfo::default(),
+            literal_variables: Vec::new(),
+            masked_values: Vec::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/pipelines/{id}", get(show_pipeline))
         .route("/api/pipelines/{id}/rerun", post(rerun))
         .route("/api/pipelines/{id}/cancel", post(cancel))
+        .route("/api/projects/{*name}", get(project_variables))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/play", post(play))
         .route("/api/jobs/{id}/log", get(job_log))
@@ -318,6 +319,47 @@ async fn list_pipelines(
             .pipelines(q.project.as_deref(), q.limit.unwrap_or(50).clamp(1, 1000))
     );
     axum::Json(json!({"pipelines": list})).into_response()
+}
+
+/// A project's CI/CD variable as the API lists it: its name and flags, never its value.
+#[derive(serde::Serialize)]
+struct VariableInfo<'a> {
+    name: &'a str,
+    masked: bool,
+    protected: bool,
+    file: bool,
+    raw: bool,
+}
+
+/// `GET /api/projects/{group/name}/variables` (admin): the project's CI/CD variables, listed
+/// without their values.
+async fn project_variables(
+    St(state): St<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    auth!(state, headers, Scope::Admin);
+    let Some(project) = name
+        .strip_suffix("/variables")
+        .and_then(|n| state.cfg.project(n))
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no such project or path: {name}"),
+        );
+    };
+    let vars: Vec<VariableInfo> = project
+        .variables
+        .iter()
+        .map(|v| VariableInfo {
+            name: &v.name,
+            masked: v.masked,
+            protected: v.protected,
+            file: v.file,
+            raw: v.raw,
+        })
+        .collect();
+    axum::Json(json!({"project": project.name, "variables": vars})).into_response()
 }
 
 async fn show_pipeline(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {

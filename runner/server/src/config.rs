@@ -14,6 +14,16 @@
 //! clone_url = "https://gitlab.example.com/group/app.git"   # or a local path
 //! secret_env = "APP_HOOK_SECRET" # or secret = "…"
 //! token_env = "APP_DEPLOY_TOKEN" # HTTPS fetch token; or ssh_key = "/etc/rave/app_key"
+//! protected_branches = ["main", "release/*"]   # default: main, master
+//! protected_tags = ["v*"]                       # default: every tag
+//!
+//! [[projects.variables]]         # CI/CD variables the project's jobs get
+//! name = "RAVE_SIGNING_KEY"
+//! value_env = "APP_SIGNING_KEY"  # or value = "…"
+//! masked = true                  # [MASKED] in job logs
+//! protected = true               # only in pipelines of protected branches and tags
+//! file = true                    # the job gets a path to a private file holding the value
+//! raw = false                    # true: `$` in the value is never expanded
 //!
 //! [[tokens]]
 //! name = "ops"
@@ -48,6 +58,9 @@ pub struct ServerConfig {
     pub cpus: Option<String>,
     pub profile: Option<String>,
     pub executor: Option<String>,
+    /// Variables of the server's environment passed to jobs beyond the fixed allowlist
+    /// (PATH, HOME, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR, USER, LOGNAME, TERM), e.g. proxies.
+    pub pass_env: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +75,7 @@ impl Default for ServerConfig {
             cpus: None,
             profile: None,
             executor: None,
+            pass_env: Vec::new(),
         }
     }
 }
@@ -90,6 +104,79 @@ pub struct Project {
     pub ssh_key: Option<PathBuf>,
     /// OpenSSH known_hosts lines pinning the server's host key (default: ~/.ssh/known_hosts).
     pub ssh_known_hosts: Option<PathBuf>,
+    /// Branches whose pipelines get protected variables (`*` matches any run of characters).
+    #[serde(default = "default_protected_branches")]
+    pub protected_branches: Vec<String>,
+    /// Tags whose pipelines get protected variables.
+    #[serde(default = "default_protected_tags")]
+    pub protected_tags: Vec<String>,
+    #[serde(default)]
+    pub variables: Vec<Variable>,
+}
+
+fn default_protected_branches() -> Vec<String> {
+    vec!["main".into(), "master".into()]
+}
+
+fn default_protected_tags() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// A project's CI/CD variable.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variable {
+    pub name: String,
+    pub value: Option<String>,
+    pub value_env: Option<String>,
+    #[serde(default)]
+    pub masked: bool,
+    #[serde(default)]
+    pub protected: bool,
+    #[serde(default)]
+    pub file: bool,
+    #[serde(default)]
+    pub raw: bool,
+}
+
+impl Variable {
+    pub fn value(&self, project: &str) -> Result<String, String> {
+        from_env(
+            &self.value,
+            &self.value_env,
+            &format!("project `{project}`: variable `{}`: value_env", self.name),
+        )?
+        .ok_or_else(|| {
+            format!(
+                "project `{project}`: variable `{}` needs `value` or `value_env`",
+                self.name
+            )
+        })
+    }
+}
+
+/// GitLab's protected-ref wildcard: `*` matches any run of characters (`/` included), every
+/// other character itself. Written out because it is the only pattern the config needs.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,6 +210,30 @@ fn from_env(
 }
 
 impl Project {
+    /// Is this ref protected (its pipelines get protected variables)?
+    pub fn is_protected(&self, ref_name: &str, tag: bool) -> bool {
+        let patterns = if tag {
+            &self.protected_tags
+        } else {
+            &self.protected_branches
+        };
+        patterns.iter().any(|p| wildcard_match(p, ref_name))
+    }
+
+    /// The variables a pipeline of `ref_name` gets: protected ones only on protected refs.
+    pub fn variables_for(
+        &self,
+        ref_name: &str,
+        tag: bool,
+    ) -> Result<Vec<(&Variable, String)>, String> {
+        let protected = self.is_protected(ref_name, tag);
+        self.variables
+            .iter()
+            .filter(|v| protected || !v.protected)
+            .map(|v| v.value(&self.name).map(|val| (v, val)))
+            .collect()
+    }
+
     pub fn secret(&self) -> Result<Option<String>, String> {
         from_env(
             &self.secret,
@@ -177,6 +288,22 @@ impl Config {
             }
             p.secret()?;
             p.credentials()?;
+            for v in &p.variables {
+                v.value(&p.name)?;
+                if v.name.is_empty()
+                    || !v
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    return Err(format!(
+                        "{}: project `{}`: `{}` is not a valid variable name (letters, digits, `_`)",
+                        path.display(),
+                        p.name,
+                        v.name
+                    ));
+                }
+            }
         }
         for t in &cfg.tokens {
             t.value()?;
@@ -186,5 +313,21 @@ impl Config {
 
     pub fn project(&self, name: &str) -> Option<&Project> {
         self.projects.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_ref_wildcards() {
+        assert!(wildcard_match("main", "main"));
+        assert!(!wildcard_match("main", "main2"));
+        assert!(wildcard_match("release/*", "release/1.0/x"));
+        assert!(wildcard_match("*", "anything"));
+        assert!(wildcard_match("v*.*", "v1.2"));
+        assert!(!wildcard_match("v*.*", "v12"));
+        assert!(!wildcard_match("release/*", "releases"));
     }
 }

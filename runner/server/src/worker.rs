@@ -136,10 +136,24 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     ];
     args.push("--source".into());
     args.push(p.source.clone());
+    // `--ref=NAME`: a ref that starts with `-` is a value, never a flag.
     match &p.tag {
-        Some(t) => args.extend(["--tag".into(), t.clone()]),
-        None => args.extend(["--ref".into(), p.ref_name.clone()]),
+        Some(t) => args.push(format!("--tag={t}")),
+        None => args.push(format!("--ref={}", p.ref_name)),
     }
+    // Jobs see a clean environment: nothing of the server's (its tokens, webhook secrets, the
+    // `*_env` values of rave.toml), only the allowlist, `pass_env` and the project's
+    // variables, handed over in a private file rather than on the command line.
+    args.push("--clean-env".into());
+    for name in &state.cfg.server.pass_env {
+        args.push(format!("--pass-env={name}"));
+    }
+    let secrets = dir.join("secrets");
+    let vars = match write_variables(&project, &p, &secrets) {
+        Ok(v) => v,
+        Err(e) => return ("failed".into(), Some(e)),
+    };
+    args.push(format!("--variables-file={}", vars.display()));
     if let Some(f) = &project.pipeline_file {
         args.extend(["--file".into(), f.clone()]);
     }
@@ -155,8 +169,10 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         }
     }
     if !p.jobs_filter.is_empty() {
-        args.extend(p.jobs_filter.iter().cloned());
+        // Job names come from the API: after `--`, none can be taken for a flag.
         args.push("--needs".into());
+        args.push("--".into());
+        args.extend(p.jobs_filter.iter().cloned());
     }
     let (Ok(out), Ok(err)) = (
         std::fs::File::create(dir.join("summary.json")),
@@ -182,9 +198,17 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             Some("rave serve stopped before the pipeline started".into()),
         );
     }
+    let host_env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            rave_engine::scheduler::HostEnv::ALLOWED.contains(&k.as_str())
+                || state.cfg.server.pass_env.contains(k)
+        })
+        .collect();
     let mut child = match tokio::process::Command::new(&state.rave_exe)
         .args(&args)
         .current_dir(&src)
+        .env_clear()
+        .envs(host_env)
         .env("NO_COLOR", "1")
         .env("RAVE_SERVER_PIPELINE_ID", p.id.to_string())
         .stdin(Stdio::null())
@@ -233,6 +257,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     };
     tail.read(state);
     prune_checkout(&src);
+    let _ = std::fs::remove_dir_all(&secrets);
     match (tail.finished, code) {
         (Some(status), _) => (status, None),
         (None, Some(130)) => ("canceled".into(), None),
@@ -251,6 +276,58 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             )
         }
     }
+}
+
+/// Write the project's CI/CD variables for this pipeline into `secrets/` (owner-only): the
+/// list `rave run --variables-file` reads, and one file per `file` variable, whose path the
+/// variable then holds. Protected variables only reach pipelines of protected refs.
+fn write_variables(
+    project: &crate::config::Project,
+    p: &Pipeline,
+    secrets: &Path,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let private = |path: &Path, text: &str| -> Result<(), String> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    let _ = std::fs::remove_dir_all(secrets);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(secrets)
+        .map_err(|e| format!("cannot create {}: {e}", secrets.display()))?;
+    let ref_name = p.tag.as_deref().unwrap_or(&p.ref_name);
+    let mut out = rave_plan::RunVariables::default();
+    for (v, value) in project.variables_for(ref_name, p.tag.is_some())? {
+        let value = if v.file {
+            let path = secrets.join(format!("file-{}", v.name));
+            private(&path, &value)?;
+            if v.masked {
+                out.mask.push(value);
+            }
+            path.to_string_lossy().into_owned()
+        } else {
+            value
+        };
+        out.variables.push(rave_plan::RunVariable {
+            name: v.name.clone(),
+            value,
+            masked: v.masked,
+            raw: v.raw,
+        });
+    }
+    let path = secrets.join("variables.json");
+    let text = serde_json::to_string(&out).map_err(|e| e.to_string())?;
+    private(&path, &text)?;
+    Ok(path)
 }
 
 /// After a run, keep what the API serves (logs, artifacts, summary) and drop the rest: the
