@@ -484,3 +484,39 @@ fn masked_variables_never_reach_the_logs() {
         assert!(text.contains("short 1234"), "{text}");
     }
 }
+
+/// A job that asks for an image never runs on the host when no Docker engine answers: it fails
+/// with `runner_error` and the fix. `--executor local` is the explicit way to run it here.
+#[test]
+fn image_jobs_never_fall_back_to_the_host_without_docker() {
+    let marker = tempfile::tempdir().unwrap();
+    let touched = marker.path().join("ran-on-host");
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "job:\n  image: alpine:3\n  script: [touch {}]\n",
+            touched.display()
+        ),
+    )]);
+    let no_engine = [("DOCKER_HOST", "unix:///nonexistent/docker.sock")];
+    let r = rave_env(d.path(), &["run", "--json", "--no-cgroups"], &no_engine);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v = json(&r.stdout);
+    let job = &v["jobs"][0];
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failure_reason"], "runner_error");
+    let note = job["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("no Docker engine answers") && note.contains("--executor local"),
+        "{note}"
+    );
+    assert!(!touched.exists(), "the job ran on the host");
+
+    let r = rave_env(
+        d.path(),
+        &["run", "--json", "--no-cgroups", "--executor", "local"],
+        &no_engine,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(touched.exists(), "--executor local runs the job here");
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use rave_engine::cgroup::Cgroups;
-use rave_engine::dispatch::Dispatch;
+use rave_engine::dispatch::{Dispatch, Mode};
 use rave_engine::docker::DockerExecutor;
 use rave_engine::event::{NoPipeline, NoPipelineReason};
 use rave_engine::local::LocalExecutor;
@@ -336,16 +336,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let executor = args
         .executor
         .clone()
-        .or_else(|| pipeline.rave.executor.clone())
-        .unwrap_or_else(|| "local".into());
-    let docker_default = match executor.as_str() {
-        "docker" => true,
-        "local" => false,
-        other => {
+        .or_else(|| pipeline.rave.executor.clone());
+    let mode = match executor.as_deref() {
+        None => Mode::Auto,
+        Some("docker") => Mode::Docker,
+        Some("local") => Mode::Local,
+        Some(other) => {
             eprintln!("error: unknown --executor `{other}`: use local or docker");
             return Ok(2);
         }
     };
+    let docker_default = mode == Mode::Docker;
     let events = match &args.events {
         Some(path) => {
             let f = std::fs::OpenOptions::new()
@@ -394,10 +395,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let cancel = Cancel::default();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
         let wants_docker = docker_default
-            || plan
-                .jobs
-                .iter()
-                .any(|j| j.job.image.is_some() || !j.job.services.is_empty());
+            || (mode == Mode::Auto
+                && plan
+                    .jobs
+                    .iter()
+                    .any(|j| j.job.image.is_some() || !j.job.services.is_empty()));
         let docker = if wants_docker {
             let builds = format!(
                 "/builds/{}/{}",
@@ -422,7 +424,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                     None
                 }
                 Err(e) => {
-                    eprintln!("rave: {e}; jobs with `image:` run on this machine instead");
+                    eprintln!(
+                        "rave: {e}; jobs with `image:` will fail (run with `--executor local` to run them in this machine's shell)"
+                    );
                     None
                 }
             }
@@ -432,7 +436,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let exec = Arc::new(Dispatch {
             local: LocalExecutor::new(cgroups.clone()),
             docker,
-            docker_by_default: docker_default,
+            mode,
         });
         let result = scheduler::run(&plan, exec, ws, cfg, ev_tx, log_tx, cancel).await;
         signals.abort();
