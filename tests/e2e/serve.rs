@@ -992,3 +992,48 @@ name = "ops""#,
         );
     }
 }
+
+/// A pipeline whose checkout cannot be written (a full disk) ends `failed` at once with the
+/// cause, never `running` until a restart; the server keeps answering.
+#[test]
+fn a_full_disk_fails_the_pipeline_with_its_cause() {
+    // A small tmpfs as the data dir: the repository's checkout does not fit in it. Needs root
+    // (mount), which CI has.
+    let data = tempfile::tempdir().unwrap();
+    let mnt = data.path().join("data");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    // 4 MiB that do not compress: bigger than the whole tmpfs once checked out.
+    let big: String = (0..(4 << 20) / 64)
+        .map(|i| format!("{:064x}", (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let origin = Origin::new(&[
+        (".gitlab-ci.yml", "job:\n  script: [echo hi]\n"),
+        ("big.txt", &big),
+    ]);
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&mnt, &cfg);
+    let r = github_push(&s, "full-1", "refs/heads/main", &origin.head());
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let err = v["pipeline"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("No space left") || err.contains("space"),
+        "the cause is named: {err}"
+    );
+    assert_eq!(text(&s, "/healthz"), "ok\n");
+}

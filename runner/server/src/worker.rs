@@ -27,9 +27,7 @@ pub async fn run_queue(state: Arc<State>) {
                 let id = p.id;
                 info!(pipeline = id, project = %p.project, sha = %p.sha, "pipeline started");
                 let (status, err) = run_pipeline(&state, p).await;
-                if let Err(e) = state.store.finish_pipeline(id, &status, err.as_deref()) {
-                    error!(pipeline = id, "cannot record the end of the pipeline: {e}");
-                }
+                record_end(&state, id, &status, err.as_deref()).await;
                 state
                     .running
                     .lock()
@@ -47,6 +45,27 @@ pub async fn run_queue(state: Arc<State>) {
             Err(e) => {
                 error!("cannot read the queue: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Record a pipeline's end. A store that cannot write (a full disk) is tried again, a bounded
+/// number of times, so a pipeline reaches a terminal state as soon as there is room; the
+/// pipeline's own partial files were already removed so the failure can be written.
+async fn record_end(state: &Arc<State>, id: i64, status: &str, err: Option<&str>) {
+    for attempt in 0..30u32 {
+        match state.store.finish_pipeline(id, status, err) {
+            Ok(()) => return,
+            Err(e) => {
+                error!(
+                    pipeline = id,
+                    attempt, "cannot record the end of the pipeline: {e}"
+                );
+                tokio::select! {
+                    _ = state.stopping.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
     }
@@ -125,6 +144,9 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     .await
     .unwrap_or_else(|e| Err(format!("checkout task: {e}")));
     if let Err(e) = checkout {
+        // A partial checkout is of no use, and on a full disk it holds the space the store
+        // needs to record the failure.
+        let _ = std::fs::remove_dir_all(&src);
         return ("failed".into(), Some(e));
     }
     let events = dir.join("events.jsonl");
