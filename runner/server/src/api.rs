@@ -789,7 +789,10 @@ async fn metrics(St(state): St<Shared>, headers: HeaderMap) -> Response {
     auth!(state, headers, Scope::Read);
     let counts = store!(state.store.counts());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(&counts, state.memory_budget),
     )
         .into_response()

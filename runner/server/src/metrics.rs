@@ -1,168 +1,387 @@
-//! `/metrics` in the Prometheus text format. Counters live here; pipeline and job gauges are
-//! read from the store at scrape time, so they are right after a restart too.
+//! `/metrics` through `prometheus-client`, in the OpenMetrics text format. Counters live
+//! here; pipeline and job gauges are read from the store at scrape time, so they are right
+//! after a restart too.
+//!
+//! Every label value comes from a fixed set (an enum): a request path or a forge's header can
+//! never become a label, so a crafted URL cannot write lines into `/metrics` or grow it without
+//! bound.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::db::Counts;
 
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-    fn observe(&mut self, v: f64) {
-        for (i, b) in self.bounds.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
+/// Implements `EncodeLabelValue` from `as_str`, so values are written in snake case.
+macro_rules! label_value {
+    ($t:ty) => {
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
             }
         }
-        self.sum += v;
-        self.count += 1;
-    }
-    fn render(&self, out: &mut String, name: &str) {
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
+    };
 }
 
-struct Inner {
-    webhook_requests: BTreeMap<(String, u16), u64>,
-    webhook_errors: BTreeMap<(String, String), u64>,
-    webhook_deduplicated: u64,
-    webhook_duration: Histogram,
-    job_duration: Histogram,
-    oom_kills: u64,
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ForgeLabel {
+    Gitlab,
+    Github,
+    Gitea,
+    Forgejo,
+    Unknown,
+}
+
+impl ForgeLabel {
+    fn parse(s: &str) -> ForgeLabel {
+        match s {
+            "gitlab" => ForgeLabel::Gitlab,
+            "github" => ForgeLabel::Github,
+            "gitea" => ForgeLabel::Gitea,
+            "forgejo" => ForgeLabel::Forgejo,
+            _ => ForgeLabel::Unknown,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            ForgeLabel::Gitlab => "gitlab",
+            ForgeLabel::Github => "github",
+            ForgeLabel::Gitea => "gitea",
+            ForgeLabel::Forgejo => "forgejo",
+            ForgeLabel::Unknown => "unknown",
+        }
+    }
+}
+label_value!(ForgeLabel);
+
+/// Why a delivery was refused.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reason {
+    UnknownForge,
+    BadRequest,
+    UnknownProject,
+    NoSecret,
+    BadSignature,
+    RateLimited,
+    Store,
+    Internal,
+    Other,
+}
+
+impl Reason {
+    fn parse(s: &str) -> Reason {
+        match s {
+            "unknown_forge" => Reason::UnknownForge,
+            "bad_request" => Reason::BadRequest,
+            "unknown_project" => Reason::UnknownProject,
+            "no_secret" => Reason::NoSecret,
+            "bad_signature" => Reason::BadSignature,
+            "rate_limited" => Reason::RateLimited,
+            "store" => Reason::Store,
+            "internal" => Reason::Internal,
+            _ => Reason::Other,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::UnknownForge => "unknown_forge",
+            Reason::BadRequest => "bad_request",
+            Reason::UnknownProject => "unknown_project",
+            Reason::NoSecret => "no_secret",
+            Reason::BadSignature => "bad_signature",
+            Reason::RateLimited => "rate_limited",
+            Reason::Store => "store",
+            Reason::Internal => "internal",
+            Reason::Other => "other",
+        }
+    }
+}
+label_value!(Reason);
+
+/// A pipeline's or job's status as stored.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum StatusLabel {
+    Queued,
+    Created,
+    Running,
+    Success,
+    Failed,
+    Canceled,
+    Skipped,
+    Manual,
+    Warning,
+    Other,
+}
+
+impl StatusLabel {
+    fn parse(s: &str) -> StatusLabel {
+        match s {
+            "queued" => StatusLabel::Queued,
+            "created" => StatusLabel::Created,
+            "running" => StatusLabel::Running,
+            "success" => StatusLabel::Success,
+            "failed" => StatusLabel::Failed,
+            "canceled" => StatusLabel::Canceled,
+            "skipped" => StatusLabel::Skipped,
+            "manual" => StatusLabel::Manual,
+            "warning" => StatusLabel::Warning,
+            _ => StatusLabel::Other,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            StatusLabel::Queued => "queued",
+            StatusLabel::Created => "created",
+            StatusLabel::Running => "running",
+            StatusLabel::Success => "success",
+            StatusLabel::Failed => "failed",
+            StatusLabel::Canceled => "canceled",
+            StatusLabel::Skipped => "skipped",
+            StatusLabel::Manual => "manual",
+            StatusLabel::Warning => "warning",
+            StatusLabel::Other => "other",
+        }
+    }
+}
+label_value!(StatusLabel);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    forge: ForgeLabel,
+    /// An HTTP status: at most a few hundred values.
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    forge: ForgeLabel,
+    reason: Reason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: StatusLabel,
 }
 
 pub struct Metrics {
     started: Instant,
-    inner: Mutex<Inner>,
+    registry: Registry,
+    webhook_requests: Family<RequestLabels, Counter>,
+    webhook_errors: Family<ErrorLabels, Counter>,
+    webhook_deduplicated: Counter,
+    webhook_duration: Histogram,
+    pipelines: Family<StatusLabels, Gauge>,
+    jobs: Family<StatusLabels, Gauge>,
+    job_duration: Histogram,
+    queue_depth: Gauge,
+    budget_used: Gauge,
+    budget: Gauge,
+    oom_kills: Counter,
+    uptime: Gauge,
+    /// Encoding reads the registry while gauges are set: one scrape at a time.
+    render_lock: Mutex<()>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let webhook_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "webhook_requests",
+            "Webhook deliveries received, by forge and HTTP status",
+            webhook_requests.clone(),
+        );
+        let webhook_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "webhook_errors",
+            "Webhook deliveries refused, by forge and reason",
+            webhook_errors.clone(),
+        );
+        let webhook_deduplicated = Counter::default();
+        registry.register(
+            "webhook_deduplicated",
+            "Deliveries whose id was seen before",
+            webhook_deduplicated.clone(),
+        );
+        let webhook_duration = Histogram::new(
+            [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0].into_iter(),
+        );
+        registry.register(
+            "webhook_duration_seconds",
+            "Time to answer a webhook delivery",
+            webhook_duration.clone(),
+        );
+        let pipelines = Family::<StatusLabels, Gauge>::default();
+        registry.register("rave_pipelines", "Pipelines by status", pipelines.clone());
+        let jobs = Family::<StatusLabels, Gauge>::default();
+        registry.register("rave_jobs", "Jobs by status", jobs.clone());
+        let job_duration = Histogram::new(
+            [
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "rave_job_duration_seconds",
+            "Duration of finished jobs",
+            job_duration.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "rave_queue_depth",
+            "Pipelines waiting to run",
+            queue_depth.clone(),
+        );
+        let budget_used = Gauge::default();
+        registry.register(
+            "rave_memory_budget_used_bytes",
+            "Memory limits of the jobs running now",
+            budget_used.clone(),
+        );
+        let budget = Gauge::default();
+        registry.register(
+            "rave_memory_budget_bytes",
+            "The memory budget jobs are admitted under (0: the profile's)",
+            budget.clone(),
+        );
+        let oom_kills = Counter::default();
+        registry.register(
+            "rave_oom_kills",
+            "Jobs killed for exceeding their memory limit",
+            oom_kills.clone(),
+        );
+        let uptime = Gauge::default();
+        registry.register(
+            "rave_uptime_seconds",
+            "Seconds since this server started",
+            uptime.clone(),
+        );
         Metrics {
             started: Instant::now(),
-            inner: Mutex::new(Inner {
-                webhook_requests: BTreeMap::new(),
-                webhook_errors: BTreeMap::new(),
-                webhook_deduplicated: 0,
-                webhook_duration: Histogram::new(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                ]),
-                job_duration: Histogram::new(&[
-                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-                ]),
-                oom_kills: 0,
-            }),
+            registry,
+            webhook_requests,
+            webhook_errors,
+            webhook_deduplicated,
+            webhook_duration,
+            pipelines,
+            jobs,
+            job_duration,
+            queue_depth,
+            budget_used,
+            budget,
+            oom_kills,
+            uptime,
+            render_lock: Mutex::new(()),
         }
     }
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
+    /// A webhook answered. `forge` and `error` may come from the request: they are mapped onto
+    /// fixed label values.
     pub fn webhook(&self, forge: &str, code: u16, took: Duration, error: Option<&str>) {
-        self.with(|m| {
-            *m.webhook_requests.entry((forge.into(), code)).or_default() += 1;
-            if let Some(e) = error {
-                *m.webhook_errors
-                    .entry((forge.into(), e.into()))
-                    .or_default() += 1;
-            }
-            m.webhook_duration.observe(took.as_secs_f64());
-        })
+        let forge = ForgeLabel::parse(forge);
+        self.webhook_requests
+            .get_or_create(&RequestLabels { forge, code })
+            .inc();
+        if let Some(e) = error {
+            self.webhook_errors
+                .get_or_create(&ErrorLabels {
+                    forge,
+                    reason: Reason::parse(e),
+                })
+                .inc();
+        }
+        self.webhook_duration.observe(took.as_secs_f64());
     }
 
     pub fn deduplicated(&self) {
-        self.with(|m| m.webhook_deduplicated += 1)
+        self.webhook_deduplicated.inc();
     }
 
     pub fn job_finished(&self, duration_ms: Option<i64>, oom: bool) {
-        self.with(|m| {
-            if let Some(ms) = duration_ms {
-                m.job_duration.observe(ms as f64 / 1000.0);
-            }
-            if oom {
-                m.oom_kills += 1;
-            }
-        })
+        if let Some(ms) = duration_ms {
+            self.job_duration.observe(ms as f64 / 1000.0);
+        }
+        if oom {
+            self.oom_kills.inc();
+        }
     }
 
     pub fn render(&self, counts: &Counts, budget_bytes: Option<u64>) -> String {
-        let mut out = String::new();
-        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        out.push_str("# HELP webhook_requests_total Webhook deliveries received, by forge and HTTP status.\n# TYPE webhook_requests_total counter\n");
-        for ((f, c), n) in &m.webhook_requests {
-            let _ = writeln!(
-                out,
-                "webhook_requests_total{{forge=\"{f}\",code=\"{c}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP webhook_errors_total Webhook deliveries refused, by forge and reason.\n# TYPE webhook_errors_total counter\n");
-        for ((f, r), n) in &m.webhook_errors {
-            let _ = writeln!(
-                out,
-                "webhook_errors_total{{forge=\"{f}\",reason=\"{r}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP webhook_deduplicated_total Deliveries whose id was seen before.\n# TYPE webhook_deduplicated_total counter\n");
-        let _ = writeln!(out, "webhook_deduplicated_total {}", m.webhook_deduplicated);
-        out.push_str("# HELP webhook_duration_seconds Time to answer a webhook delivery.\n# TYPE webhook_duration_seconds histogram\n");
-        m.webhook_duration
-            .render(&mut out, "webhook_duration_seconds");
-        out.push_str("# HELP rave_pipelines Pipelines by status.\n# TYPE rave_pipelines gauge\n");
+        let _guard = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.pipelines.clear();
         for (s, n) in &counts.pipelines {
-            let _ = writeln!(out, "rave_pipelines{{status=\"{s}\"}} {n}");
+            self.pipelines
+                .get_or_create(&StatusLabels {
+                    status: StatusLabel::parse(s),
+                })
+                .inc_by(*n);
         }
-        out.push_str("# HELP rave_jobs Jobs by status.\n# TYPE rave_jobs gauge\n");
+        self.jobs.clear();
         for (s, n) in &counts.jobs {
-            let _ = writeln!(out, "rave_jobs{{status=\"{s}\"}} {n}");
+            self.jobs
+                .get_or_create(&StatusLabels {
+                    status: StatusLabel::parse(s),
+                })
+                .inc_by(*n);
         }
-        out.push_str("# HELP rave_job_duration_seconds Duration of finished jobs.\n# TYPE rave_job_duration_seconds histogram\n");
-        m.job_duration.render(&mut out, "rave_job_duration_seconds");
-        out.push_str(
-            "# HELP rave_queue_depth Pipelines waiting to run.\n# TYPE rave_queue_depth gauge\n",
-        );
-        let _ = writeln!(out, "rave_queue_depth {}", counts.queued);
-        out.push_str("# HELP rave_memory_budget_used_bytes Memory limits of the jobs running now.\n# TYPE rave_memory_budget_used_bytes gauge\n");
-        let _ = writeln!(
-            out,
-            "rave_memory_budget_used_bytes {}",
-            counts.running_memory_bytes
-        );
-        if let Some(b) = budget_bytes {
-            out.push_str("# HELP rave_memory_budget_bytes The memory budget jobs are admitted under.\n# TYPE rave_memory_budget_bytes gauge\n");
-            let _ = writeln!(out, "rave_memory_budget_bytes {b}");
-        }
-        out.push_str("# HELP rave_oom_kills_total Jobs killed for exceeding their memory limit.\n# TYPE rave_oom_kills_total counter\n");
-        let _ = writeln!(out, "rave_oom_kills_total {}", m.oom_kills);
-        out.push_str("# HELP rave_uptime_seconds Seconds since this server started.\n# TYPE rave_uptime_seconds gauge\n");
-        let _ = writeln!(
-            out,
-            "rave_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
+        self.queue_depth.set(counts.queued);
+        self.budget_used.set(counts.running_memory_bytes);
+        self.budget
+            .set(budget_bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+        self.uptime
+            .set(i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crafted_forge_cannot_write_lines_or_labels() {
+        let m = Metrics::default();
+        let evil = "github\"} 1\nrave_oom_kills_total 999\nx{a=\"";
+        m.webhook(evil, 404, Duration::ZERO, Some("made_up\"reason"));
+        m.webhook("github", 202, Duration::ZERO, None);
+        let out = m.render(
+            &Counts {
+                pipelines: vec![("success".into(), 3), ("evil\"status".into(), 1)],
+                jobs: vec![],
+                queued: 0,
+                running_memory_bytes: 0,
+            },
+            None,
+        );
+        assert!(!out.contains("999"), "{out}");
+        assert!(!out.contains("evil"), "{out}");
+        assert!(
+            out.contains("webhook_requests_total{forge=\"unknown\",code=\"404\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("webhook_errors_total{forge=\"unknown\",reason=\"other\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("webhook_requests_total{forge=\"github\",code=\"202\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rave_pipelines{status=\"success\"} 3"),
+            "{out}"
+        );
+        assert!(out.contains("rave_pipelines{status=\"other\"} 1"), "{out}");
     }
 }
