@@ -1037,3 +1037,68 @@ fn a_full_disk_fails_the_pipeline_with_its_cause() {
     );
     assert_eq!(text(&s, "/healthz"), "ok\n");
 }
+
+/// Idle and slow clients are dropped (headers must arrive within 10 s), the server keeps
+/// answering meanwhile, and a stop finishes within its bound even with a client stuck halfway
+/// through its headers.
+#[test]
+fn idle_and_slow_clients_cannot_hold_the_server() {
+    use std::io::Write;
+    let origin = Origin::new(&[(".gitlab-ci.yml", "job:\n  script: [echo hi]\n")]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let mut s = start(&data.path().join("data"), &cfg);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let idle = std::net::TcpStream::connect(&addr).unwrap();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // The server still answers others.
+    assert_eq!(text(&s, "/healthz"), "ok\n");
+    // Both are closed by the server after the header timeout (read returns 0 or an error).
+    let started = std::time::Instant::now();
+    for mut c in [idle, slow.try_clone().unwrap()] {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = match c.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("the connection is still open after 30 s")
+            }
+            Err(_) => 0, // reset by the server: closed
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(
+            n == 0 || text.starts_with("HTTP/1.1 408"),
+            "expected the connection closed, got {text:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "closed by the server"
+    );
+
+    // A client stuck halfway through its headers does not hold up a stop.
+    let mut stuck = std::net::TcpStream::connect(&addr).unwrap();
+    stuck.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let pid = rustix::process::Pid::from_raw(s.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let stopping = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(30),
+            "rave serve did not stop within 30 s with a stuck client"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    drop(stuck);
+}

@@ -138,6 +138,20 @@ fn handle_webhook(
         warn!(forge, reason, "webhook refused: {msg}");
         (code, Some(reason), error(code, msg))
     };
+    // An unknown project, a project without a secret and a wrong signature get the same
+    // answer, so a caller cannot learn which projects exist; the log says which it was.
+    let refuse = |reason: &'static str, msg: String| {
+        warn!(forge, reason, "webhook refused: {msg}");
+        let code = StatusCode::UNAUTHORIZED;
+        (
+            code,
+            Some(reason),
+            error(
+                code,
+                "the delivery is not signed for a project of this server (check the project name and its webhook secret)".to_string(),
+            ),
+        )
+    };
     let forge = match forge {
         "gitlab" => Forge::Gitlab,
         "github" => Forge::Github,
@@ -166,8 +180,7 @@ fn handle_webhook(
             (name.is_none() && state.cfg.projects.len() == 1).then(|| &state.cfg.projects[0])
         });
     let Some(project) = project else {
-        return fail(
-            StatusCode::NOT_FOUND,
+        return refuse(
             "unknown_project",
             format!(
                 "no project `{}` in the server's config; add it under [[projects]] or put ?project=NAME on the hook URL",
@@ -178,8 +191,7 @@ fn handle_webhook(
     let secret = match project.secret() {
         Ok(Some(s)) => s,
         _ => {
-            return fail(
-                StatusCode::UNAUTHORIZED,
+            return refuse(
                 "no_secret",
                 format!(
                     "project `{}` has no webhook secret configured; set `secret` or `secret_env`",
@@ -189,7 +201,7 @@ fn handle_webhook(
         }
     };
     if let Err(e) = hooks::verify(forge, headers, body, &secret) {
-        return fail(StatusCode::UNAUTHORIZED, "bad_signature", e);
+        return refuse("bad_signature", e);
     }
     let new = match &delivery.action {
         Action::Branch { branch, sha } => Some(NewPipeline {
@@ -705,19 +717,13 @@ async fn artifacts_archive(
     let tmp_dir = state.data_dir.join("tmp");
     let built = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         std::fs::create_dir_all(&tmp_dir)?;
-        let path = tmp_dir.join(format!("artifacts-{id}-{}.tar", std::process::id()));
-        // Read back after writing: open for both.
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        // An anonymous file of its own per download: two downloads of one job never write
+        // into the same file, and nothing is left behind if the server dies mid-way.
+        let f = tempfile::tempfile_in(&tmp_dir)?;
         let mut b = tar::Builder::new(f);
         b.follow_symlinks(false);
         b.append_dir_all(".", &root)?;
         let mut f = b.into_inner()?;
-        std::fs::remove_file(&path)?;
         use std::io::Seek;
         f.seek(std::io::SeekFrom::Start(0))?;
         Ok(f)

@@ -195,6 +195,20 @@ const MIGRATIONS: &[&str] = &[
         artifacts_dir TEXT,
         UNIQUE (pipeline_id, idx)
     );",
+    // 2: deliveries are deduplicated per forge *and project*: one project's deliveries (or a
+    // replay signed with its secret) can never make another project's delivery look seen.
+    "CREATE TABLE deliveries2 (
+        source TEXT NOT NULL,
+        delivery_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        event TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        pipeline_id INTEGER,
+        PRIMARY KEY (source, project, delivery_id)
+    );
+    INSERT INTO deliveries2 SELECT source, delivery_id, project, event, received_at, pipeline_id FROM deliveries;
+    DROP TABLE deliveries;
+    ALTER TABLE deliveries2 RENAME TO deliveries;",
 ];
 
 pub fn now() -> String {
@@ -311,8 +325,8 @@ impl PipelineStore for SqliteStore {
         let tx = c.transaction()?;
         let seen: Option<Option<i64>> = tx
             .query_row(
-                "SELECT pipeline_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
-                params![source, delivery_id],
+                "SELECT pipeline_id FROM deliveries WHERE source = ?1 AND project = ?2 AND delivery_id = ?3",
+                params![source, project, delivery_id],
                 |r| r.get(0),
             )
             .optional()?;
@@ -566,6 +580,12 @@ mod tests {
             panic!("{a:?}")
         };
         assert_eq!(b, Delivery::Duplicate(Some(id)));
+        // The same id for another project is another delivery.
+        assert!(matches!(
+            s.record_delivery("github", "x1", "other", "push", Some(&np("a")))
+                .unwrap(),
+            Delivery::New(Some(_))
+        ));
         // The same id from another forge is another delivery.
         assert!(matches!(
             s.record_delivery("gitlab", "x1", "p", "push", Some(&np("a")))

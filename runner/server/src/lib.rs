@@ -16,11 +16,12 @@ pub mod api;
 pub mod config;
 pub mod db;
 pub mod hooks;
+pub mod listen;
 pub mod metrics;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -146,13 +147,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         println!("listening on {addr}");
         let queue = tokio::spawn(worker::run_queue(state.clone()));
         let app = api::router(state.clone());
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown())
-        .await
-        .map_err(|e| format!("server: {e}"));
+        let served = listen::serve(listener, app, shutdown()).await;
         // A stop (SIGTERM from systemd, Ctrl-C) cancels the running pipeline as a user's
         // cancel would (after_script runs, the record says `canceled`) instead of leaving it to
         // be failed at the next start; queued pipelines stay queued.
