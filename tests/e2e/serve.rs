@@ -1102,3 +1102,51 @@ fn idle_and_slow_clients_cannot_hold_the_server() {
     assert!(status.success(), "{status:?}");
     drop(stuck);
 }
+
+/// An unknown project and a wrong signature get the same answer (no project enumeration), and a
+/// crafted hook path never reaches `/metrics` as text.
+#[test]
+fn refusals_reveal_nothing_and_crafted_paths_stay_out_of_metrics() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", "job:\n  script: [echo hi]\n")]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let unknown = github_push_to(
+        &s,
+        "team/secret-project",
+        "d1",
+        "refs/heads/main",
+        &origin.head(),
+    );
+    let body = json!({"ref": "refs/heads/main", "after": origin.head(), "repository": {"full_name": "team/app"}}).to_string();
+    let forged = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "d2")
+        .header("X-Hub-Signature-256", format!("sha256={}", "0".repeat(64)))
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(forged.status(), 401);
+    assert_eq!(unknown.text().unwrap(), forged.text().unwrap());
+
+    let crafted = client()
+        .post(format!(
+            "{}/hooks/github%22%7D%201%0Arave_oom_kills_total%20999%0Aevil%7Bx%3D%22",
+            s.url
+        ))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(crafted.status(), 404);
+    let metrics = text(&s, "/metrics");
+    assert!(
+        !metrics.contains("evil") && !metrics.contains("rave_oom_kills_total 999"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("webhook_requests_total{forge=\"unknown\",code=\"404\"} 1"),
+        "{metrics}"
+    );
+}

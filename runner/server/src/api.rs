@@ -135,13 +135,14 @@ fn handle_webhook(
     body: &[u8],
 ) -> (StatusCode, Option<&'static str>, Response) {
     let fail = |code: StatusCode, reason: &'static str, msg: String| {
-        warn!(forge, reason, "webhook refused: {msg}");
+        // `{:?}`: the path and the message may hold newlines a client sent.
+        warn!(forge = ?forge, reason, "webhook refused: {msg:?}");
         (code, Some(reason), error(code, msg))
     };
     // An unknown project, a project without a secret and a wrong signature get the same
     // answer, so a caller cannot learn which projects exist; the log says which it was.
     let refuse = |reason: &'static str, msg: String| {
-        warn!(forge, reason, "webhook refused: {msg}");
+        warn!(forge = ?forge, reason, "webhook refused: {msg:?}");
         let code = StatusCode::UNAUTHORIZED;
         (
             code,
@@ -161,7 +162,7 @@ fn handle_webhook(
                 StatusCode::NOT_FOUND,
                 "unknown_forge",
                 format!(
-                    "no webhook endpoint for `{other}`: use /hooks/gitlab, /hooks/github or /hooks/gitea"
+                    "no webhook endpoint for {other:?}: use /hooks/gitlab, /hooks/github or /hooks/gitea"
                 ),
             );
         }
