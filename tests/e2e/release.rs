@@ -501,3 +501,74 @@ fn publishing_to_gitlab_links_packages_and_updates_on_rerun() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("404"), "{}", r.stderr);
 }
+
+/// A tag pipeline builds the tag's commit, whatever the working tree holds, and a published
+/// release is not replaced by a second run of the same tag unless asked to (and then it is
+/// recorded).
+#[test]
+fn a_published_release_is_not_replaced_from_a_dirty_tree() {
+    let keys = tempfile::tempdir().unwrap();
+    let r = rave(keys.path(), &["keys", "generate", "--dir", "k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let private = std::fs::read_to_string(keys.path().join("k/rave-release")).unwrap();
+    let d = git_repo(&[
+        ("app.txt", "committed v1\n"),
+        (
+            ".gitlab-ci.yml",
+            "release:\n  rules: [{if: $CI_COMMIT_TAG}]\n  script:\n    - mkdir -p release && cp app.txt release/\n    - rave release create --dir release\n  artifacts: {paths: [release/]}\n",
+        ),
+    ]);
+    sh(d.path(), "git tag v0.1.0");
+    let key_var = format!("RAVE_SIGNING_KEY={private}");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--json", "--tag", "v0.1.0", "--var", &key_var];
+        args.extend_from_slice(extra);
+        rave(d.path(), &args)
+    };
+    let r = run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Uncommitted edits: the tag pipeline still builds the tag's commit.
+    std::fs::write(d.path().join("app.txt"), "dirty edit\n").unwrap();
+    let r = run(&[]);
+    assert_eq!(
+        r.code, 1,
+        "the second publish must be refused:\n{}",
+        r.stderr
+    );
+    let v = json(&r.stdout);
+    assert_eq!(v["jobs"][0]["status"], "failed");
+    let log = std::fs::read_to_string(d.path().join(".rave/runs/2/logs/000-release.log")).unwrap();
+    assert!(
+        log.contains("already published") && log.contains("--replace"),
+        "{log}"
+    );
+    // Replacing on purpose works and is recorded.
+    let r = run(&["--var", "RAVE_RELEASE_REPLACE=1", "--keep"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rel = d.path().join(".rave/runs/3/artifacts/000-release/release");
+    assert_eq!(
+        std::fs::read_to_string(rel.join("app.txt")).unwrap(),
+        "committed v1\n",
+        "the tag's commit is built, not the working tree"
+    );
+    let r = rave(d.path(), &["release", "list"]);
+    assert!(r.stdout.contains("v0.1.0"), "{}", r.stdout);
+    let replaced = walk_find(&d.path().join(".rave"), "replaced.log");
+    let log = std::fs::read_to_string(replaced.expect("replaced.log")).unwrap();
+    assert!(log.contains("replaced manifest sha256"), "{log}");
+}
+
+fn walk_find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if p.is_dir()
+            && let Some(f) = walk_find(&p, name)
+        {
+            return Some(f);
+        }
+    }
+    None
+}

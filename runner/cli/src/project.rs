@@ -68,10 +68,27 @@ pub struct Project {
     pub root: PathBuf,
     pub loaded: Loaded,
     pub repo: Option<rave_repo::Repo>,
+    /// For a tag that exists here: the tag's commit, exported, which the pipeline is read
+    /// from and jobs run on, whatever the working tree holds.
+    pub tag_source: Option<TagSource>,
+}
+
+/// The files of a tag's commit, exported under `.rave/tags/<sha>/`.
+pub struct TagSource {
+    /// The project directory inside the export.
+    pub dir: PathBuf,
+    /// Files relative to `dir`.
+    pub files: Vec<String>,
+    pub sha: String,
 }
 
 impl Project {
     pub fn load(args: &PipelineArgs) -> anyhow::Result<Project> {
+        Project::load_for(args, None)
+    }
+
+    /// Load for a trigger: with a tag that exists in the repository, from the tag's commit.
+    pub fn load_for(args: &PipelineArgs, tag: Option<&str>) -> anyhow::Result<Project> {
         let start = match &args.dir {
             Some(d) => d.clone(),
             None => std::env::current_dir()?,
@@ -99,8 +116,33 @@ impl Project {
                     .collect(),
             })
         });
-        let loaded = rave_model::load_from(&root, file.as_deref(), tracked.as_deref());
-        Ok(Project { root, loaded, repo })
+        let tag_source = match (tag, &repo) {
+            (Some(t), Some(r)) => match r.tag_commit(t) {
+                Some(sha) => Some(export_tag(&root, r, &sha)?),
+                None => {
+                    eprintln!(
+                        "rave: there is no tag `{t}` in this repository; the tag pipeline runs on the working tree"
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let loaded = match &tag_source {
+            Some(ts) => {
+                let file = file
+                    .as_deref()
+                    .map(|f| ts.dir.join(f.strip_prefix(&root).unwrap_or(f)));
+                rave_model::load_from(&ts.dir, file.as_deref(), Some(&ts.files))
+            }
+            None => rave_model::load_from(&root, file.as_deref(), tracked.as_deref()),
+        };
+        Ok(Project {
+            root,
+            loaded,
+            repo,
+            tag_source,
+        })
     }
 
     pub fn pipeline(&self) -> Option<&Pipeline> {
@@ -147,7 +189,10 @@ impl Project {
         trigger.project_name = dir_name;
         if let Some(repo) = &self.repo {
             let head = repo.head()?;
-            trigger.sha = head.sha;
+            trigger.sha = match &self.tag_source {
+                Some(ts) => ts.sha.clone(),
+                None => head.sha,
+            };
             trigger.ref_name = head.branch.unwrap_or_else(|| "HEAD".into());
             trigger.default_branch = repo.default_branch();
             let (ns, name) = repo.project_path();
@@ -173,7 +218,10 @@ impl Project {
                         .collect(),
                 }
             };
-            trigger.files = relative(repo.files()?);
+            trigger.files = match &self.tag_source {
+                Some(ts) => ts.files.clone(),
+                None => relative(repo.files()?),
+            };
             if let Some(rev) = &t.compare_to {
                 trigger.changed_files = Some(relative(repo.changed_since(rev)?));
             }
@@ -195,6 +243,32 @@ impl Project {
         }
         Ok(trigger)
     }
+}
+
+/// Export a tag's commit under `<project>/.rave/tags/<sha>/` (fresh each time, so nothing of an
+/// earlier run leaks in) and point at the project directory inside it.
+fn export_tag(root: &Path, repo: &rave_repo::Repo, sha: &str) -> anyhow::Result<TagSource> {
+    let dest = root.join(".rave").join("tags").join(sha);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::create_dir_all(&dest)?;
+    let all = repo
+        .export_commit(sha, &dest)
+        .map_err(|e| anyhow::anyhow!("cannot export the tag's commit {sha}: {e}"))?;
+    let prefix = relative_prefix(root, repo.root());
+    let (dir, files) = match prefix {
+        None => (dest, all),
+        Some(pre) => (
+            dest.join(pre.trim_end_matches('/')),
+            all.into_iter()
+                .filter_map(|f| f.strip_prefix(pre.as_str()).map(str::to_string))
+                .collect(),
+        ),
+    };
+    Ok(TagSource {
+        dir,
+        files,
+        sha: sha.to_string(),
+    })
 }
 
 /// `sub/dir/` when the project directory is below the repository's top, else None.
@@ -323,7 +397,7 @@ pub fn plan_project(
     t: &TriggerArgs,
     b: &BudgetArgs,
 ) -> anyhow::Result<Result<Planned, i32>> {
-    let project = Project::load(p)?;
+    let project = Project::load_for(p, t.tag.as_deref())?;
     let Some(pipeline) = project.pipeline() else {
         report(&project.loaded.sources, &project.loaded.diagnostics);
         return Ok(Err(2));

@@ -164,6 +164,10 @@ pub struct CreateArgs {
     /// Also publish into this store (default: $RAVE_DATA_DIR, which `rave run` sets).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Replace a release of this tag that is already published with other content (the old
+    /// one is kept and the replacement recorded). Without it, a published release is final.
+    #[arg(long, env = "RAVE_RELEASE_REPLACE", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub replace: bool,
 }
 
 #[derive(Args, Debug)]
@@ -276,7 +280,7 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                     .map(|f| args.dir.join(f))
                     .filter(|p| !written.contains(p))
                     .collect();
-                let dir = store.publish_release(&info.tag, &written, &artifacts)?;
+                let dir = store.publish_release(&info.tag, &written, &artifacts, args.replace)?;
                 println!("published {} to {}", info.tag, dir.display());
             }
             Ok(0)

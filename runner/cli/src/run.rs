@@ -228,8 +228,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .cloned()
         .collect();
     let data_dir = project.root.join(".rave");
+    // A tag pipeline runs on the tag's commit, not on what the working tree holds.
+    let (source_root, files) = match &project.tag_source {
+        Some(ts) => (ts.dir.clone(), ts.files.clone()),
+        None => (project.root.clone(), files),
+    };
     let mut ws = Workspace {
-        source_root: project.root.clone(),
+        source_root,
         files,
         run_dir: run_dir.clone(),
         store: Some(rave_store::Store::open(&data_dir)),

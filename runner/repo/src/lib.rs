@@ -132,6 +132,78 @@ impl Repo {
         ))
     }
 
+    /// The commit a tag points at, if the tag exists here.
+    pub fn tag_commit(&self, tag: &str) -> Option<String> {
+        let r = self.repo.find_reference(&format!("refs/tags/{tag}")).ok()?;
+        let c = r.peel_to_commit().ok()?;
+        Some(c.id().to_string())
+    }
+
+    /// Write the files of commit `sha` into `dest` (not a checkout: no `.git`), with their
+    /// executable bits and symlinks; returns their paths. What a tag pipeline builds, whatever
+    /// the working tree holds.
+    pub fn export_commit(&self, sha: &str, dest: &Path) -> Result<Vec<String>, RepoError> {
+        let oid = git(git2::Oid::from_str(sha), "commit id")?;
+        let commit = git(self.repo.find_commit(oid), &format!("commit {sha}"))?;
+        let tree = git(commit.tree(), "reading the commit's tree")?;
+        let mut files = Vec::new();
+        let mut failure: Option<RepoError> = None;
+        let walked = tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            let Ok(name) = entry.name() else {
+                return git2::TreeWalkResult::Skip;
+            };
+            let rel = format!("{dir}{name}");
+            let path = dest.join(&rel);
+            let result = (|| -> std::io::Result<()> {
+                match entry.kind() {
+                    Some(git2::ObjectType::Tree) => std::fs::create_dir_all(&path),
+                    Some(git2::ObjectType::Blob) => {
+                        let blob = self
+                            .repo
+                            .find_blob(entry.id())
+                            .map_err(std::io::Error::other)?;
+                        if let Some(parent) = path.parent() {
+                            std::fs::create_dir_all(parent)?;
+                        }
+                        if entry.filemode() == 0o120000 {
+                            let target = String::from_utf8_lossy(blob.content()).to_string();
+                            std::os::unix::fs::symlink(target, &path)?;
+                        } else {
+                            std::fs::write(&path, blob.content())?;
+                            if entry.filemode() == 0o100755 {
+                                use std::os::unix::fs::PermissionsExt;
+                                std::fs::set_permissions(
+                                    &path,
+                                    std::fs::Permissions::from_mode(0o755),
+                                )?;
+                            }
+                        }
+                        files.push(rel);
+                        Ok(())
+                    }
+                    // Submodules (commits) are not part of the export.
+                    _ => Ok(()),
+                }
+            })();
+            match result {
+                Ok(()) => git2::TreeWalkResult::Ok,
+                Err(e) => {
+                    failure = Some(RepoError::Copy {
+                        path: path.clone(),
+                        source: e,
+                    });
+                    git2::TreeWalkResult::Abort
+                }
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        git(walked, "walking the commit's tree")?;
+        files.sort();
+        Ok(files)
+    }
+
     /// Files git tracks (in the index) that exist in the working tree: what `include: local`
     /// may read. Untracked files are not part of the commit and never change the pipeline.
     pub fn tracked_files(&self) -> Result<Vec<String>, RepoError> {

@@ -20,6 +20,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+fn hex_sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{context}: {source}")]
@@ -30,6 +34,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A release of this tag is already published, with other content.
+    #[error("{0}")]
+    ReleaseExists(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -232,14 +239,55 @@ impl Store {
     }
 
     /// Publish a release: its metadata files are copied under `releases/<tag>/`, its artifacts
-    /// go into the blob store.
+    /// go into the blob store. A published release is immutable: publishing the same tag again
+    /// with another manifest fails, unless `replace` is given; then the old release is kept
+    /// under `releases/.replaced/<tag>/<time>/` and the replacement is recorded in
+    /// `releases/<tag>/replaced.log`. Publishing the identical manifest again is a no-op.
     pub fn publish_release(
         &self,
         tag: &str,
         meta_files: &[PathBuf],
         artifacts: &[PathBuf],
+        replace: bool,
     ) -> Result<PathBuf, StoreError> {
         let dir = self.root.join("releases").join(safe_component(tag)?);
+        let manifest_name = "release-manifest.json";
+        let new_manifest = meta_files
+            .iter()
+            .find(|f| f.file_name().is_some_and(|n| n == manifest_name))
+            .map(|f| std::fs::read(f).map_err(io(format!("cannot read {}", f.display()))))
+            .transpose()?;
+        let old_manifest = std::fs::read(dir.join(manifest_name)).ok();
+        let mut record = None;
+        if let (Some(old), Some(new)) = (&old_manifest, &new_manifest)
+            && old != new
+        {
+            let (old_sha, new_sha) = (hex_sha256(old), hex_sha256(new));
+            if !replace {
+                return Err(StoreError::ReleaseExists(format!(
+                    "release {tag} is already published (manifest sha256 {old_sha}) and a published release is immutable; this one differs (sha256 {new_sha}). Tag a new version, or replace it on purpose with `rave release create --replace` (RAVE_RELEASE_REPLACE=1), which keeps the old one and records the replacement"
+                )));
+            }
+            let when = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .to_string();
+            let keep = self
+                .root
+                .join("releases")
+                .join(".replaced")
+                .join(safe_component(tag)?)
+                .join(&when);
+            std::fs::create_dir_all(keep.parent().unwrap_or(&keep))
+                .map_err(io(format!("cannot create {}", keep.display())))?;
+            std::fs::rename(&dir, &keep)
+                .map_err(io(format!("cannot move {} aside", dir.display())))?;
+            let log = std::fs::read_to_string(keep.join("replaced.log")).unwrap_or_default();
+            record = Some(format!(
+                "{log}unix time {when}: replaced manifest sha256 {old_sha} with {new_sha}; the old release is in {}\n",
+                keep.display()
+            ));
+        }
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
         for a in artifacts {
             self.put_file(a)?;
@@ -251,6 +299,9 @@ impl Store {
             let bytes = std::fs::read(f).map_err(io(format!("cannot read {}", f.display())))?;
             write_atomic(&dir.join(name), &bytes)?;
         }
+        if let Some(r) = record {
+            write_atomic(&dir.join("replaced.log"), r.as_bytes())?;
+        }
         Ok(dir)
     }
 
@@ -261,6 +312,8 @@ impl Store {
                 rd.flatten()
                     .filter(|e| e.path().is_dir())
                     .filter_map(|e| e.file_name().into_string().ok())
+                    // `.replaced/` keeps releases that were replaced on purpose.
+                    .filter(|n| !n.starts_with('.'))
                     .collect()
             })
             .unwrap_or_default();
@@ -451,7 +504,7 @@ mod tests {
         std::fs::create_dir_all(&rel).unwrap();
         let m = serde_json::json!({"created_at": "1970-01-01T00:00:00Z", "artifacts": [{"sha256": e[2].sha256, "expire_in_days": 365}]});
         std::fs::write(rel.join("release-manifest.json"), m.to_string()).unwrap();
-        s.publish_release("v1", &[rel.join("release-manifest.json")], &[])
+        s.publish_release("v1", &[rel.join("release-manifest.json")], &[], false)
             .unwrap();
         // Before expiry nothing goes.
         assert_eq!(s.gc(999).unwrap().deleted_blobs, 0);
@@ -466,6 +519,36 @@ mod tests {
         // After the release's year, it goes too.
         assert_eq!(s.gc(366 * 86_400).unwrap().deleted_blobs, 1);
         assert_eq!(s.releases(), ["v1"]);
-        assert!(s.publish_release("../evil", &[], &[]).is_err());
+        assert!(s.publish_release("../evil", &[], &[], false).is_err());
+    }
+
+    #[test]
+    fn a_published_release_is_immutable_unless_replaced_on_purpose() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("data"));
+        let rel = d.path().join("rel");
+        std::fs::create_dir_all(&rel).unwrap();
+        let manifest = rel.join("release-manifest.json");
+        std::fs::write(&manifest, r#"{"v": 1}"#).unwrap();
+        s.publish_release("v1", std::slice::from_ref(&manifest), &[], false)
+            .unwrap();
+        // The same manifest again: a no-op.
+        s.publish_release("v1", std::slice::from_ref(&manifest), &[], false)
+            .unwrap();
+        std::fs::write(&manifest, r#"{"v": 2}"#).unwrap();
+        let e = s
+            .publish_release("v1", std::slice::from_ref(&manifest), &[], false)
+            .unwrap_err();
+        assert!(e.to_string().contains("immutable"), "{e}");
+        let dir = s.release_dir("v1").unwrap();
+        let kept = std::fs::read_to_string(dir.join("release-manifest.json")).unwrap();
+        assert_eq!(kept, r#"{"v": 1}"#);
+        s.publish_release("v1", std::slice::from_ref(&manifest), &[], true)
+            .unwrap();
+        let now = std::fs::read_to_string(dir.join("release-manifest.json")).unwrap();
+        assert_eq!(now, r#"{"v": 2}"#);
+        let log = std::fs::read_to_string(dir.join("replaced.log")).unwrap();
+        assert!(log.contains("replaced manifest sha256"), "{log}");
+        assert_eq!(s.releases(), ["v1"]);
     }
 }
