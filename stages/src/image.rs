@@ -114,7 +114,7 @@ pub fn discover_services(workspace: &Path, services_dir: &str) -> Result<Vec<Str
     let dir = workspace.join(services_dir);
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return err(format!(
-            "no {} directory with service crates; put them there or set `.rave: image: services_dir`",
+            "no {} directory with service crates; put them there, name another with `--services-dir DIR` (in a pipeline: `.rave: image: services_dir`), or name the crates with `--service NAME=PORT`",
             dir.display()
         ));
     };

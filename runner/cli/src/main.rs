@@ -68,7 +68,27 @@ enum Command {
     },
 }
 
+/// Output piped into a reader that stops early (`rave runs --json | head`) is the reader's
+/// choice, not an error: end quietly with the shell's "killed by SIGPIPE" status instead of
+/// the panic `println!` raises. (Restoring the default SIGPIPE action would need `unsafe`.)
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Lint(a) => lint::run(a),
@@ -93,6 +113,13 @@ fn main() {
     match code {
         Ok(c) => std::process::exit(c),
         Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                std::process::exit(141);
+            }
             eprintln!("error: {e:#}");
             std::process::exit(2);
         }

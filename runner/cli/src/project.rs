@@ -62,6 +62,9 @@ pub struct BudgetArgs {
     /// Job slots: most jobs at once (overrides the profile).
     #[arg(long, value_name = "N")]
     pub jobs: Option<u32>,
+    /// Accept a memory budget larger than this machine's memory.
+    #[arg(long)]
+    pub force_budget: bool,
 }
 
 pub struct Project {
@@ -365,7 +368,42 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
         anyhow::ensure!(j >= 1, "--jobs must be at least 1");
         budget.jobs = j;
     }
+    // Admission by memory only protects the machine if the budget fits in it.
+    if !b.force_budget
+        && let Some(total) = host_memory_bytes()
+        && budget.memory_bytes > total
+    {
+        anyhow::bail!(
+            "the memory budget ({}) is larger than this machine's memory ({}): jobs admitted under it could exhaust the host; lower --memory (or the profile's), or pass --force-budget",
+            rave_model::units::format_memory(budget.memory_bytes),
+            rave_model::units::format_memory(total)
+        );
+    }
     Ok(PlanOptions { budget, profile })
+}
+
+/// MemTotal from /proc/meminfo.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The project directory a command works in, found as `rave run` finds it: `dir` if given,
+/// else the current directory when it holds a pipeline file, else the top of the repository
+/// it is in, else the current directory.
+pub fn project_root(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let start = match dir {
+        Some(d) => return Ok(d.to_path_buf()),
+        None => std::env::current_dir()?,
+    };
+    if has_pipeline(&start) {
+        return Ok(start);
+    }
+    Ok(rave_repo::Repo::discover(&start)
+        .map(|r| r.root().to_path_buf())
+        .unwrap_or(start))
 }
 
 /// Print diagnostics to stderr, compiler-style. Returns the number of errors.

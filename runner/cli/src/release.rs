@@ -111,7 +111,8 @@ pub struct PublishArgs {
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
-    /// The store (default: $RAVE_DATA_DIR, else .rave in the current directory).
+    /// The store (default: $RAVE_DATA_DIR, else .rave in the project: the repository
+    /// containing the current directory, as for `rave run`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 }
@@ -137,7 +138,11 @@ fn store_of(a: &StoreArgs) -> rave_store::Store {
         .data_dir
         .clone()
         .or_else(|| env("RAVE_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(".rave"));
+        .unwrap_or_else(|| {
+            crate::project::project_root(None)
+                .unwrap_or_else(|_| PathBuf::from("."))
+                .join(".rave")
+        });
     rave_store::Store::open(&dir)
 }
 
@@ -199,8 +204,15 @@ fn signing_key(args: &CreateArgs) -> anyhow::Result<SigningKey> {
     if let Some(p) = env("RAVE_SIGNING_KEY_FILE") {
         return Ok(SigningKey::from_file(Path::new(&p))?);
     }
+    // The key `rave keys generate` made, where it put it. Not inside a job with a clean
+    // environment (`rave serve`): there the key must come from the project's variables.
+    let default = keys_dir(&KeysDir { dir: None }).join("rave-release");
+    if env("RAVE_CLEAN_ENV").is_none() && default.is_file() {
+        return Ok(SigningKey::from_file(&default)?);
+    }
     anyhow::bail!(
-        "no signing key: pass --key FILE, or set RAVE_SIGNING_KEY (the key) or RAVE_SIGNING_KEY_FILE; create one with `rave keys generate`"
+        "no signing key: pass --key FILE, set RAVE_SIGNING_KEY (the key) or RAVE_SIGNING_KEY_FILE, or create one with `rave keys generate` (looked for {})",
+        default.display()
     )
 }
 

@@ -273,6 +273,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     if pipeline.rave.nix_single_user {
         runner_env.push(("NIX_REMOTE".into(), "local".into()));
     }
+    if args.clean_env {
+        // Tells `rave release` inside the job not to look for the operator's own key.
+        runner_env.push(("RAVE_CLEAN_ENV".into(), "1".into()));
+    }
     // Jobs call `rave scan`, `rave release`, …: the same rave, first on PATH.
     if let Ok(exe) = std::env::current_exe() {
         let bin = run_dir.join("bin");

@@ -76,10 +76,7 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &ScanArgs) -> anyhow::Result<i32> {
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => std::env::current_dir()?,
-    };
+    let dir = crate::project::project_root(args.dir.as_deref())?;
     let fail_on = Severity::parse(&args.fail_on).ok_or_else(|| {
         anyhow::anyhow!(
             "--fail-on `{}`: use CRITICAL, HIGH, MEDIUM, LOW or UNKNOWN",
