@@ -30,14 +30,25 @@ pub fn parse(json: &str) -> Result<Vec<Finding>, ScanError> {
         detail: e.to_string(),
     })?;
     if let Some(err) = v.get("error") {
+        // npm puts the cause in different places by version: `error.code`/`summary`
+        // (npm 7-10), `error.detail`, or a top-level `message` with an empty `error` (npm 11).
+        let parts: Vec<String> = [
+            s(err, "code"),
+            s(err, "summary"),
+            s(err, "detail"),
+            s(&v, "message"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         return Err(ScanError::Failed {
             tool: "npm-audit",
-            detail: format!(
-                "{}: {}",
-                s(err, "code").unwrap_or_default(),
-                s(err, "summary").unwrap_or_default()
-            ),
-            fix: "npm audit needs a package-lock.json and a registry that answers advisory requests (--registry)",
+            detail: if parts.is_empty() {
+                "npm audit reported an error without saying which".into()
+            } else {
+                parts.join(": ")
+            },
+            fix: "npm audit needs a package-lock.json and a registry that answers advisory requests (rave scan --npm-registry URL)",
         });
     }
     let mut out = Vec::new();
@@ -121,6 +132,38 @@ pub fn parse(json: &str) -> Result<Vec<Finding>, ScanError> {
     })
 }
 
+/// Directories under `root` holding a `package-lock.json` (or `npm-shrinkwrap.json`), `root`
+/// first; `node_modules`, `.git` and rave's own `.rave` are not searched. Bounded in depth.
+pub fn lock_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
+        if dir.join("package-lock.json").is_file() || dir.join("npm-shrinkwrap.json").is_file() {
+            out.push(dir.to_path_buf());
+        }
+        if depth >= 8 {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut subs: Vec<std::path::PathBuf> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| {
+                let n = e.file_name();
+                n != "node_modules" && n != ".git" && n != ".rave" && n != "target"
+            })
+            .map(|e| e.path())
+            .collect();
+        subs.sort();
+        for s in subs {
+            walk(&s, depth + 1, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, 0, &mut out);
+    out
+}
+
 /// Run the real `npm audit --json` in `dir`.
 pub fn run(dir: &Path, registry: Option<&str>) -> Result<Vec<Finding>, ScanError> {
     if !dir.join("package-lock.json").exists() && !dir.join("npm-shrinkwrap.json").exists() {
@@ -153,7 +196,7 @@ pub fn run(dir: &Path, registry: Option<&str>) -> Result<Vec<Finding>, ScanError
                     .last()
                     .unwrap_or("")
             ),
-            fix: "check that the registry is reachable (--registry) and package-lock.json is valid",
+            fix: "check that the registry is reachable (rave scan --npm-registry URL) and package-lock.json is valid",
         });
     }
     parse(&stdout)
@@ -206,5 +249,11 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("ENOLOCK"));
         assert!(parse("{}").is_err());
+        // npm 11: the cause is a top-level message; the hint names rave's own flag.
+        let e = parse(r#"{"message": "request to http://127.0.0.1:9/-/npm/v1/security/advisories/bulk failed, reason: connect ECONNREFUSED 127.0.0.1:9", "error": {"summary": "", "detail": ""}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ECONNREFUSED"), "{e}");
+        assert!(e.contains("--npm-registry"), "{e}");
     }
 }

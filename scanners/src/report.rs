@@ -13,11 +13,14 @@ fn counts(findings: &[Finding]) -> Vec<(Severity, usize)> {
 }
 
 /// Table by tool and severity, then the findings that block the gate.
+/// The findings per tool and severity, and the gate's verdict. `complete` is false when a
+/// scanner could not run: then "gate passed" is never said.
 pub fn table(
     ran: &[Tool],
     findings: &[Finding],
     gate: &GateResult<'_>,
     fail_on: Severity,
+    complete: bool,
 ) -> String {
     let mut s = format!("{:<14}", "TOOL");
     for sev in Severity::ALL {
@@ -47,7 +50,9 @@ pub fn table(
             e.id, e.expires
         ));
     }
-    if gate.passed() {
+    if gate.passed() && !complete {
+        s.push_str("gate NOT PASSED: a scanner could not run (see the errors above), so the findings are incomplete\n");
+    } else if gate.passed() {
         s.push_str(&format!(
             "gate passed: nothing at or above {} blocks\n",
             fail_on.as_str()

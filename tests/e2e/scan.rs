@@ -406,3 +406,54 @@ fn scan_stage_kind_expands_into_a_gating_job() {
     let r = rave(d.path(), &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// `rave scan all` audits lock files in subdirectories too; npm's own message says why an audit
+/// could not run, the hint names rave's flag, and "gate passed" is never printed then.
+#[test]
+fn npm_audit_in_subdirectories_and_its_errors_say_the_cause() {
+    tool_present("npm");
+    let (url, _server) = advisory_server();
+    let d = git_repo(&[
+        (
+            "web/package.json",
+            r#"{"name": "app", "version": "1.0.0", "dependencies": {"lodash": "4.17.20"}}"#,
+        ),
+        ("web/package-lock.json", LOCK),
+    ]);
+    let r = rave(
+        d.path(),
+        &[
+            "scan",
+            "all",
+            "--npm-registry",
+            &url,
+            "--trivy-scanners",
+            "secret",
+            "--offline",
+        ],
+    );
+    assert!(
+        r.stdout.contains("GHSA-35jh-r3h4-6jhm") && r.stdout.contains("web/node_modules/lodash"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    // A registry that does not answer: npm's cause, rave's flag, no "gate passed".
+    let r = rave(
+        d.path(),
+        &[
+            "scan",
+            "all",
+            "--npm-registry",
+            "http://127.0.0.1:9/",
+            "--trivy-scanners",
+            "secret",
+            "--offline",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("ECONNREFUSED"), "{}", r.stderr);
+    assert!(r.stderr.contains("--npm-registry"), "{}", r.stderr);
+    assert!(!r.stdout.contains("gate passed"), "{}", r.stdout);
+    assert!(r.stdout.contains("gate NOT PASSED"), "{}", r.stdout);
+}

@@ -104,7 +104,13 @@ pub fn run(args: &ScanArgs) -> anyhow::Result<i32> {
         Which::Secrets => vec![Tool::Secrets],
         Which::All => vec![Tool::Trivy, Tool::NpmAudit, Tool::Secrets],
     };
-    if args.which == Which::All && !dir.join("package-lock.json").exists() {
+    // npm audit runs in every directory with a lock file (a monorepo's packages too).
+    let npm_dirs = if args.which == Which::NpmAudit {
+        vec![dir.clone()]
+    } else {
+        npm::lock_dirs(&dir)
+    };
+    if args.which == Which::All && npm_dirs.is_empty() {
         eprintln!("rave scan: no package-lock.json, skipping npm audit");
         tools.retain(|t| *t != Tool::NpmAudit);
     }
@@ -122,7 +128,29 @@ pub fn run(args: &ScanArgs) -> anyhow::Result<i32> {
                     image: args.image.clone(),
                 },
             ),
-            Tool::NpmAudit => npm::run(&dir, args.npm_registry.as_deref()),
+            Tool::NpmAudit => npm_dirs
+                .iter()
+                .map(|d| {
+                    // Findings name their place from the scanned root (`web/node_modules/x`).
+                    let rel = d
+                        .strip_prefix(&dir)
+                        .unwrap_or(d)
+                        .to_string_lossy()
+                        .to_string();
+                    npm::run(d, args.npm_registry.as_deref()).map(|found| {
+                        found
+                            .into_iter()
+                            .map(|mut f| {
+                                if !rel.is_empty() {
+                                    f.target = f.target.map(|t| format!("{rel}/{t}"));
+                                }
+                                f
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect::<Result<Vec<Vec<Finding>>, ScanError>>()
+                .map(|all| all.into_iter().flatten().collect()),
             Tool::Secrets => {
                 let mut names = args.masked.clone();
                 if let Ok(list) = std::env::var("RAVE_MASKED_VARIABLES") {
@@ -162,7 +190,10 @@ pub fn run(args: &ScanArgs) -> anyhow::Result<i32> {
     }
     let today = gate::today();
     let result = gate::evaluate(&findings, fail_on, &allow, &today);
-    print!("{}", report::table(&ran, &findings, &result, fail_on));
+    print!(
+        "{}",
+        report::table(&ran, &findings, &result, fail_on, !broken)
+    );
     let version = env!("CARGO_PKG_VERSION");
     if let Some(p) = &args.sarif {
         write(
