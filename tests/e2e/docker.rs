@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::support::*;
 
-const IMAGE: &str = "rave-test/busybox:latest";
+pub const IMAGE: &str = "rave-test/busybox:latest";
 
 fn docker(args: &[&str]) -> (bool, String) {
     let o = Command::new("docker")
@@ -20,7 +20,7 @@ fn docker(args: &[&str]) -> (bool, String) {
 }
 
 /// Make sure the engine answers and the test image exists. Fails (never skips) otherwise.
-fn engine_with_image() {
+pub fn engine_with_image() {
     busybox_image(IMAGE, &[]);
 }
 

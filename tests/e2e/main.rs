@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod conformance;
+mod contract;
 mod docker;
 mod graph;
 mod image;

@@ -361,6 +361,17 @@ impl DockerExecutor {
             _ = cancel.force.cancelled() => canceled = true,
         }
         if timed_out || canceled {
+            // Ask nicely (SIGTERM to the script), then insist after the grace period, as the
+            // local executor does; a forced cancel skips the grace period.
+            if !cancel.force.is_cancelled() {
+                let term = KillContainerOptionsBuilder::new().signal("SIGTERM").build();
+                let _ = self.docker.kill_container(id, Some(term)).await;
+                tokio::select! {
+                    _ = wait.next() => {}
+                    _ = tokio::time::sleep(crate::executor::STOP_GRACE) => {}
+                    _ = cancel.force.cancelled() => {}
+                }
+            }
             let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
             let _ = self.docker.kill_container(id, Some(kill)).await;
         }
@@ -752,12 +763,17 @@ impl Executor for DockerExecutor {
             let status = outcome.ci_job_status();
             if write("after_script.sh", &spec.after_script).is_ok() {
                 log.system("Running after_script").await;
-                let never = Cancel::default();
+                // A graceful cancel has already happened and must not stop after_script; a
+                // forced one stops it, as with the local executor.
+                let only_force = Cancel {
+                    graceful: tokio_util::sync::CancellationToken::new(),
+                    force: cancel.force.clone(),
+                };
                 let mut after_spec = spec.clone();
                 after_spec.env.push(("CI_JOB_STATUS".into(), status.into()));
                 let after = Shell {
                     spec: &after_spec,
-                    cancel: &never,
+                    cancel: &only_force,
                     ..shell
                 };
                 let _ = self

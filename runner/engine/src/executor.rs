@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::outcome::ExecOutcome;
 
+/// How long a job asked to stop (graceful cancel, timeout) gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Everything an executor needs to run one attempt of a job.
 #[derive(Clone, Debug)]
 pub struct JobSpec {

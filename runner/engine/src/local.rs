@@ -20,7 +20,7 @@ use crate::executor::{Cancel, Executor, JobSpec, LogSink, Stream};
 use crate::outcome::ExecOutcome;
 
 /// Time between SIGTERM and SIGKILL when a job is stopped.
-const GRACE: Duration = Duration::from_secs(5);
+const GRACE: Duration = crate::executor::STOP_GRACE;
 /// Largest piece of output sent at once; longer lines are split.
 const CHUNK: usize = 64 * 1024;
 
