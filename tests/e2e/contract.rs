@@ -48,7 +48,7 @@ fn a_graceful_cancel_sends_sigterm_then_runs_after_script_on_every_executor() {
         let d = git_repo(&[(
             ".gitlab-ci.yml",
             &pipeline(
-                "long:\n  script:\n    - trap 'echo TERM-SEEN; exit 7' TERM\n    - echo READY\n    - sleep 1000 & wait\n  after_script: ['echo AFTER=$CI_JOB_STATUS']\n",
+                "long:\n  script:\n    - trap 'echo TERM-SEEN-$((6*7)); exit 7' TERM\n    - echo READY\n    - sleep 1000 & wait\n  after_script: ['echo AFTER=$CI_JOB_STATUS']\n",
             ),
         )]);
         let child = spawn_rave(d.path(), &["run", "--json", "--executor", ex]);
@@ -64,7 +64,7 @@ fn a_graceful_cancel_sends_sigterm_then_runs_after_script_on_every_executor() {
         assert_eq!(job(&v, "long")["status"], "canceled", "{ex}");
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
-            text.contains("TERM-SEEN"),
+            text.contains("TERM-SEEN-42"),
             "{ex}: the script got no SIGTERM:\n{text}"
         );
         assert!(text.contains("AFTER=canceled"), "{ex}: {text}");
