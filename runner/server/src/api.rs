@@ -767,29 +767,52 @@ async fn artifact_file(
         Ok(r) => r,
         Err(r) => return r,
     };
-    let rel = std::path::Path::new(&path);
-    if rel
-        .components()
-        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    let full = match resolve_artifact(&root, &path) {
+        Ok(f) => f,
+        Err(ArtifactPathError::Escapes) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the path must stay inside the job's artifacts",
+            );
+        }
+        Err(ArtifactPathError::NotFound) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("job {id} has no artifact `{path}`"),
+            );
+        }
+    };
+    serve_file(&full.to_string_lossy(), req, "application/octet-stream").await
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ArtifactPathError {
+    /// `..`, an absolute path, or another component that is not a plain name.
+    Escapes,
+    /// No such file inside the artifacts (a symlink pointing outside counts as none).
+    NotFound,
+}
+
+/// The file a request path names inside a job's artifacts directory `root`. Only plain names
+/// are accepted, and the resolved file (symlinks followed) must still be inside `root`.
+pub fn resolve_artifact(
+    root: &std::path::Path,
+    path: &str,
+) -> Result<std::path::PathBuf, ArtifactPathError> {
+    let rel = std::path::Path::new(path);
+    if path.is_empty()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the path must stay inside the job's artifacts",
-        );
+        return Err(ArtifactPathError::Escapes);
     }
     let full = root.join(rel);
     // A symlink inside the artifacts could point anywhere: resolve and check.
-    let inside = match (full.canonicalize(), root.canonicalize()) {
-        (Ok(f), Ok(r)) => f.starts_with(&r) && f.is_file(),
-        _ => false,
-    };
-    if !inside {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("job {id} has no artifact `{path}`"),
-        );
+    match (full.canonicalize(), root.canonicalize()) {
+        (Ok(f), Ok(r)) if f.starts_with(&r) && f.is_file() => Ok(full),
+        _ => Err(ArtifactPathError::NotFound),
     }
-    serve_file(&full.to_string_lossy(), req, "application/octet-stream").await
 }
 
 async fn metrics(St(state): St<Shared>, headers: HeaderMap) -> Response {
