@@ -990,6 +990,30 @@ name = "ops""#,
             branch == "main",
             "protected variable on {branch}:\n{env}"
         );
+        // Four downloads of the job's artifacts at once each get the whole, same archive.
+        let url = format!("{}/api/jobs/{}/artifacts", s.url, dump["id"]);
+        let tars: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        client()
+                            .get(&url)
+                            .bearer_auth(READER)
+                            .send()
+                            .unwrap()
+                            .bytes()
+                            .unwrap()
+                            .to_vec()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for t in &tars {
+            assert_eq!(t, &tars[0], "parallel downloads differ");
+            let listing = String::from_utf8_lossy(t);
+            assert!(listing.contains("env.txt"), "no env.txt in the archive");
+        }
     }
 }
 
