@@ -14,6 +14,19 @@ fn pipeline(body: &str) -> String {
     format!("default:\n  image: {IMAGE}\n{body}")
 }
 
+/// Start `rave run` on a one-job pipeline `long` with `executor` and wait until its script
+/// printed READY; returns the repository, the running rave and the job's log.
+fn started(ex: &str, body: &str) -> (tempfile::TempDir, std::process::Child, std::path::PathBuf) {
+    let d = git_repo(&[(".gitlab-ci.yml", &pipeline(body))]);
+    let child = spawn_rave(d.path(), &["run", "--json", "--executor", ex]);
+    let log = d.path().join(".rave/runs/1/logs/000-long.log");
+    wait_until(&format!("{ex}: the job never started"), 60, || {
+        file_contains(&log, "READY")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    (d, child, log)
+}
+
 #[test]
 fn exit_codes_and_after_script_status_are_the_same_on_every_executor() {
     engine_with_image();
@@ -45,18 +58,10 @@ fn exit_codes_and_after_script_status_are_the_same_on_every_executor() {
 fn a_graceful_cancel_sends_sigterm_then_runs_after_script_on_every_executor() {
     engine_with_image();
     for ex in EXECUTORS {
-        let d = git_repo(&[(
-            ".gitlab-ci.yml",
-            &pipeline(
-                "long:\n  script:\n    - trap 'echo TERM-SEEN-$((6*7)); exit 7' TERM\n    - echo READY\n    - sleep 1000 & wait\n  after_script: ['echo AFTER=$CI_JOB_STATUS']\n",
-            ),
-        )]);
-        let child = spawn_rave(d.path(), &["run", "--json", "--executor", ex]);
-        let log = d.path().join(".rave/runs/1/logs/000-long.log");
-        wait_until(&format!("{ex}: the job never started"), 60, || {
-            file_contains(&log, "READY")
-        });
-        std::thread::sleep(Duration::from_millis(300));
+        let (_d, child, log) = started(
+            ex,
+            "long:\n  script:\n    - trap 'echo TERM-SEEN-$((6*7)); exit 7' TERM\n    - echo READY\n    - sleep 1000 & wait\n  after_script: ['echo AFTER=$CI_JOB_STATUS']\n",
+        );
         interrupt(&child);
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(130), "{ex}");
@@ -75,18 +80,10 @@ fn a_graceful_cancel_sends_sigterm_then_runs_after_script_on_every_executor() {
 fn a_forced_cancel_stops_after_script_on_every_executor() {
     engine_with_image();
     for ex in EXECUTORS {
-        let d = git_repo(&[(
-            ".gitlab-ci.yml",
-            &pipeline(
-                "long:\n  script: [echo READY, sleep 1000]\n  after_script: [echo AFTER-START, sleep 1000, echo AFTER-END]\n",
-            ),
-        )]);
-        let child = spawn_rave(d.path(), &["run", "--json", "--executor", ex]);
-        let log = d.path().join(".rave/runs/1/logs/000-long.log");
-        wait_until(&format!("{ex}: the job never started"), 60, || {
-            file_contains(&log, "READY")
-        });
-        std::thread::sleep(Duration::from_millis(300));
+        let (_d, child, log) = started(
+            ex,
+            "long:\n  script: [echo READY, sleep 1000]\n  after_script: [echo AFTER-START, sleep 1000, echo AFTER-END]\n",
+        );
         interrupt(&child);
         wait_until(&format!("{ex}: after_script never started"), 60, || {
             file_contains(&log, "AFTER-START")

@@ -31,29 +31,7 @@ impl Drop for Server {
 
 /// Start `rave serve` on a free loopback port; returns once it listens.
 fn start(data: &Path, config: &Path) -> Server {
-    let mut child = Command::new(rave_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start rave serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("rave serve said {line:?}"))
-        .to_string();
-    Server {
-        child,
-        url: format!("http://{addr}"),
-    }
+    start_env(data, config, &[])
 }
 
 /// A work repository and the bare origin the server fetches from.
@@ -847,7 +825,8 @@ fn a_stopped_server_cancels_its_running_pipeline_and_keeps_the_queue() {
     assert_eq!(finished(&s, queued)["pipeline"]["status"], "canceled");
 }
 
-/// Start `rave serve` with extra environment (the server's own secrets).
+/// Start `rave serve` with extra environment (the server's own secrets); returns once it
+/// listens on a free loopback port.
 fn start_env(data: &Path, config: &Path, env: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(rave_bin());
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -868,7 +847,7 @@ fn start_env(data: &Path, config: &Path, env: &[(&str, &str)]) -> Server {
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .unwrap()
+        .unwrap_or_else(|| panic!("rave serve said {line:?}"))
         .to_string();
     Server {
         child,
