@@ -209,9 +209,8 @@ impl Default for Metrics {
             "Deliveries whose id was seen before",
             webhook_deduplicated.clone(),
         );
-        let webhook_duration = Histogram::new(
-            [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0].into_iter(),
-        );
+        let webhook_duration =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]);
         registry.register(
             "webhook_duration_seconds",
             "Time to answer a webhook delivery",
@@ -221,12 +220,9 @@ impl Default for Metrics {
         registry.register("rave_pipelines", "Pipelines by status", pipelines.clone());
         let jobs = Family::<StatusLabels, Gauge>::default();
         registry.register("rave_jobs", "Jobs by status", jobs.clone());
-        let job_duration = Histogram::new(
-            [
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-            ]
-            .into_iter(),
-        );
+        let job_duration = Histogram::new([
+            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+        ]);
         registry.register(
             "rave_job_duration_seconds",
             "Duration of finished jobs",
