@@ -9,6 +9,7 @@
 pub mod convert;
 pub mod diag;
 pub mod expr;
+pub mod external;
 pub mod inputs;
 pub mod keywords;
 pub mod loader;
@@ -38,6 +39,21 @@ pub struct Loaded {
     pub diagnostics: Vec<Diagnostic>,
     /// The main pipeline file.
     pub file: Option<PathBuf>,
+    /// Files included from outside the repository, pinned to what was read (provenance).
+    pub external: Vec<external::IncludedFile>,
+}
+
+/// How to load: where included files come from and what include rules and inputs see.
+#[derive(Default)]
+pub struct LoadOptions<'a> {
+    /// The commit's files (relative to the project), which `include: local` reads.
+    pub files: Option<&'a [String]>,
+    /// Fetches `project`, `remote`, `template` and `component` includes.
+    pub source: Option<&'a mut dyn external::IncludeSource>,
+    /// Variables `include: rules: if` and `expand_vars` see (the trigger's).
+    pub variables: indexmap::IndexMap<String, String>,
+    /// Values for the main file's `spec: inputs` (`rave run --input NAME=VALUE`).
+    pub inputs: Vec<(String, String)>,
 }
 
 impl Loaded {
@@ -55,6 +71,18 @@ pub fn load(root: &Path, file: Option<&Path>) -> Loaded {
 /// Load, reading `include: local` files only from `files` (the commit's tracked files,
 /// relative to `root`), as GitLab reads includes from the commit being built.
 pub fn load_from(root: &Path, file: Option<&Path>, files: Option<&[String]>) -> Loaded {
+    load_with(
+        root,
+        file,
+        LoadOptions {
+            files,
+            ..LoadOptions::default()
+        },
+    )
+}
+
+/// Load with everything [`LoadOptions`] can say.
+pub fn load_with(root: &Path, file: Option<&Path>, opts: LoadOptions<'_>) -> Loaded {
     let mut sources = Sources::default();
     let mut diagnostics = Vec::new();
     let main = match loader::find_pipeline_file(root, file) {
@@ -65,12 +93,23 @@ pub fn load_from(root: &Path, file: Option<&Path>, files: Option<&[String]>) -> 
                 pipeline: None,
                 diagnostics: vec![d],
                 file: None,
+                external: Vec::new(),
             };
         }
     };
-    let mut loader = loader::Loader::new(root, &mut sources, &mut diagnostics).with_files(files);
+    let mut loader =
+        loader::Loader::new(root, &mut sources, &mut diagnostics).with_files(opts.files);
+    loader.source = opts.source;
+    loader.variables = opts.variables;
+    let span0 = Span::default();
+    loader.inputs = opts
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), inputs::from_text(v, span0)))
+        .collect();
     let tree = loader.load(&main);
     let aliased = std::mem::take(&mut loader.aliased);
+    let external = std::mem::take(&mut loader.external);
     let pipeline = tree.and_then(|t| from_tree(t, &aliased, &mut diagnostics));
     diag::collapse_follow_ons(&mut diagnostics);
     let has_errors = diagnostics.iter().any(Diagnostic::is_error);
@@ -79,6 +118,7 @@ pub fn load_from(root: &Path, file: Option<&Path>, files: Option<&[String]>) -> 
         pipeline: if has_errors { None } else { pipeline },
         diagnostics,
         file: Some(main),
+        external,
     }
 }
 
@@ -101,7 +141,7 @@ pub fn load_str(text: &str) -> Loaded {
             let aliased: HashSet<String> = parsed.aliased_keys.into_iter().collect();
             let mut root = parsed.root;
             if let Some(h) = &parsed.header {
-                inputs::interpolate_defaults(h, &mut root, &mut diagnostics);
+                inputs::interpolate(h, &[], &Default::default(), &mut root, &mut diagnostics);
             }
             if let Value::Map(m) = &mut root.value
                 && let Some(pos) = m.iter().position(|(k, _)| k.name == "include")
@@ -137,6 +177,7 @@ pub fn load_str(text: &str) -> Loaded {
         pipeline: if has_errors { None } else { pipeline },
         diagnostics,
         file: None,
+        external: Vec::new(),
     }
 }
 

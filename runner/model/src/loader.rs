@@ -8,7 +8,10 @@ use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use indexmap::IndexMap;
+
 use crate::diag::{Diagnostic, did_you_mean};
+use crate::external::{External, IncludeSource, IncludedFile};
 use crate::source::{Sources, Span};
 use crate::yaml::{self, Key, Limits, Node, Value};
 
@@ -22,7 +25,7 @@ const MAX_REFERENCE_DEPTH: usize = 10;
 /// Candidate pipeline files, in the order rave looks for them.
 pub const DEFAULT_FILES: [&str; 2] = ["pipeline.yml", ".gitlab-ci.yml"];
 
-pub struct Loader<'a> {
+pub struct Loader<'a, 's> {
     pub root_dir: &'a Path,
     pub sources: &'a mut Sources,
     pub diagnostics: &'a mut Vec<Diagnostic>,
@@ -35,7 +38,30 @@ pub struct Loader<'a> {
     pub aliased: HashSet<String>,
     /// The main file's `spec:` header document, if it has one.
     pub header: Option<Node>,
+    /// Fetches includes from outside the repository; None refuses them with a hint.
+    pub source: Option<&'s mut dyn IncludeSource>,
+    /// Variables `include: rules: if` and the `expand_vars` input function see (the
+    /// trigger's predefined and pipeline variables).
+    pub variables: IndexMap<String, String>,
+    /// Values for the main file's `spec: inputs` (`rave run --input`).
+    pub inputs: Vec<(String, Node)>,
+    /// Every file included from outside the repository, pinned.
+    pub external: Vec<IncludedFile>,
     included: usize,
+}
+
+/// A file being loaded: its identity (for loop detection), what to show, and for a file of
+/// another project, that project and commit.
+struct FileCtx {
+    identity: String,
+    display: String,
+    project: Option<(String, String)>,
+}
+
+/// One file an `include:` entry names.
+enum Target {
+    Local(PathBuf),
+    External(External),
 }
 
 /// Find the pipeline file: `--file` if given, else `pipeline.yml`, else `.gitlab-ci.yml`.
@@ -73,7 +99,7 @@ pub fn find_pipeline_file(root: &Path, file: Option<&Path>) -> Result<PathBuf, D
     .with_help("run rave in the repository root, or name the file with --file"))
 }
 
-impl<'a> Loader<'a> {
+impl<'a, 's> Loader<'a, 's> {
     pub fn new(
         root_dir: &'a Path,
         sources: &'a mut Sources,
@@ -87,6 +113,10 @@ impl<'a> Loader<'a> {
             files: None,
             aliased: HashSet::new(),
             header: None,
+            source: None,
+            variables: IndexMap::new(),
+            inputs: Vec::new(),
+            external: Vec::new(),
             included: 0,
         }
     }
@@ -139,6 +169,10 @@ impl<'a> Loader<'a> {
                 return None;
             }
         };
+        self.parse_text(path, display, text)
+    }
+
+    fn parse_text(&mut self, path: &Path, display: String, text: String) -> Option<yaml::Parsed> {
         let id = self.sources.add(path, display, Arc::from(text));
         let text = self.sources.get(id).map(|f| f.text.clone())?;
         match yaml::parse_file(&text, id, self.limits) {
@@ -163,37 +197,154 @@ impl<'a> Loader<'a> {
     /// Load the main file with its includes merged in. Returns None after reporting errors.
     pub fn load(&mut self, main: &Path) -> Option<Node> {
         let mut stack = Vec::new();
-        self.load_file(main, None, &mut stack)
+        let inputs = std::mem::take(&mut self.inputs);
+        let parsed = self.read(main, None)?;
+        let display = self.display(main);
+        let ctx = FileCtx {
+            identity: format!("{}\u{0}{display}", canonical(main)),
+            display,
+            project: None,
+        };
+        let header = parsed.header.clone();
+        let node = self.load_parsed(parsed, &ctx, &inputs, None, &mut stack);
+        self.header = header;
+        node
     }
 
-    fn load_file(
+    fn load_local(
         &mut self,
         path: &Path,
+        inputs: &[(String, Node)],
         from: Option<Span>,
-        stack: &mut Vec<PathBuf>,
+        stack: &mut Vec<String>,
     ) -> Option<Node> {
-        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        if let Some(pos) = stack.iter().position(|p| *p == canon) {
-            let chain: Vec<String> = stack[pos..]
-                .iter()
-                .chain(std::iter::once(&canon))
-                .map(|p| self.display(p))
-                .collect();
-            self.diagnostics.push(
-                Diagnostic::error(format!("include loop: {}", chain.join(" → ")), from)
-                    .with_help("remove one of these includes"),
-            );
+        let display = self.display(path);
+        // Loops are found by the file itself; messages show the path as the user wrote it.
+        let identity = format!("{}\u{0}{display}", canonical(path));
+        if self.is_loop(&identity, from, stack) {
             return None;
         }
         let parsed = self.read(path, from)?;
-        let mut node = parsed.root;
-        if let Some(h) = &parsed.header {
-            // `$[[ inputs.NAME ]]` takes each input's default: rave does not pass inputs to a
-            // file yet (`include: inputs`, `--input`), so an input without one is an error.
-            crate::inputs::interpolate_defaults(h, &mut node, self.diagnostics);
+        let ctx = FileCtx {
+            identity,
+            display,
+            project: None,
+        };
+        self.load_parsed(parsed, &ctx, inputs, from, stack)
+    }
+
+    fn load_external(
+        &mut self,
+        what: &External,
+        inputs: &[(String, Node)],
+        from: Span,
+        stack: &mut Vec<String>,
+    ) -> Option<Node> {
+        let Some(source) = self.source.as_deref_mut() else {
+            self.diagnostics.push(
+                Diagnostic::error(
+                    format!(
+                        "`include: {}` ({}) needs rave to fetch files from outside the repository",
+                        what.kind(),
+                        what.describe()
+                    ),
+                    Some(from),
+                )
+                .with_help("run `rave lint`/`rave run` in a git repository whose `origin` names the forge, or pass --server-url")
+                .root_cause(),
+            );
+            return None;
+        };
+        let fetched = match source.fetch(what) {
+            Ok(f) => f,
+            Err(e) => {
+                self.diagnostics.push(
+                    Diagnostic::error(
+                        format!("`include: {}` {}: {e}", what.kind(), what.describe()),
+                        Some(from),
+                    )
+                    .root_cause(),
+                );
+                return None;
+            }
+        };
+        let identity = format!(
+            "{}:{}\u{0}{}",
+            fetched.origin.kind, fetched.display, fetched.display
+        );
+        if self.is_loop(&identity, Some(from), stack) {
+            return None;
         }
-        if stack.is_empty() {
-            self.header = parsed.header;
+        if fetched.text.len() > self.limits.max_file_bytes {
+            self.diagnostics.push(Diagnostic::error(
+                format!(
+                    "`{}` is {} bytes, more than the limit of {} bytes",
+                    fetched.display,
+                    fetched.text.len(),
+                    self.limits.max_file_bytes
+                ),
+                Some(from),
+            ));
+            return None;
+        }
+        if !self.external.contains(&fetched.origin) {
+            self.external.push(fetched.origin.clone());
+        }
+        let display = fetched.display.clone();
+        let parsed = self.parse_text(Path::new(&display), display.clone(), fetched.text)?;
+        let ctx = FileCtx {
+            identity,
+            display,
+            project: fetched.project,
+        };
+        self.load_parsed(parsed, &ctx, inputs, Some(from), stack)
+    }
+
+    fn is_loop(&mut self, identity: &str, from: Option<Span>, stack: &[String]) -> bool {
+        let Some(pos) = stack.iter().position(|p| p == identity) else {
+            return false;
+        };
+        let chain: Vec<&str> = stack[pos..]
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(identity))
+            .map(|p| p.rsplit_once('\u{0}').map_or(p, |(_, d)| d))
+            .collect();
+        self.diagnostics.push(
+            Diagnostic::error(format!("include loop: {}", chain.join(" → ")), from)
+                .with_help("remove one of these includes"),
+        );
+        true
+    }
+
+    /// A parsed file: inputs interpolated, its own includes loaded and merged under it.
+    fn load_parsed(
+        &mut self,
+        parsed: yaml::Parsed,
+        ctx: &FileCtx,
+        inputs: &[(String, Node)],
+        from: Option<Span>,
+        stack: &mut Vec<String>,
+    ) -> Option<Node> {
+        let mut node = parsed.root;
+        match &parsed.header {
+            Some(h) => {
+                crate::inputs::interpolate(h, inputs, &self.variables, &mut node, self.diagnostics)
+            }
+            None => {
+                if let Some((name, v)) = inputs.first() {
+                    self.diagnostics.push(
+                        Diagnostic::error(
+                            format!(
+                                "`{}` takes no inputs (it has no `spec: inputs` header), but input `{name}` is given",
+                                ctx.display
+                            ),
+                            from.or(Some(v.span)),
+                        )
+                        .with_help("remove `inputs:` from the include, or add a `spec:` header to the file"),
+                    );
+                }
+            }
         }
         let span = node.span;
         let Value::Map(mut entries) = node.value else {
@@ -204,7 +355,7 @@ impl<'a> Loader<'a> {
                 Diagnostic::error(
                     format!(
                         "a pipeline file must be a mapping of keys to jobs, but `{}` holds {}",
-                        self.display(path),
+                        ctx.display,
                         node.type_name()
                     ),
                     Some(span),
@@ -218,9 +369,9 @@ impl<'a> Loader<'a> {
             return Some(Node::new(Value::Map(entries), span));
         };
         let (_, include) = entries.remove(pos);
-        stack.push(canon);
+        stack.push(ctx.identity.clone());
         let mut merged = Node::new(Value::Map(Vec::new()), span);
-        for (file, at) in self.include_targets(&include) {
+        for (target, item_inputs, at) in self.include_targets(&include, ctx) {
             self.included += 1;
             if self.included > MAX_INCLUDES {
                 self.diagnostics.push(Diagnostic::error(
@@ -229,7 +380,11 @@ impl<'a> Loader<'a> {
                 ));
                 break;
             }
-            if let Some(n) = self.load_file(&file, Some(at), stack) {
+            let loaded = match &target {
+                Target::Local(file) => self.load_local(file, &item_inputs, Some(at), stack),
+                Target::External(what) => self.load_external(what, &item_inputs, at, stack),
+            };
+            if let Some(n) = loaded {
                 deep_merge(&mut merged, n);
             }
         }
@@ -238,56 +393,179 @@ impl<'a> Loader<'a> {
         Some(merged)
     }
 
-    /// The files an `include:` value names, in order. Errors are reported, not returned.
-    fn include_targets(&mut self, include: &Node) -> Vec<(PathBuf, Span)> {
+    /// The files an `include:` value names, in order, with the inputs given to each; entries
+    /// whose `rules` leave them out are dropped. Errors are reported, not returned.
+    fn include_targets(
+        &mut self,
+        include: &Node,
+        ctx: &FileCtx,
+    ) -> Vec<(Target, Vec<(String, Node)>, Span)> {
         let items: Vec<&Node> = match &include.value {
             Value::Seq(s) => s.iter().collect(),
             _ => vec![include],
         };
         let mut out = Vec::new();
         for item in items {
-            let (pattern, span) = match &item.value {
+            match &item.value {
                 Value::Str(s) => {
                     if s.starts_with("http://") || s.starts_with("https://") {
-                        self.unsupported_include("remote", item.span);
-                        continue;
+                        let what = External::Remote {
+                            url: s.clone(),
+                            integrity: None,
+                        };
+                        out.push((Target::External(what), Vec::new(), item.span));
+                    } else {
+                        for t in self.local_targets(s, item.span, ctx) {
+                            out.push((t, Vec::new(), item.span));
+                        }
                     }
-                    (s.clone(), item.span)
                 }
                 Value::Map(m) => {
-                    if let Some((_, v)) = m.iter().find(|(k, _)| k.name == "local") {
-                        match v.as_str() {
-                            Some(s) => (s.to_string(), v.span),
+                    const KEYS: &[&str] = &[
+                        "local",
+                        "remote",
+                        "project",
+                        "ref",
+                        "file",
+                        "template",
+                        "component",
+                        "rules",
+                        "inputs",
+                        "integrity",
+                    ];
+                    for (k, _) in m {
+                        if !KEYS.contains(&k.name.as_str()) {
+                            self.diagnostics.push(
+                                Diagnostic::error(
+                                    format!("unknown key `{}` in an `include:` entry", k.name),
+                                    Some(k.span),
+                                )
+                                .with_help_opt(did_you_mean(&k.name, KEYS.iter().copied())),
+                            );
+                        }
+                    }
+                    if let Some(rules) = item.get("rules")
+                        && !self.include_rules_match(rules)
+                    {
+                        continue;
+                    }
+                    let inputs: Vec<(String, Node)> = match item.get("inputs") {
+                        Some(i) => match i.as_map() {
+                            Some(m) => m.iter().map(|(k, v)| (k.name.clone(), v.clone())).collect(),
                             None => {
                                 self.diagnostics.push(Diagnostic::error(
                                     format!(
-                                        "`include: local` must be a path, not {}",
+                                        "`include: inputs` must be a mapping, not {}",
+                                        i.type_name()
+                                    ),
+                                    Some(i.span),
+                                ));
+                                Vec::new()
+                            }
+                        },
+                        None => Vec::new(),
+                    };
+                    let str_of = |this: &mut Self, key: &str| -> Option<(String, Span)> {
+                        let v = item.get(key)?;
+                        match v
+                            .scalar_string()
+                            .filter(|_| !matches!(v.value, Value::Null))
+                        {
+                            Some(s) => Some((s, v.span)),
+                            None => {
+                                this.diagnostics.push(Diagnostic::error(
+                                    format!(
+                                        "`include: {key}` must be a string, not {}",
                                         v.type_name()
                                     ),
                                     Some(v.span),
                                 ));
-                                continue;
+                                None
                             }
                         }
-                    } else if let Some((k, _)) = m.iter().find(|(k, _)| {
-                        matches!(
-                            k.name.as_str(),
-                            "remote" | "project" | "template" | "component"
-                        )
-                    }) {
-                        self.unsupported_include(&k.name, k.span);
-                        continue;
+                    };
+                    if item.get("local").is_some() {
+                        let Some((path, span)) = str_of(self, "local") else {
+                            continue;
+                        };
+                        for t in self.local_targets(&path, span, ctx) {
+                            out.push((t, inputs.clone(), span));
+                        }
+                    } else if item.get("remote").is_some() {
+                        let Some((url, span)) = str_of(self, "remote") else {
+                            continue;
+                        };
+                        let integrity = str_of(self, "integrity").map(|(s, _)| s);
+                        out.push((
+                            Target::External(External::Remote { url, integrity }),
+                            inputs,
+                            span,
+                        ));
+                    } else if item.get("project").is_some() {
+                        let Some((project, span)) = str_of(self, "project") else {
+                            continue;
+                        };
+                        let reference = str_of(self, "ref").map(|(s, _)| s);
+                        let files: Vec<(String, Span)> = match item.get("file") {
+                            Some(f) => match &f.value {
+                                Value::Seq(list) => list
+                                    .iter()
+                                    .filter_map(|x| x.scalar_string().map(|s| (s, x.span)))
+                                    .collect(),
+                                _ => f.scalar_string().map(|s| (s, f.span)).into_iter().collect(),
+                            },
+                            None => {
+                                self.diagnostics.push(
+                                    Diagnostic::error(
+                                        "`include: project` needs `file:`",
+                                        Some(span),
+                                    )
+                                    .with_help("name the file(s) to include from the project: `file: /templates/ci.yml`"),
+                                );
+                                continue;
+                            }
+                        };
+                        for (file, fspan) in files {
+                            out.push((
+                                Target::External(External::Project {
+                                    project: project.clone(),
+                                    reference: reference.clone(),
+                                    file: file.trim_start_matches('/').to_string(),
+                                }),
+                                inputs.clone(),
+                                fspan,
+                            ));
+                        }
+                    } else if item.get("template").is_some() {
+                        let Some((name, span)) = str_of(self, "template") else {
+                            continue;
+                        };
+                        out.push((Target::External(External::Template { name }), inputs, span));
+                    } else if item.get("component").is_some() {
+                        let Some((address, span)) = str_of(self, "component") else {
+                            continue;
+                        };
+                        // `$CI_SERVER_FQDN` and friends are allowed in component addresses.
+                        let address =
+                            crate::vars::expand(&address, &|k| self.variables.get(k).cloned());
+                        out.push((
+                            Target::External(External::Component { address }),
+                            inputs,
+                            span,
+                        ));
                     } else {
                         let first = m.first().map(|(k, _)| k);
                         let d = Diagnostic::error(
-                            "an `include:` entry needs `local:`".to_string(),
+                            "an `include:` entry needs `local`, `remote`, `project`, `template` or `component`".to_string(),
                             Some(first.map_or(item.span, |k| k.span)),
                         )
                         .with_help_opt(first.and_then(|k| {
-                            did_you_mean(&k.name, ["local", "remote", "project", "template"])
+                            did_you_mean(
+                                &k.name,
+                                ["local", "remote", "project", "template", "component"],
+                            )
                         }));
                         self.diagnostics.push(d);
-                        continue;
                     }
                 }
                 _ => {
@@ -298,26 +576,124 @@ impl<'a> Loader<'a> {
                         ),
                         Some(item.span),
                     ));
-                    continue;
                 }
-            };
-            match self.expand_local(&pattern, span) {
-                Some(files) => out.extend(files.into_iter().map(|f| (f, span))),
-                None => continue,
             }
         }
         out
     }
 
-    fn unsupported_include(&mut self, kind: &str, span: Span) {
-        self.diagnostics.push(
-            Diagnostic::error(
-                format!("`include: {kind}` is not supported: rave reads pipelines from the repository only"),
-                Some(span),
-            )
-            .with_help("copy the file into the repository and use `include: local`")
-            .root_cause(),
-        );
+    /// `include: local` in a file: the main project's files, or, in a file that came from
+    /// another project, that project's file at the same commit.
+    fn local_targets(&mut self, pattern: &str, span: Span, ctx: &FileCtx) -> Vec<Target> {
+        if let Some((project, sha)) = &ctx.project {
+            if pattern.contains('*') {
+                self.diagnostics.push(Diagnostic::error(
+                    format!("`{pattern}`: wildcards in `include: local` of a file from another project are not supported"),
+                    Some(span),
+                ).with_help("name the files one by one"));
+                return Vec::new();
+            }
+            return vec![Target::External(External::Project {
+                project: project.clone(),
+                reference: Some(sha.clone()),
+                file: pattern.trim_start_matches('/').to_string(),
+            })];
+        }
+        self.expand_local(pattern, span)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Target::Local)
+            .collect()
+    }
+
+    /// `include: rules:`: the first rule whose `if` and `exists` match decides (`when: never`
+    /// leaves the file out); no match leaves it out. `changes` counts as matching (there is
+    /// nothing to compare with when a pipeline file is read).
+    fn include_rules_match(&mut self, rules: &Node) -> bool {
+        let Some(list) = rules.as_seq() else {
+            self.diagnostics.push(Diagnostic::error(
+                format!("`include: rules` must be a list, not {}", rules.type_name()),
+                Some(rules.span),
+            ));
+            return false;
+        };
+        for rule in list {
+            let Some(m) = rule.as_map() else {
+                self.diagnostics.push(Diagnostic::error(
+                    format!(
+                        "an include rule must be a mapping, not {}",
+                        rule.type_name()
+                    ),
+                    Some(rule.span),
+                ));
+                return false;
+            };
+            for (k, _) in m {
+                if !["if", "exists", "changes", "when"].contains(&k.name.as_str()) {
+                    self.diagnostics.push(
+                        Diagnostic::error(
+                            format!("unknown key `{}` in an include rule", k.name),
+                            Some(k.span),
+                        )
+                        .with_help("include rules take `if`, `exists`, `changes` and `when`"),
+                    );
+                }
+            }
+            let mut matched = true;
+            if let Some(cond) = rule.get("if").and_then(Node::scalar_string) {
+                match crate::expr::parse(&cond) {
+                    Ok(e) => {
+                        let vars = &self.variables;
+                        match e.eval_checked(&|k| vars.get(k).cloned()) {
+                            Ok(v) => matched &= v,
+                            Err(msg) => {
+                                self.diagnostics.push(Diagnostic::error(
+                                    format!("include rule `if: {cond}`: {msg}"),
+                                    rule.get("if").map(|n| n.span),
+                                ));
+                                return false;
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        self.diagnostics.push(Diagnostic::error(
+                            format!(
+                                "invalid `if` expression in an include rule: {}",
+                                err.message
+                            ),
+                            rule.get("if").map(|n| n.span),
+                        ));
+                        return false;
+                    }
+                }
+            }
+            if let Some(ex) = rule.get("exists") {
+                let patterns: Vec<String> = match &ex.value {
+                    Value::Seq(items) => items.iter().filter_map(Node::scalar_string).collect(),
+                    Value::Map(_) => ex
+                        .get("paths")
+                        .and_then(Node::as_seq)
+                        .map(|i| i.iter().filter_map(Node::scalar_string).collect())
+                        .unwrap_or_default(),
+                    _ => ex.scalar_string().into_iter().collect(),
+                };
+                let files = self.candidate_files();
+                matched &= patterns.iter().any(|p| {
+                    globset::GlobBuilder::new(p.trim_start_matches('/'))
+                        .literal_separator(true)
+                        .build()
+                        .map(|g| {
+                            let g = g.compile_matcher();
+                            files.iter().any(|f| g.is_match(f))
+                        })
+                        .unwrap_or(false)
+                });
+            }
+            if matched {
+                return rule.get("when").and_then(Node::as_str) != Some("never");
+            }
+        }
+        false
     }
 
     fn expand_local(&mut self, pattern: &str, span: Span) -> Option<Vec<PathBuf>> {
@@ -443,6 +819,13 @@ pub fn wildcard_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^{translated}$"))
         .size_limit(1 << 20)
         .build()
+}
+
+fn canonical(path: &Path) -> String {
+    path.canonicalize()
+        .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Visit the repository's files (not `.git`), bounded in depth.
