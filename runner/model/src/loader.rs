@@ -58,6 +58,9 @@ struct FileCtx {
     project: Option<(String, String)>,
 }
 
+/// Inputs given to an included file: name → value as written.
+type Inputs = Vec<(String, Node)>;
+
 /// One file an `include:` entry names.
 enum Target {
     Local(PathBuf),
@@ -399,7 +402,7 @@ impl<'a, 's> Loader<'a, 's> {
         &mut self,
         include: &Node,
         ctx: &FileCtx,
-    ) -> Vec<(Target, Vec<(String, Node)>, Span)> {
+    ) -> Vec<(Target, Inputs, Span)> {
         let items: Vec<&Node> = match &include.value {
             Value::Seq(s) => s.iter().collect(),
             _ => vec![include],
