@@ -6,7 +6,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::console;
-use crate::project::{PipelineArgs, Project};
+use crate::project::PipelineArgs;
 
 #[derive(Args, Debug)]
 pub struct RunsArgs {
@@ -44,9 +44,10 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
-fn runs_dir(args: &PipelineArgs) -> anyhow::Result<PathBuf> {
-    let project = Project::load(args)?;
-    Ok(project.root.join(".rave").join("runs"))
+fn runs_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    Ok(crate::project::project_root(dir)?
+        .join(".rave")
+        .join("runs"))
 }
 
 /// (id, summary) of every finished run, newest first. Runs without a summary (still running,
@@ -73,7 +74,7 @@ pub fn runs(dir: &Path) -> Vec<(u64, Value)> {
 }
 
 pub fn list(args: &RunsArgs) -> anyhow::Result<i32> {
-    let dir = runs_dir(&args.pipeline)?;
+    let dir = runs_dir(args.pipeline.dir.as_deref())?;
     let all = runs(&dir);
     if args.json {
         let docs: Vec<&Value> = all.iter().map(|(_, v)| v).collect();
@@ -121,10 +122,7 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
     if args.follow {
         anyhow::bail!("--follow reads from a server: add --server URL (or set RAVE_SERVER)");
     }
-    let dir = runs_dir(&PipelineArgs {
-        file: args.file.clone(),
-        dir: args.dir.clone(),
-    })?;
+    let dir = runs_dir(args.dir.as_deref())?;
     let all = runs(&dir);
     let Some((id, summary)) = (match args.run {
         Some(n) => all.iter().find(|(id, _)| *id == n),

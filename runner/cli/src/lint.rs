@@ -20,7 +20,7 @@ pub struct LintArgs {
 }
 
 pub fn run(args: &LintArgs) -> anyhow::Result<i32> {
-    let project = Project::load_for(&args.pipeline, args.trigger.tag.as_deref())?;
+    let project = Project::load_for(&args.pipeline, Some(&args.trigger))?;
     let mut diags: Vec<Diagnostic> = project.loaded.diagnostics.clone();
     let mut jobs = 0;
     if let Some(p) = project.pipeline() {

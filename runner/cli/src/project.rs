@@ -18,6 +18,25 @@ pub struct PipelineArgs {
     /// Project directory (default: the repository containing the current directory).
     #[arg(short = 'C', long = "dir", value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// The forge `include: project` and `component` fetch from (default: $CI_SERVER_URL,
+    /// else the host of the `origin` remote). A token for it: $RAVE_INCLUDE_TOKEN.
+    #[arg(long, value_name = "URL", env = "CI_SERVER_URL")]
+    pub server_url: Option<String>,
+    /// Use only included files fetched before (the include cache); say which is missing.
+    #[arg(long)]
+    pub offline: bool,
+    /// A value for the pipeline file's `spec: inputs` (repeatable).
+    #[arg(long = "input", value_name = "NAME=VALUE")]
+    pub inputs: Vec<String>,
+    /// Where `include: template` files are: a directory holding GitLab's templates.
+    #[arg(long, value_name = "DIR", conflicts_with = "templates_project")]
+    pub templates_dir: Option<PathBuf>,
+    /// Where `include: template` files are: a project on the forge (`group/templates[@ref]`).
+    #[arg(long, value_name = "PROJECT")]
+    pub templates_project: Option<String>,
+    /// Where fetched includes are kept (default: .rave/includes in the project).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub include_cache: Option<PathBuf>,
 }
 
 /// The event the pipeline is planned for.
@@ -86,12 +105,10 @@ pub struct TagSource {
 }
 
 impl Project {
-    pub fn load(args: &PipelineArgs) -> anyhow::Result<Project> {
-        Project::load_for(args, None)
-    }
-
-    /// Load for a trigger: with a tag that exists in the repository, from the tag's commit.
-    pub fn load_for(args: &PipelineArgs, tag: Option<&str>) -> anyhow::Result<Project> {
+    /// Load for a trigger: with a tag that exists in the repository, from the tag's commit;
+    /// include rules and inputs see the trigger's variables.
+    pub fn load_for(args: &PipelineArgs, t: Option<&TriggerArgs>) -> anyhow::Result<Project> {
+        let tag = t.and_then(|t| t.tag.as_deref());
         let start = match &args.dir {
             Some(d) => d.clone(),
             None => std::env::current_dir()?,
@@ -131,21 +148,80 @@ impl Project {
             },
             _ => None,
         };
-        let loaded = match &tag_source {
-            Some(ts) => {
-                let file = file
-                    .as_deref()
-                    .map(|f| ts.dir.join(f.strip_prefix(&root).unwrap_or(f)));
-                rave_model::load_from(&ts.dir, file.as_deref(), Some(&ts.files))
-            }
-            None => rave_model::load_from(&root, file.as_deref(), tracked.as_deref()),
-        };
-        Ok(Project {
+        let mut project = Project {
             root,
-            loaded,
+            loaded: rave_model::Loaded::empty(),
             repo,
             tag_source,
-        })
+        };
+        let variables = match t {
+            Some(t) => {
+                let tr = project.trigger(t)?;
+                let mut v = tr.predefined();
+                v.extend(tr.variables.clone());
+                v
+            }
+            None => Default::default(),
+        };
+        let mut inputs = Vec::new();
+        for kv in &args.inputs {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--input `{kv}` must look like NAME=VALUE"))?;
+            inputs.push((k.to_string(), v.to_string()));
+        }
+        let mut includes = project.include_source(args);
+        let (dir, files) = match &project.tag_source {
+            Some(ts) => (ts.dir.clone(), Some(ts.files.clone())),
+            None => (project.root.clone(), tracked),
+        };
+        let file = file
+            .as_deref()
+            .map(|f| dir.join(f.strip_prefix(&project.root).unwrap_or(f)));
+        project.loaded = rave_model::load_with(
+            &dir,
+            file.as_deref(),
+            rave_model::LoadOptions {
+                files: files.as_deref(),
+                source: Some(&mut includes),
+                variables,
+                inputs,
+            },
+        );
+        Ok(project)
+    }
+
+    /// Where `include: project`, `remote`, `template` and `component` come from.
+    fn include_source(&self, args: &PipelineArgs) -> rave_includes::ForgeIncludes {
+        let server_url = args.server_url.clone().or_else(|| {
+            self.repo
+                .as_ref()
+                .and_then(|r| r.origin_url())
+                .and_then(|u| rave_includes::server_url_of(&u))
+        });
+        let cache = args
+            .include_cache
+            .clone()
+            .unwrap_or_else(|| self.root.join(".rave").join("includes"));
+        let mut inc = rave_includes::ForgeIncludes::new(server_url, cache);
+        inc.offline = args.offline;
+        if let Ok(t) = std::env::var("RAVE_INCLUDE_TOKEN")
+            && !t.is_empty()
+        {
+            inc.credentials = rave_repo::Credentials::Token(t);
+        }
+        inc.templates = match (&args.templates_dir, &args.templates_project) {
+            (Some(d), _) => Some(rave_includes::Templates::Dir(d.clone())),
+            (None, Some(p)) => {
+                let (project, reference) = match p.split_once('@') {
+                    Some((p, r)) => (p.to_string(), Some(r.to_string())),
+                    None => (p.clone(), None),
+                };
+                Some(rave_includes::Templates::Project { project, reference })
+            }
+            (None, None) => None,
+        };
+        inc
     }
 
     pub fn pipeline(&self) -> Option<&Pipeline> {
@@ -435,7 +511,7 @@ pub fn plan_project(
     t: &TriggerArgs,
     b: &BudgetArgs,
 ) -> anyhow::Result<Result<Planned, i32>> {
-    let project = Project::load_for(p, t.tag.as_deref())?;
+    let project = Project::load_for(p, Some(t))?;
     let Some(pipeline) = project.pipeline() else {
         report(&project.loaded.sources, &project.loaded.diagnostics);
         return Ok(Err(2));

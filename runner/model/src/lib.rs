@@ -57,6 +57,17 @@ pub struct LoadOptions<'a> {
 }
 
 impl Loaded {
+    /// Nothing loaded yet.
+    pub fn empty() -> Loaded {
+        Loaded {
+            sources: Sources::default(),
+            pipeline: None,
+            diagnostics: Vec::new(),
+            file: None,
+            external: Vec::new(),
+        }
+    }
+
     pub fn has_errors(&self) -> bool {
         self.diagnostics.iter().any(Diagnostic::is_error)
     }

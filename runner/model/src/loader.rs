@@ -398,11 +398,7 @@ impl<'a, 's> Loader<'a, 's> {
 
     /// The files an `include:` value names, in order, with the inputs given to each; entries
     /// whose `rules` leave them out are dropped. Errors are reported, not returned.
-    fn include_targets(
-        &mut self,
-        include: &Node,
-        ctx: &FileCtx,
-    ) -> Vec<(Target, Inputs, Span)> {
+    fn include_targets(&mut self, include: &Node, ctx: &FileCtx) -> Vec<(Target, Inputs, Span)> {
         let items: Vec<&Node> = match &include.value {
             Value::Seq(s) => s.iter().collect(),
             _ => vec![include],

@@ -234,6 +234,14 @@ impl Repo {
     }
 
     /// `namespace/name` from the `origin` URL, else `local/<directory name>`.
+    /// The `origin` remote's URL, if there is one.
+    pub fn origin_url(&self) -> Option<String> {
+        self.repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|r| r.url().ok().map(str::to_string))
+    }
+
     pub fn project_path(&self) -> (String, String) {
         let dir_name = self
             .root
@@ -506,7 +514,12 @@ pub fn fetch_mirror(url: &str, creds: &Credentials, mirror: &Path) -> Result<(),
     fo.remote_callbacks(cb);
     let mut remote = git(repo.remote_anonymous(url), "open the remote")?;
     let fetched = remote.fetch(
-        &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        &[
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+            // The remote's default branch, for includes that name no ref.
+            "+HEAD:refs/rave/remote-head",
+        ],
         Some(&mut fo),
         None,
     );
@@ -555,6 +568,72 @@ fn ssh_host_port(url: &str) -> (String, Option<u16>) {
 }
 
 /// The commit a branch or tag names in the mirror.
+/// The commit `reference` names in a mirror: a full commit id, a branch or a tag; None is the
+/// default branch (the remote's HEAD when fetched, else `main`, else `master`).
+pub fn mirror_resolve(mirror: &Path, reference: Option<&str>) -> Result<String, RepoError> {
+    let repo = git(Repository::open_bare(mirror), "open the mirror")?;
+    let candidates: Vec<String> = match reference {
+        Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            let oid = git(git2::Oid::from_str(r), "commit id")?;
+            git(
+                repo.find_commit(oid),
+                &format!("commit {r} is not in the repository"),
+            )?;
+            return Ok(r.to_string());
+        }
+        Some(r) => vec![format!("refs/heads/{r}"), format!("refs/tags/{r}")],
+        None => vec![
+            "refs/rave/remote-head".into(),
+            "refs/heads/main".into(),
+            "refs/heads/master".into(),
+        ],
+    };
+    for c in &candidates {
+        if let Ok(r) = repo.find_reference(c)
+            && let Ok(commit) = r.peel_to_commit()
+        {
+            return Ok(commit.id().to_string());
+        }
+    }
+    Err(RepoError::Git {
+        context: match reference {
+            Some(r) => format!("no branch, tag or commit `{r}`"),
+            None => "no default branch (main or master)".into(),
+        },
+        source: git2::Error::from_str("not found"),
+    })
+}
+
+/// Tags of a mirror with the commits they point at.
+pub fn mirror_tags(mirror: &Path) -> Result<Vec<(String, String)>, RepoError> {
+    let repo = git(Repository::open_bare(mirror), "open the mirror")?;
+    let names = git(repo.tag_names(None), "list tags")?;
+    let mut out = Vec::new();
+    for name in names.iter().flatten().flatten() {
+        if let Ok(r) = repo.find_reference(&format!("refs/tags/{name}"))
+            && let Ok(c) = r.peel_to_commit()
+        {
+            out.push((name.to_string(), c.id().to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// A file's text at a commit of a mirror; None when the commit has no such file.
+pub fn mirror_file(mirror: &Path, sha: &str, path: &str) -> Result<Option<String>, RepoError> {
+    let repo = git(Repository::open_bare(mirror), "open the mirror")?;
+    let oid = git(git2::Oid::from_str(sha), "commit id")?;
+    let commit = git(repo.find_commit(oid), &format!("commit {sha}"))?;
+    let tree = git(commit.tree(), "the commit's tree")?;
+    let Ok(entry) = tree.get_path(Path::new(path)) else {
+        return Ok(None);
+    };
+    let Ok(blob) = repo.find_blob(entry.id()) else {
+        return Ok(None);
+    };
+    Ok(Some(String::from_utf8_lossy(blob.content()).into_owned()))
+}
+
 pub fn resolve_in_mirror(mirror: &Path, name: &str, tag: bool) -> Result<String, RepoError> {
     let repo = git(Repository::open_bare(mirror), "open the mirror")?;
     let full = if tag {
