@@ -9,6 +9,7 @@ mod contract;
 mod docker;
 mod graph;
 mod image;
+mod includes;
 mod lint;
 mod release;
 mod run;
