@@ -35,9 +35,11 @@ fn port_line(child: &mut Child) -> String {
     line.trim().to_string()
 }
 
-/// A bare repository `root/<path>.git` holding `files`, tagged with `tags` after each commit
-/// (`(files, tag)` pairs, in order).
-fn forge_project(root: &Path, path: &str, commits: &[(&[(&str, &str)], Option<&str>)]) {
+/// One commit of a test project: its files, and the tag put on it.
+type Commit<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+
+/// A bare repository `root/<path>.git` with these commits, in order.
+fn forge_project(root: &Path, path: &str, commits: &[Commit<'_>]) {
     let work = tempfile::tempdir().unwrap();
     sh(work.path(), "git init -q -b main .");
     for (files, tag) in commits {
