@@ -27,6 +27,9 @@ pub struct ReleaseInfo {
     /// sha256 of the pipeline definition file.
     pub pipeline_definition: Option<(String, String)>,
     pub scan_summary: Option<Value>,
+    /// Files the pipeline included from outside the repository: (kind, location, resolved
+    /// commit or `sha256:<hex>`).
+    pub included: Vec<(String, String, String)>,
 }
 
 /// Hash a file without holding it in memory.
@@ -196,6 +199,13 @@ pub fn provenance(info: &ReleaseInfo, manifest: &Value) -> Value {
     if let Some((name, sha)) = &info.pipeline_definition {
         deps.push(json!({"uri": name, "digest": {"sha256": sha}}));
     }
+    for (kind, location, resolved) in &info.included {
+        let digest = match resolved.strip_prefix("sha256:") {
+            Some(hex) => json!({"sha256": hex}),
+            None => json!({"gitCommit": resolved}),
+        };
+        deps.push(json!({"uri": format!("include+{kind}:{location}"), "digest": digest}));
+    }
     json!({
         "_type": "https://in-toto.io/Statement/v1",
         "subject": subjects,
@@ -303,6 +313,40 @@ mod tests {
         assert_eq!(
             String::from_utf8(canonical(&a)).unwrap(),
             "{\"a\":{\"c\":\"x\",\"d\":[1,{\"y\":1,\"z\":0}]},\"b\":1}\n"
+        );
+    }
+
+    #[test]
+    fn provenance_lists_included_files_pinned() {
+        let info = ReleaseInfo {
+            tag: "v1".into(),
+            commit: "abc".into(),
+            included: vec![
+                (
+                    "project".into(),
+                    "ci/templates@main:build.yml".into(),
+                    "1".repeat(40),
+                ),
+                (
+                    "remote".into(),
+                    "https://x.example/ci.yml".into(),
+                    "sha256:ab12".into(),
+                ),
+            ],
+            ..Default::default()
+        };
+        let p = provenance(&info, &json!({"artifacts": []}));
+        let deps = p["predicate"]["buildDefinition"]["resolvedDependencies"]
+            .as_array()
+            .unwrap();
+        assert!(deps.iter().any(
+            |d| d["uri"] == "include+project:ci/templates@main:build.yml"
+                && d["digest"]["gitCommit"] == "1".repeat(40)
+        ));
+        assert!(
+            deps.iter()
+                .any(|d| d["uri"] == "include+remote:https://x.example/ci.yml"
+                    && d["digest"]["sha256"] == "ab12")
         );
     }
 

@@ -211,8 +211,44 @@ fn project_component_remote_and_template_includes_plan_run_and_work_offline() {
         "{}",
         g.stdout
     );
+    // Where each job came from, and what each include resolved to.
+    let tpl = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "tpl-build")
+        .unwrap();
+    assert!(
+        tpl["source"]["file"]
+            .as_str()
+            .unwrap()
+            .starts_with("ci/templates@"),
+        "{tpl}"
+    );
+    let includes = v["includes"].as_array().unwrap();
+    let kinds: Vec<&str> = includes
+        .iter()
+        .map(|i| i["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["project", "project", "component", "remote", "template"],
+        "{}",
+        g.stdout
+    );
+    assert!(
+        includes[3]["resolved"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(includes[2]["resolved"].as_str().unwrap().len(), 40);
     let r = run(args(&["run", "--json", "--no-cgroups"]));
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The run keeps the pinned list for the release's provenance.
+    let pinned =
+        json(&std::fs::read_to_string(d.path().join(".rave/runs/1/includes.json")).unwrap());
+    assert_eq!(pinned.as_array().unwrap().len(), 5);
     let log =
         std::fs::read_to_string(walk_log(&d.path().join(".rave/runs/1/logs"), "eslint")).unwrap();
     assert!(log.contains("lint 1.1.0 strict=true"), "{log}");

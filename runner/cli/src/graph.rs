@@ -30,14 +30,16 @@ pub struct GraphArgs {
 }
 
 pub fn run(args: &GraphArgs) -> anyhow::Result<i32> {
-    let plan = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
-        Ok(p) => p.plan,
+    let planned = match plan_project(&args.pipeline, &args.trigger, &args.budget)? {
+        Ok(p) => p,
         Err(code) => return Ok(code),
     };
+    let plan = &planned.plan;
+    let loaded = &planned.project.loaded;
     let out = match args.format {
-        Format::Dot => dot(&plan),
-        Format::Mermaid => mermaid(&plan),
-        Format::Json => serde_json::to_string_pretty(&to_json(&plan))? + "\n",
+        Format::Dot => dot(plan),
+        Format::Mermaid => mermaid(plan),
+        Format::Json => serde_json::to_string_pretty(&to_json(plan, loaded))? + "\n",
     };
     print!("{out}");
     Ok(0)
@@ -51,7 +53,10 @@ pub fn allow_failure_json(a: &AllowFailure) -> serde_json::Value {
     }
 }
 
-pub fn to_json(plan: &Plan) -> serde_json::Value {
+/// The plan as JSON: stages, budget, each job with where it was defined (`source`: the file,
+/// `project@commit:file` for files from another project, and the line), and the files
+/// included from outside the repository with what they resolved to.
+pub fn to_json(plan: &Plan, loaded: &rave_model::Loaded) -> serde_json::Value {
     let stages: Vec<&String> = plan
         .stages
         .iter()
@@ -75,7 +80,12 @@ pub fn to_json(plan: &Plan) -> serde_json::Value {
             "priority": j.priority,
             "memory_bytes": j.memory_bytes,
             "cpus": j.cpus,
+            "source": loaded.sources.get(j.job.span.file).map(|f| json!({
+                "file": f.display,
+                "line": j.job.span.line,
+            })),
         })).collect::<Vec<_>>(),
+        "includes": loaded.external,
     })
 }
 

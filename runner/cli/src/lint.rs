@@ -48,10 +48,14 @@ pub fn run(args: &LintArgs) -> anyhow::Result<i32> {
             "errors": errors,
             "warnings": warnings,
             "diagnostics": diags.iter().map(|d| to_json(d, &project.loaded.sources)).collect::<Vec<_>>(),
+            "includes": project.loaded.external,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         report(&project.loaded.sources, &diags);
+        for inc in &project.loaded.external {
+            eprintln!("included {} {} at {}", inc.kind, inc.location, inc.resolved);
+        }
         let file = file.unwrap_or_else(|| "pipeline".into());
         if errors == 0 {
             eprintln!(

@@ -194,6 +194,21 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
+/// What the run included from outside the repository (`rave run` writes it next to the run's
+/// files), for the provenance.
+fn included_files() -> Vec<(String, String, String)> {
+    let Some(dir) = env("RAVE_RUN_DIR") else {
+        return Vec::new();
+    };
+    std::fs::read_to_string(Path::new(&dir).join("includes.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<rave_model::external::IncludedFile>>(&t).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| (f.kind, f.location, f.resolved))
+        .collect()
+}
+
 fn signing_key(args: &CreateArgs) -> anyhow::Result<SigningKey> {
     if let Some(p) = &args.key {
         return Ok(SigningKey::from_file(p)?);
@@ -265,6 +280,7 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                     }),
                 pipeline_definition: definition,
                 scan_summary,
+                included: included_files(),
             };
             // The store's index of this pipeline says which job made each file.
             let data_dir = args

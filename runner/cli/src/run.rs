@@ -205,6 +205,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     };
     let (pipeline_id, run_dir) = next_run_dir(&project.root)?;
+    // What was included from outside the repository, pinned: the release's provenance lists it.
+    let _ = std::fs::write(
+        run_dir.join("includes.json"),
+        serde_json::to_string_pretty(&project.loaded.external)?,
+    );
     ignore_rave_dir(&project.root);
     let cgroups = if args.no_cgroups {
         None

@@ -5,7 +5,7 @@
 //! (rave's fetches with git and HTTPS, caches the results and works offline). Without one,
 //! these includes are refused with a hint.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One file from elsewhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub struct Fetched {
 }
 
 /// An included file from outside the repository, pinned to what was read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncludedFile {
     /// project, remote, template or component.
     pub kind: String,
