@@ -691,6 +691,36 @@ fn fetches_over_http_with_the_projects_token() {
         err.contains("none are configured for this project"),
         "{err}"
     );
+
+    // A pipeline whose jobs come from another project on the same forge: fetched with the
+    // project's token, which its jobs never see.
+    let ci = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ci.path().join("jobs.yml"),
+        "from-ci:\n  script:\n    - echo \"from the ci project\"\n    - test -z \"$RAVE_INCLUDE_TOKEN\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("team")).unwrap();
+    sh(
+        ci.path(),
+        &format!(
+            "git init -q -b main . && git add -A && git commit -qm ci && git clone -q --bare . {}",
+            root.join("team/ci.git").display()
+        ),
+    );
+    let b = origin.commit(
+        &[(
+            ".gitlab-ci.yml",
+            "include:\n  - project: team/ci\n    file: jobs.yml\nown:\n  script: [echo own]\n",
+        )],
+        &[],
+    );
+    let r = github_push(&s, "http-3", "refs/heads/main", &b);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(job(&v, "from-ci")["status"], "success", "{v:#}");
     let _ = git_http.kill();
     let _ = git_http.wait();
 }

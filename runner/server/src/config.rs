@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// Variables of the server's environment passed to jobs beyond the fixed allowlist
     /// (PATH, HOME, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR, USER, LOGNAME, TERM), e.g. proxies.
     pub pass_env: Vec<String>,
+    /// Where `include: template` files are: a directory, or a project on the forge.
+    pub templates_dir: Option<PathBuf>,
+    pub templates_project: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,8 @@ impl Default for ServerConfig {
             profile: None,
             executor: None,
             pass_env: Vec::new(),
+            templates_dir: None,
+            templates_project: None,
         }
     }
 }
@@ -112,6 +117,9 @@ pub struct Project {
     pub protected_tags: Vec<String>,
     #[serde(default)]
     pub variables: Vec<Variable>,
+    /// The forge `include: project` and `component` fetch from (default: the host of
+    /// `clone_url`), with the project's token.
+    pub server_url: Option<String>,
 }
 
 fn default_protected_branches() -> Vec<String> {

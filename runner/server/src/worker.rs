@@ -176,6 +176,38 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         Err(e) => return ("failed".into(), Some(e)),
     };
     args.push(format!("--variables-file={}", vars.display()));
+    // Includes from elsewhere: fetched from the project's forge with its token, kept per
+    // project under the data dir.
+    let server_url = project
+        .server_url
+        .clone()
+        .or_else(|| rave_includes::server_url_of(&project.clone_url));
+    if let Some(u) = &server_url {
+        args.push(format!("--server-url={u}"));
+    }
+    args.push(format!(
+        "--include-cache={}",
+        state
+            .data_dir
+            .join("includes")
+            .join(
+                mirror_dir(state, &p.project)
+                    .file_name()
+                    .unwrap_or_default()
+            )
+            .display()
+    ));
+    if let Some(d) = &state.cfg.server.templates_dir {
+        args.push(format!("--templates-dir={}", d.display()));
+    } else if let Some(t) = &state.cfg.server.templates_project {
+        args.push(format!("--templates-project={t}"));
+    }
+    // The token reaches the `rave run` that fetches includes, never its jobs (their
+    // environment is the clean allowlist).
+    let include_token = match project.credentials() {
+        Ok(rave_repo::Credentials::Token(t)) => Some(t),
+        _ => None,
+    };
     if let Some(f) = &project.pipeline_file {
         args.extend(["--file".into(), f.clone()]);
     }
@@ -231,6 +263,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         .current_dir(&src)
         .env_clear()
         .envs(host_env)
+        .envs(include_token.map(|t| ("RAVE_INCLUDE_TOKEN", t)))
         .env("NO_COLOR", "1")
         .env("RAVE_SERVER_PIPELINE_ID", p.id.to_string())
         .stdin(Stdio::null())
