@@ -592,7 +592,7 @@ mod tests {
                 .unwrap(),
             Delivery::New(Some(_))
         ));
-        assert_eq!(s.pipelines(None, 10).unwrap().len(), 2);
+        assert_eq!(s.pipelines(None, 10).unwrap().len(), 3);
     }
 
     #[test]
