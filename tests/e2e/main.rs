@@ -3,6 +3,7 @@
 
 mod support;
 
+mod child;
 mod cli;
 mod conformance;
 mod contract;

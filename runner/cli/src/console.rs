@@ -256,14 +256,18 @@ pub fn duration(ms: Option<u64>) -> String {
 
 /// The table printed at the end of a run.
 pub fn summary(records: &[&JobRecord], color: bool) -> String {
-    let mut rows: Vec<[String; 6]> = vec![[
-        "JOB".into(),
-        "STAGE".into(),
-        "STATUS".into(),
-        "DURATION".into(),
-        "MEMORY peak/limit".into(),
-        "REASON".into(),
-    ]];
+    // Each row with the status that colours it (a child pipeline's job has its own words).
+    let mut rows: Vec<([String; 6], Option<JobStatus>)> = vec![(
+        [
+            "JOB".into(),
+            "STAGE".into(),
+            "STATUS".into(),
+            "DURATION".into(),
+            "MEMORY peak/limit".into(),
+            "REASON".into(),
+        ],
+        None,
+    )];
     for r in records {
         let mem = match r.peak_memory_bytes {
             Some(p) => format!(
@@ -279,27 +283,48 @@ pub fn summary(records: &[&JobRecord], color: bool) -> String {
             (None, Some(n)) if r.status != JobStatus::Success => n.clone(),
             _ => String::new(),
         };
-        rows.push([
-            r.name.clone(),
-            r.stage.clone(),
-            r.status.as_str().to_string(),
-            duration(r.duration_ms),
-            mem,
-            reason,
-        ]);
+        rows.push((
+            [
+                r.name.clone(),
+                r.stage.clone(),
+                r.status.as_str().to_string(),
+                duration(r.duration_ms),
+                mem,
+                reason,
+            ],
+            Some(r.status),
+        ));
+        // A trigger job's child pipeline, under it.
+        for c in &r.children {
+            rows.push((
+                [
+                    format!("{} » {}", r.name, c.name),
+                    c.stage.clone(),
+                    c.status.clone(),
+                    duration(c.duration_ms),
+                    String::new(),
+                    c.failure_reason.clone().unwrap_or_default(),
+                ],
+                None,
+            ));
+        }
     }
     let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|(r, _)| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut s = String::new();
-    for (i, row) in rows.iter().enumerate() {
+    for (row, status) in &rows {
         let mut line = String::new();
         for c in 0..5 {
             let cell = &row[c];
             let padded = format!("{cell}{}", " ".repeat(widths[c] - cell.chars().count()));
-            if c == 2 && i > 0 && color {
-                let st = records[i - 1].status;
-                line.push_str(&format!("\x1b[{}m{padded}\x1b[0m  ", status_style(st).0));
+            if let (2, Some(st), true) = (c, status, color) {
+                line.push_str(&format!("\x1b[{}m{padded}\x1b[0m  ", status_style(*st).0));
             } else {
                 line.push_str(&padded);
                 line.push_str("  ");

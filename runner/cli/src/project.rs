@@ -109,11 +109,16 @@ impl Project {
     /// include rules and inputs see the trigger's variables.
     pub fn load_for(args: &PipelineArgs, t: Option<&TriggerArgs>) -> anyhow::Result<Project> {
         let tag = t.and_then(|t| t.tag.as_deref());
+        // Absolute: jobs run in other directories and find the run's files by these paths.
         let start = match &args.dir {
-            Some(d) => d.clone(),
+            Some(d) => std::path::absolute(d)?,
             None => std::env::current_dir()?,
         };
-        let repo = rave_repo::Repo::discover(&start).ok();
+        // A directory inside rave's own `.rave/` (a trigger job's working copy, where a child
+        // pipeline runs) is not part of the repository around it: its files are read from disk.
+        let repo = rave_repo::Repo::discover(&start)
+            .ok()
+            .filter(|r| !inside_rave_dir(&start, r.root()));
         // The pipeline file is looked up in the given directory; the repository root is only
         // the fallback when rave is started from a subdirectory.
         let root = match &repo {
@@ -348,6 +353,14 @@ fn export_tag(root: &Path, repo: &rave_repo::Repo, sha: &str) -> anyhow::Result<
         files,
         sha: sha.to_string(),
     })
+}
+
+fn inside_rave_dir(dir: &Path, top: &Path) -> bool {
+    let (Ok(dir), Ok(top)) = (dir.canonicalize(), top.canonicalize()) else {
+        return false;
+    };
+    dir.strip_prefix(&top)
+        .is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == ".rave"))
 }
 
 /// `sub/dir/` when the project directory is below the repository's top, else None.

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::outcome::{FailureReason, JobStatus};
 
@@ -25,6 +25,37 @@ pub struct JobRecord {
     pub attempts: u32,
     /// Why a job was skipped, or a one-line explanation of its failure.
     pub note: Option<String>,
+    /// For a `trigger:` job: the jobs of the child pipeline it ran.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<ChildJob>,
+}
+
+/// A job of a child pipeline, as its own run reported it (`rave run --json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChildJob {
+    pub name: String,
+    pub stage: String,
+    pub status: String,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+}
+
+/// The jobs of a child pipeline from its `rave run --json` summary (empty when there is none).
+pub fn read_child_jobs(path: &std::path::Path) -> Vec<ChildJob> {
+    #[derive(Deserialize)]
+    struct Summary {
+        #[serde(default)]
+        jobs: Vec<ChildJob>,
+    }
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Summary>(&t).ok())
+        .map(|s| s.jobs)
+        .unwrap_or_default()
 }
 
 /// What `rave run --json` prints when no pipeline runs, so a script always reads one JSON

@@ -118,6 +118,8 @@ struct Finished {
     started_at: SystemTime,
     started: Instant,
     dotenv: HashMap<String, String>,
+    /// A trigger job's child pipeline jobs.
+    children: Vec<crate::event::ChildJob>,
 }
 
 enum Msg {
@@ -285,6 +287,7 @@ impl<'p, E: Executor> Run<'p, E> {
             cpus: j.cpus,
             attempts: self.attempts[id],
             note,
+            children: Vec::new(),
         }
     }
 
@@ -579,6 +582,7 @@ impl<'p, E: Executor> Run<'p, E> {
                     .unwrap_or_default()
             };
             outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
+            let children = crate::event::read_child_jobs(&scratch_dir.join("child.json"));
             if outcome.failure_reason() == Some(FailureReason::OomKilled) {
                 let msg = oom_message(j_memory, outcome.peak_memory_bytes);
                 log.system(&format!("{}: {msg}", spec_name)).await;
@@ -593,11 +597,12 @@ impl<'p, E: Executor> Run<'p, E> {
                 started_at,
                 started,
                 dotenv,
+                children,
             })));
         });
     }
 
-    fn finish(&mut self, f: Finished) {
+    fn finish(&mut self, mut f: Finished) {
         let id = f.id;
         self.admission
             .give_back(self.request(id), self.job(id).job.resource_group.as_deref());
@@ -649,6 +654,7 @@ impl<'p, E: Executor> Run<'p, E> {
         }
         let finished_at = SystemTime::now();
         let mut record = self.record(id, status, note);
+        record.children = std::mem::take(&mut f.children);
         record.failure_reason = reason;
         record.exit_code = f.outcome.exit_code;
         record.started_at = Some(f.started_at);

@@ -1069,17 +1069,32 @@ impl Reader<'_> {
     pub fn job(&mut self, key: &Key, n: &Node, stages: &[String]) -> Option<Job> {
         let m = self.map(n, &format!("job `{}`", key.name))?;
         self.check_keys(m, keywords::JOB, &format!("job `{}`", key.name));
-        if let Some(t) = n.get("trigger") {
-            self.err_help(
-                format!("job `{}` uses `trigger:`, which rave does not run", key.name),
-                t.span,
-                Some("downstream pipelines are not supported yet; run the other pipeline with its own `rave run`".into()),
-            );
-        }
-        let script = n
+        let mut script = n
             .get("script")
             .map(|s| self.script(s, "`script`"))
             .unwrap_or_default();
+        let mut trigger = None;
+        if let Some(t) = n.get("trigger") {
+            if n.get("script").is_some() {
+                self.err_help(
+                    format!("job `{}` has both `script` and `trigger`", key.name),
+                    t.span,
+                    Some(
+                        "a trigger job runs a child pipeline instead of a script; keep one".into(),
+                    ),
+                );
+            }
+            let yaml_variables: Vec<String> = n
+                .get("variables")
+                .and_then(Node::as_map)
+                .map(|m| m.iter().map(|(k, _)| k.name.clone()).collect())
+                .unwrap_or_default();
+            if let Some((spec, run)) = crate::child::read(&key.name, t, &yaml_variables, self.diags)
+            {
+                trigger = Some(spec);
+                script = run;
+            }
+        }
         if let Some(sn) = n.get("script")
             && script.iter().all(|l| l.trim().is_empty())
         {
@@ -1262,6 +1277,7 @@ impl Reader<'_> {
                 .get("resources")
                 .map(|r| self.resources(r))
                 .unwrap_or_default(),
+            trigger,
         })
     }
 

@@ -6,6 +6,7 @@
 //! applies `default:` and reads the typed [`Pipeline`] through [`convert`]. Every problem is a
 //! [`Diagnostic`] with a position; loading collects them all rather than stopping at the first.
 
+pub mod child;
 pub mod convert;
 pub mod diag;
 pub mod expr;

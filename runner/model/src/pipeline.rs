@@ -274,6 +274,8 @@ pub struct Job {
     pub tags: Vec<String>,
     pub coverage: Option<String>,
     pub resources: Resources,
+    /// `trigger:`: the job runs a child pipeline (its `script` is the run of it).
+    pub trigger: Option<crate::child::TriggerSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]

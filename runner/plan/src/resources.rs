@@ -27,12 +27,18 @@ pub fn assign(
                 .map(|v| v.span)
                 .or(Some(j.job.span))
         };
-        let mut memory = j
-            .job
-            .resources
-            .memory_bytes
-            .unwrap_or(pipeline.rave.default_memory_bytes);
-        let mut cpus = j.job.resources.cpus.unwrap_or(pipeline.rave.default_cpus);
+        // A trigger job's child pipeline runs inside its share: unless it says otherwise, the
+        // share is the whole budget (the child's jobs are packed within it).
+        let (default_memory, default_cpus) = if j.job.trigger.is_some() {
+            (opts.budget.memory_bytes, opts.budget.cpus)
+        } else {
+            (
+                pipeline.rave.default_memory_bytes,
+                pipeline.rave.default_cpus,
+            )
+        };
+        let mut memory = j.job.resources.memory_bytes.unwrap_or(default_memory);
+        let mut cpus = j.job.resources.cpus.unwrap_or(default_cpus);
         if let Some(m) = j.variables.get("RAVE_MEMORY").filter(|m| !m.is_empty()) {
             match parse_memory(m) {
                 Ok(b) => memory = b,

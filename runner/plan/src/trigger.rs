@@ -11,6 +11,8 @@ pub enum Source {
     Api,
     Schedule,
     Trigger,
+    /// A child pipeline run by a parent's `trigger:` job.
+    ParentPipeline,
     /// `rave run` on a developer's machine. Rules see `push`, as gitlab-ci-local does, so a
     /// pipeline behaves locally as it does on the server.
     Local,
@@ -24,6 +26,7 @@ impl Source {
             "api" => Source::Api,
             "schedule" => Source::Schedule,
             "trigger" => Source::Trigger,
+            "parent_pipeline" => Source::ParentPipeline,
             "local" => Source::Local,
             _ => return None,
         })
@@ -37,6 +40,7 @@ impl Source {
             Source::Api => "api",
             Source::Schedule => "schedule",
             Source::Trigger => "trigger",
+            Source::ParentPipeline => "parent_pipeline",
         }
     }
 }
