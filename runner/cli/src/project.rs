@@ -93,6 +93,8 @@ pub struct Project {
     /// For a tag that exists here: the tag's commit, exported, which the pipeline is read
     /// from and jobs run on, whatever the working tree holds.
     pub tag_source: Option<TagSource>,
+    /// The forge: `--server-url`, `$CI_SERVER_URL`, else the host of `origin`.
+    pub server_url: Option<String>,
 }
 
 /// The files of a tag's commit, exported under `.rave/tags/<sha>/`.
@@ -153,11 +155,17 @@ impl Project {
             },
             _ => None,
         };
+        let server_url = args.server_url.clone().or_else(|| {
+            repo.as_ref()
+                .and_then(|r| r.origin_url())
+                .and_then(|u| rave_includes::server_url_of(&u))
+        });
         let mut project = Project {
             root,
             loaded: rave_model::Loaded::empty(),
             repo,
             tag_source,
+            server_url,
         };
         let variables = match t {
             Some(t) => {
@@ -198,12 +206,7 @@ impl Project {
 
     /// Where `include: project`, `remote`, `template` and `component` come from.
     fn include_source(&self, args: &PipelineArgs) -> rave_includes::ForgeIncludes {
-        let server_url = args.server_url.clone().or_else(|| {
-            self.repo
-                .as_ref()
-                .and_then(|r| r.origin_url())
-                .and_then(|u| rave_includes::server_url_of(&u))
-        });
+        let server_url = self.server_url.clone();
         let cache = args
             .include_cache
             .clone()
@@ -242,6 +245,7 @@ impl Project {
         })?;
         let mut trigger = Trigger {
             source,
+            server_url: self.server_url.clone(),
             ..Trigger::default()
         };
         if let Some(path) = &t.variables_file {

@@ -67,6 +67,8 @@ pub struct Trigger {
     /// The commit before the push (`CI_COMMIT_BEFORE_SHA`); zeros when unknown.
     pub before_sha: String,
     pub commit: CommitInfo,
+    /// The forge (`https://gitlab.example.com`), when known: `CI_SERVER_URL` and friends.
+    pub server_url: Option<String>,
     /// Names among `variables` taken literally (a CI/CD variable marked `raw`).
     pub literal_variables: Vec<String>,
     /// Values to mask in job output (CI/CD variables marked `masked`).
@@ -141,6 +143,7 @@ impl Default for Trigger {
             changed_files: None,
             before_sha: "0000000000000000000000000000000000000000".into(),
             commit: CommitInfo::default(),
+            server_url: None,
             literal_variables: Vec::new(),
             masked_values: Vec::new(),
         }
@@ -196,6 +199,26 @@ impl Trigger {
         set("CI_COMMIT_AUTHOR", &self.commit.author);
         set("CI_COMMIT_TIMESTAMP", &self.commit.timestamp);
         set("CI_PROJECT_TITLE", &self.project_name);
+        if let Some(url) = &self.server_url {
+            let (protocol, rest) = url.split_once("://").unwrap_or(("https", url));
+            let fqdn = rest.split('/').next().unwrap_or(rest);
+            let (host, port) = match fqdn.rsplit_once(':') {
+                Some((h, p)) => (h, p.to_string()),
+                None => (
+                    fqdn,
+                    if protocol == "http" { "80" } else { "443" }.to_string(),
+                ),
+            };
+            set("CI_SERVER_URL", url);
+            set("CI_SERVER_PROTOCOL", protocol);
+            set("CI_SERVER_FQDN", fqdn);
+            set("CI_SERVER_HOST", host);
+            set("CI_SERVER_PORT", &port);
+            set(
+                "CI_PROJECT_URL",
+                &format!("{url}/{}/{}", self.project_namespace, self.project_name),
+            );
+        }
         set(
             "CI_PROJECT_ROOT_NAMESPACE",
             self.project_namespace.split('/').next().unwrap_or(""),
