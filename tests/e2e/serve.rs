@@ -1189,3 +1189,41 @@ fn refusals_reveal_nothing_and_crafted_paths_stay_out_of_metrics() {
         "{metrics}"
     );
 }
+
+/// `POST /api/pipelines` passes values for the pipeline file's `spec: inputs`; a required
+/// input that is missing fails the pipeline with the cause.
+#[test]
+fn the_api_passes_inputs_to_the_pipeline() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "spec:\n  inputs:\n    target: {options: [eu, us]}\n---\ndeploy:\n  script:\n    - test \"$[[ inputs.target ]]\" = eu\n",
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let run = |body: Value| -> Value {
+        let r = client()
+            .post(format!("{}/api/pipelines", s.url))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        finished(
+            &s,
+            r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap(),
+        )
+    };
+    let v = run(json!({"project": "team/app", "ref": "main", "inputs": {"target": "eu"}}));
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(v["pipeline"]["inputs"]["target"], "eu");
+    let v = run(json!({"project": "team/app", "ref": "main"}));
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    assert!(
+        v["pipeline"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("input `target` is required"),
+        "{v:#}"
+    );
+}

@@ -401,6 +401,9 @@ struct CreateBody {
     sha: Option<String>,
     #[serde(default)]
     jobs: Vec<String>,
+    /// Values for the pipeline file's `spec: inputs`.
+    #[serde(default)]
+    inputs: std::collections::BTreeMap<String, String>,
 }
 
 async fn create_pipeline(
@@ -444,6 +447,7 @@ async fn create_pipeline(
             source: "api".into(),
             jobs: b.jobs,
             rerun_of: None,
+            inputs: b.inputs,
         }
     ));
     (StatusCode::CREATED, axum::Json(json!({"pipeline_id": id}))).into_response()

@@ -36,6 +36,8 @@ pub struct NewPipeline {
     /// Only these jobs (and what they need); empty: all.
     pub jobs: Vec<String>,
     pub rerun_of: Option<i64>,
+    /// Values for the pipeline file's `spec: inputs` (name → value).
+    pub inputs: std::collections::BTreeMap<String, String>,
 }
 
 impl NewPipeline {
@@ -49,6 +51,7 @@ impl NewPipeline {
             source: source.to_string(),
             jobs,
             rerun_of: Some(p.id),
+            inputs: p.inputs.clone(),
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct Pipeline {
     pub status: String,
     pub jobs_filter: Vec<String>,
     pub rerun_of: Option<i64>,
+    /// Values given for the pipeline file's `spec: inputs`.
+    pub inputs: std::collections::BTreeMap<String, String>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -209,6 +214,8 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO deliveries2 SELECT source, delivery_id, project, event, received_at, pipeline_id FROM deliveries;
     DROP TABLE deliveries;
     ALTER TABLE deliveries2 RENAME TO deliveries;",
+    // 3: the values a pipeline was given for its file's `spec: inputs`.
+    "ALTER TABLE pipelines ADD COLUMN inputs TEXT NOT NULL DEFAULT '{}';",
 ];
 
 pub fn now() -> String {
@@ -247,7 +254,7 @@ impl SqliteStore {
     }
 }
 
-const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid";
+const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs";
 
 fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
     let filter: String = r.get(7)?;
@@ -267,6 +274,7 @@ fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
         error: r.get(12)?,
         dir: r.get(13)?,
         pid: r.get(14)?,
+        inputs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
     })
 }
 
@@ -296,8 +304,8 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
 
 fn insert_pipeline(c: &Connection, p: &NewPipeline) -> rusqlite::Result<i64> {
     c.execute(
-        "INSERT INTO pipelines (project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8)",
+        "INSERT INTO pipelines (project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, inputs)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9)",
         params![
             p.project,
             p.ref_name,
@@ -306,7 +314,8 @@ fn insert_pipeline(c: &Connection, p: &NewPipeline) -> rusqlite::Result<i64> {
             p.source,
             serde_json::to_string(&p.jobs).unwrap_or_else(|_| "[]".into()),
             p.rerun_of,
-            now()
+            now(),
+            serde_json::to_string(&p.inputs).unwrap_or_else(|_| "{}".into())
         ],
     )?;
     Ok(c.last_insert_rowid())

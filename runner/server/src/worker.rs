@@ -222,6 +222,9 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             args.extend([flag.to_string(), v.clone()]);
         }
     }
+    for (k, v) in &p.inputs {
+        args.push(format!("--input={k}={v}"));
+    }
     if !p.jobs_filter.is_empty() {
         // Job names come from the API: after `--`, none can be taken for a flag.
         args.push("--needs".into());
@@ -317,9 +320,17 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         (Some(status), _) => (status, None),
         (None, Some(130)) => ("canceled".into(), None),
         (None, _) => {
+            // The cause: from the first error rave printed (a pipeline file that does not
+            // load), else the last lines of its output.
             let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-            let last: Vec<&str> = text.lines().rev().take(5).collect();
-            let why = last.into_iter().rev().collect::<Vec<_>>().join("\n");
+            let lines: Vec<&str> = text.lines().collect();
+            let why = match lines.iter().position(|l| l.starts_with("error")) {
+                Some(i) => lines[i..lines.len().min(i + 8)].join("\n"),
+                None => {
+                    let from = lines.len().saturating_sub(5);
+                    lines[from..].join("\n")
+                }
+            };
             warn!(pipeline = p.id, "rave run ended without a result: {why}");
             (
                 "failed".into(),
