@@ -366,3 +366,32 @@ fn bad_includes_are_clear_errors_and_nothing_runs() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(!r.stderr.contains("wrong-token-xyz"), "{}", r.stderr);
 }
+
+/// A forge that accepts the connection and never answers: the include is given up on after
+/// the fetch timeout, with the URL named, and nothing runs.
+#[test]
+fn a_forge_that_hangs_times_out_with_the_url_named() {
+    // Accepts connections (the kernel's backlog) but never reads or answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "include:\n  - project: ci/slow\n    file: x.yml\nown:\n  script: [echo]\n",
+    )]);
+    let started = std::time::Instant::now();
+    let r = rave_env(
+        d.path(),
+        &["run", "--server-url", &url],
+        &[("RAVE_INCLUDE_FETCH_TIMEOUT", "2")],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("did not finish within 2 s")
+            && r.stderr.contains(&format!("{url}/ci/slow.git")),
+        "{}",
+        r.stderr
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(!d.path().join(".rave/runs/1").exists());
+    drop(listener);
+}

@@ -40,7 +40,10 @@ pub struct ForgeIncludes {
     /// Use only the cache.
     pub offline: bool,
     pub templates: Option<Templates>,
+    /// For one remote file.
     pub timeout: Duration,
+    /// For one git fetch of a project (`$RAVE_INCLUDE_FETCH_TIMEOUT` seconds, default 300).
+    pub fetch_timeout: Duration,
     /// Projects fetched during this load (each is fetched once).
     fetched: HashSet<String>,
 }
@@ -54,6 +57,12 @@ impl ForgeIncludes {
             offline: false,
             templates: None,
             timeout: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(
+                std::env::var("RAVE_INCLUDE_FETCH_TIMEOUT")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(300),
+            ),
             fetched: HashSet::new(),
         }
     }
@@ -100,8 +109,23 @@ impl ForgeIncludes {
             }
         };
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        rave_repo::fetch_mirror(&url, &self.credentials, &dir)
-            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        // libgit2 has no fetch deadline rave can set without `unsafe`: the fetch runs on its
+        // own thread, and a forge that stops answering is given up on with its URL named (the
+        // thread ends with the process).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (u, creds, d) = (url.clone(), self.credentials.clone(), dir.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(rave_repo::fetch_mirror(&u, &creds, &d));
+        });
+        match rx.recv_timeout(self.fetch_timeout) {
+            Ok(r) => r.map_err(|e| format!("cannot fetch {url}: {e}"))?,
+            Err(_) => {
+                return Err(format!(
+                    "fetching {url} did not finish within {} s (RAVE_INCLUDE_FETCH_TIMEOUT); is the forge answering?",
+                    self.fetch_timeout.as_secs()
+                ));
+            }
+        }
         self.fetched.insert(project.to_string());
         Ok(dir)
     }
