@@ -1227,3 +1227,29 @@ fn the_api_passes_inputs_to_the_pipeline() {
         "{v:#}"
     );
 }
+
+/// A trigger job's child pipeline shows on the server: its jobs under the trigger job.
+#[test]
+fn child_pipelines_show_under_their_trigger_job_on_the_server() {
+    let origin = Origin::new(&[
+        (
+            ".gitlab-ci.yml",
+            "parent-job:\n  script: [echo parent]\nrun-child:\n  trigger:\n    include: child.yml\n    strategy: depend\n",
+        ),
+        ("child.yml", "child-job:\n  script: [echo from-child]\n"),
+    ]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let r = github_push(&s, "child-1", "refs/heads/main", &origin.head());
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(job(&v, "run-child")["status"], "success", "{v:#}");
+    assert_eq!(
+        job(&v, "run-child » child-job")["status"],
+        "success",
+        "{v:#}"
+    );
+}

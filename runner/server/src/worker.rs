@@ -535,6 +535,25 @@ impl Tail {
                     }
                     info!(pipeline = self.pipeline, job = %j.name, status = %j.status, "job finished");
                     self.save(state, &j);
+                    // A trigger job's child pipeline: its jobs as rows named `trigger » job`,
+                    // numbered after every job of the parent.
+                    let children: Vec<rave_engine::event::ChildJob> =
+                        serde_json::from_value(r["children"].clone()).unwrap_or_default();
+                    for (k, c) in children.into_iter().enumerate() {
+                        let row = Job {
+                            pipeline_id: self.pipeline,
+                            index: 100_000 * (index as i64 + 1) + k as i64,
+                            name: format!("{} » {}", j.name, c.name),
+                            stage: c.stage,
+                            status: c.status,
+                            duration_ms: c.duration_ms.map(|d| d as i64),
+                            exit_code: c.exit_code.map(i64::from),
+                            failure_reason: c.failure_reason,
+                            finished_at: j.finished_at.clone(),
+                            ..Job::default()
+                        };
+                        self.save(state, &row);
+                    }
                 }
             }
             Some("pipeline_finished") => {
