@@ -95,6 +95,9 @@ pub struct Project {
     pub tag_source: Option<TagSource>,
     /// The forge: `--server-url`, `$CI_SERVER_URL`, else the host of `origin`.
     pub server_url: Option<String>,
+    /// The trigger computed while loading (include rules need it), so planning does not read
+    /// the repository a second time.
+    loaded_for: Option<Trigger>,
 }
 
 /// The files of a tag's commit, exported under `.rave/tags/<sha>/`.
@@ -166,12 +169,14 @@ impl Project {
             repo,
             tag_source,
             server_url,
+            loaded_for: None,
         };
         let variables = match t {
             Some(t) => {
                 let tr = project.trigger(t)?;
                 let mut v = tr.predefined();
                 v.extend(tr.variables.clone());
+                project.loaded_for = Some(tr);
                 v
             }
             None => Default::default(),
@@ -236,7 +241,15 @@ impl Project {
         self.loaded.pipeline.as_ref()
     }
 
+    /// The trigger for these arguments (the one computed while loading, when there was one).
     pub fn trigger(&self, t: &TriggerArgs) -> anyhow::Result<Trigger> {
+        match &self.loaded_for {
+            Some(tr) => Ok(tr.clone()),
+            None => self.read_trigger(t),
+        }
+    }
+
+    fn read_trigger(&self, t: &TriggerArgs) -> anyhow::Result<Trigger> {
         let source = Source::parse(&t.source).ok_or_else(|| {
             anyhow::anyhow!(
                 "unknown --source `{}`: use push, web, api, schedule, trigger or local",
