@@ -295,6 +295,29 @@ fn bad_includes_are_clear_errors_and_nothing_runs() {
         "ci/components",
         &[(&[("templates/lint.yml", spec)], Some("1.0.0"))],
     );
+    // Two projects that include each other.
+    forge_project(
+        forge.path(),
+        "ci/ping",
+        &[(
+            &[(
+                "ping.yml",
+                "include:\n  - project: ci/pong\n    file: pong.yml\nping:\n  script: [echo]\n",
+            )],
+            None,
+        )],
+    );
+    forge_project(
+        forge.path(),
+        "ci/pong",
+        &[(
+            &[(
+                "pong.yml",
+                "include:\n  - project: ci/ping\n    file: ping.yml\npong:\n  script: [echo]\n",
+            )],
+            None,
+        )],
+    );
     let files = tempfile::tempdir().unwrap();
     std::fs::write(files.path().join("remote.yml"), "r:\n  script: [echo]\n").unwrap();
     let s = servers(forge.path(), files.path());
@@ -329,6 +352,10 @@ fn bad_includes_are_clear_errors_and_nothing_runs() {
             "include:\n  - template: Nope.gitlab-ci.yml\n".to_string(),
             "no templates source is configured",
         ),
+        (
+            "include:\n  - project: ci/ping\n    file: ping.yml\n".to_string(),
+            "include loop: ci/ping@",
+        ),
     ];
     for (ci, want) in cases {
         let d = git_repo(&[(
@@ -347,7 +374,8 @@ fn bad_includes_are_clear_errors_and_nothing_runs() {
             r.stderr
         );
         assert!(
-            r.stderr.contains(".gitlab-ci.yml:"),
+            // In the pipeline file, or (a loop) in the file that closes it.
+            r.stderr.contains(".gitlab-ci.yml:") || r.stderr.contains("pong.yml:"),
             "the include's place is named:\n{}",
             r.stderr
         );
