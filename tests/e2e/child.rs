@@ -4,9 +4,13 @@
 
 use crate::support::*;
 
-const PARENT: &str = r#"stages: [gen, child]
+// The default image would put every job in a container; trigger jobs run the child here.
+const PARENT: &str = r#"default:
+  image: alpine:3
+stages: [gen, child]
 generate:
   stage: gen
+  inherit: {default: false}
   script:
     - |
       cat > generated.yml <<'EOT'

@@ -1279,6 +1279,15 @@ impl Reader<'_> {
                 .unwrap_or_default(),
             trigger,
         })
+        .map(|mut job| {
+            // A trigger job runs no script of its own (GitLab's bridge jobs take no image):
+            // it starts the child run on this machine, whatever `default: image` says.
+            if job.trigger.is_some() {
+                job.image = None;
+                job.services.clear();
+            }
+            job
+        })
     }
 
     pub fn workflow(&mut self, n: &Node) -> Option<Workflow> {
