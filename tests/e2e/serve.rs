@@ -152,6 +152,18 @@ fn post(s: &Server, path: &str, token: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().unwrap_or(Value::Null))
 }
 
+/// `POST /api/pipelines` with an admin token; returns the new pipeline's id.
+fn api_pipeline(s: &Server, body: Value) -> i64 {
+    let r = client()
+        .post(format!("{}/api/pipelines", s.url))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap()
+}
+
 /// Wait for a pipeline to end; returns it with its jobs.
 fn finished(s: &Server, id: i64) -> Value {
     wait_until(&format!("pipeline {id} never finished"), 120, || {
@@ -738,16 +750,7 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     let data = tempfile::tempdir().unwrap();
     let cfg = config(data.path(), &origin, "");
     let s = start(&data.path().join("data"), &cfg);
-    let run = |body: Value| -> i64 {
-        let r = client()
-            .post(format!("{}/api/pipelines", s.url))
-            .bearer_auth(ADMIN)
-            .json(&body)
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap()
-    };
+    let run = |body: Value| -> i64 { api_pipeline(&s, body) };
 
     // Run a ref: the server resolves it to its commit now.
     let id = run(json!({"project": "team/app", "ref": "main"}));
@@ -1201,19 +1204,7 @@ fn the_api_passes_inputs_to_the_pipeline() {
     let data = tempfile::tempdir().unwrap();
     let cfg = config(data.path(), &origin, "");
     let s = start(&data.path().join("data"), &cfg);
-    let run = |body: Value| -> Value {
-        let r = client()
-            .post(format!("{}/api/pipelines", s.url))
-            .bearer_auth(ADMIN)
-            .json(&body)
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        finished(
-            &s,
-            r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap(),
-        )
-    };
+    let run = |body: Value| -> Value { finished(&s, api_pipeline(&s, body)) };
     let v = run(json!({"project": "team/app", "ref": "main", "inputs": {"target": "eu"}}));
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["inputs"]["target"], "eu");
