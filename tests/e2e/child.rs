@@ -145,3 +145,35 @@ fn trigger_mistakes_are_lint_errors() {
         assert!(r.stderr.contains(want), "{ci}\n{}", r.stderr);
     }
 }
+
+/// `forward: pipeline_variables: true` passes the pipeline's own variables (`--var`) to the
+/// child as pipeline variables, which its rules see; without it they are not forwarded.
+#[test]
+fn pipeline_variables_are_forwarded_when_asked() {
+    let child = "always:\n  script: [echo always]\neu-only:\n  rules: [{if: $DEPLOY_TO == \"eu\"}]\n  script: [echo eu]\n";
+    for (forward, want) in [
+        (
+            "\n    forward: {pipeline_variables: true}",
+            vec!["always", "eu-only"],
+        ),
+        ("", vec!["always"]),
+    ] {
+        let d = git_repo(&[
+            (
+                ".gitlab-ci.yml",
+                &format!("run-child:\n  trigger:\n    include: child.yml{forward}\n"),
+            ),
+            ("child.yml", child),
+        ]);
+        let r = rave(
+            d.path(),
+            &["run", "--json", "--no-cgroups", "--var", "DEPLOY_TO=eu"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let got: Vec<String> = children(&json(&r.stdout), "run-child")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(got, want, "{forward:?}: {}", r.stderr);
+    }
+}

@@ -281,6 +281,7 @@ impl Project {
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("--var `{kv}` must look like KEY=VALUE"))?;
             trigger.variables.insert(k.to_string(), v.to_string());
+            trigger.pipeline_variables.push(k.to_string());
         }
         let dir_name = self
             .root

@@ -493,6 +493,13 @@ impl<'p, E: Executor> Run<'p, E> {
                 (k.clone(), rave_model::vars::expand(v, &lookup))
             })
             .collect();
+        if j.job.trigger.is_some() {
+            // What `forward: pipeline_variables` passes on to the child pipeline.
+            env.push((
+                "RAVE_PIPELINE_VARIABLES".into(),
+                self.plan.pipeline_variables.join(" "),
+            ));
+        }
         let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let caps = caps::env(j.memory_bytes, j.cpus, &self.cfg.budget, &lookup);
         env.extend(finals.iter().cloned());

@@ -135,6 +135,9 @@ pub fn read(
         .and_then(|f| f.get("yaml_variables"))
         .map(|v| v.value != Value::Bool(false))
         .unwrap_or(true);
+    let forward_pipeline = forward
+        .and_then(|f| f.get("pipeline_variables"))
+        .is_some_and(|v| v.value == Value::Bool(true));
     let child = serde_json::json!({ "include": artifact_to_local(&to_json(include)) });
     // The child runs for the parent's commit and ref, within the trigger job's share.
     let mut run = String::from(
@@ -145,8 +148,14 @@ pub fn read(
             run.push_str(&format!(" --var \"{v}=${{{v}}}\""));
         }
     }
+    if forward_pipeline {
+        // The names come from rave (`RAVE_PIPELINE_VARIABLES`, identifiers only); the values
+        // from the job's environment.
+        run.push_str(" \"$@\"");
+    }
     run.push_str(" > \"$RAVE_JOB_REPORT_DIR/child.json\"");
-    let script = vec![
+    let forward_line = "set --; for v in $RAVE_PIPELINE_VARIABLES; do set -- \"$@\" --var \"$v=$(printenv \"$v\")\"; done".to_string();
+    let mut script = vec![
         format!(
             "cat > \"$RAVE_JOB_REPORT_DIR/child-pipeline.yml\" <<'RAVE_CHILD_PIPELINE'\n{child}\nRAVE_CHILD_PIPELINE"
         ),
@@ -159,6 +168,9 @@ pub fn read(
             format!("{run} || {{ code=$?; [ \"$code\" -ne 2 ] || exit 2; }}")
         },
     ];
+    if forward_pipeline {
+        script.insert(1, forward_line);
+    }
     Some((
         TriggerSpec {
             depend,

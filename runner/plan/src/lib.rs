@@ -69,6 +69,9 @@ pub struct Plan {
     pub name: Option<String>,
     /// Set when `workflow: rules` decided not to run a pipeline for this trigger.
     pub skipped_by_workflow: bool,
+    /// Names of the variables given for this pipeline (`--var`), for child pipelines that
+    /// forward them.
+    pub pipeline_variables: Vec<String>,
 }
 
 impl Plan {
@@ -147,6 +150,7 @@ pub fn plan(
                             profile: opts.profile.clone(),
                             name: None,
                             skipped_by_workflow: true,
+                            pipeline_variables: Vec::new(),
                         }),
                         diags,
                     );
@@ -308,6 +312,7 @@ pub fn plan(
             profile: opts.profile.clone(),
             name,
             skipped_by_workflow: false,
+            pipeline_variables: trigger.pipeline_variables.clone(),
         }),
         diags,
     )

@@ -69,6 +69,9 @@ pub struct Trigger {
     pub commit: CommitInfo,
     /// The forge (`https://gitlab.example.com`), when known: `CI_SERVER_URL` and friends.
     pub server_url: Option<String>,
+    /// Names among `variables` given for this pipeline (`--var`), which a `trigger:` job with
+    /// `forward: pipeline_variables: true` passes on to its child.
+    pub pipeline_variables: Vec<String>,
     /// Names among `variables` taken literally (a CI/CD variable marked `raw`).
     pub literal_variables: Vec<String>,
     /// Values to mask in job output (CI/CD variables marked `masked`).
@@ -144,6 +147,7 @@ impl Default for Trigger {
             before_sha: "0000000000000000000000000000000000000000".into(),
             commit: CommitInfo::default(),
             server_url: None,
+            pipeline_variables: Vec::new(),
             literal_variables: Vec::new(),
             masked_values: Vec::new(),
         }
