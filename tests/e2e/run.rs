@@ -520,3 +520,28 @@ fn image_jobs_never_fall_back_to_the_host_without_docker() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(touched.exists(), "--executor local runs the job here");
 }
+
+/// The kernel's OOM killer picks jobs first and rave last: jobs run with `oom_score_adj` 1000;
+/// rave asks for -900 for itself, which only a kernel that lets it lower its score grants (some
+/// sandboxes refuse any negative value), so the test checks that rave ranks below its jobs.
+#[test]
+fn jobs_are_the_oom_killers_first_choice_and_rave_its_last() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "job:\n  script:\n    - echo \"job=$(cat /proc/self/oom_score_adj)\"\n    - echo \"rave=$(cat /proc/$PPID/oom_score_adj)\" || true\n    - sleep 2\n",
+    )]);
+    let child = spawn_rave(d.path(), &["run", "--json", "--executor", "local"]);
+    let pid = child.id();
+    let log = d.path().join(".rave/runs/1/logs/000-job.log");
+    wait_until("the job never started", 60, || file_contains(&log, "job="));
+    let rave_score = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("job=1000"), "{text}");
+    let rave_score: i32 = rave_score.trim().parse().unwrap();
+    assert!(
+        rave_score < 1000 && rave_score <= 0,
+        "rave's oom_score_adj is {rave_score}"
+    );
+}

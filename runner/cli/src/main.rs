@@ -87,8 +87,15 @@ fn quiet_on_broken_pipe() {
     }));
 }
 
+/// rave itself is the last thing the kernel's OOM killer should pick: it holds the state of
+/// every job. Lowering the score needs privilege; without it rave keeps the default.
+fn protect_from_oom_killer() {
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
+}
+
 fn main() {
     quiet_on_broken_pipe();
+    protect_from_oom_killer();
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Lint(a) => lint::run(a),

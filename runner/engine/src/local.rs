@@ -73,7 +73,10 @@ pub(crate) fn script_text(lines: &[String], fail_fast: bool) -> String {
 
 /// Move into the job's cgroup(s) (`0` = this process), then run the script in this same shell (sourcing it saves
 /// a second bash start per job; the script's `set -eo pipefail` applies from its first line).
-const WRAPPER: &str = r#"for f in "${@:2}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; set -- ; . "$0""#;
+/// Joins the job's cgroups, marks the job as what the kernel's OOM killer takes first
+/// (`oom_score_adj` 1000: a job, never rave or the desktop, is killed when the host runs out),
+/// then runs the script in the same process.
+const WRAPPER: &str = r#"for f in "${@:2}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; echo 1000 > /proc/self/oom_score_adj 2>/dev/null; set -- ; . "$0""#;
 
 fn spawn(
     bash: &Path,
