@@ -540,8 +540,5 @@ fn jobs_are_the_oom_killers_first_choice_and_rave_its_last() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("job=1000"), "{text}");
     let rave_score: i32 = rave_score.trim().parse().unwrap();
-    assert!(
-        rave_score <= 0,
-        "rave's oom_score_adj is {rave_score}"
-    );
+    assert!(rave_score <= 0, "rave's oom_score_adj is {rave_score}");
 }
