@@ -1244,3 +1244,43 @@ fn child_pipelines_show_under_their_trigger_job_on_the_server() {
         "{v:#}"
     );
 }
+
+/// `GET /api/events` streams status changes as Server-Sent Events while pipelines run.
+#[test]
+fn the_events_stream_tells_status_changes_as_they_happen() {
+    let origin = Origin::new(&[(".gitlab-ci.yml", "only-job:\n  script: [echo hi]\n")]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let refused = client()
+        .get(format!("{}/api/events", s.url))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let mut stream = client()
+        .get(format!("{}/api/events", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let r = github_push(&s, "events-1", "refs/heads/main", &origin.head());
+    assert_eq!(r.status(), 202);
+    // Read until the pipeline's end is told (bounded by the client's timeout).
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    // The pipeline's own event has no job.
+    while !seen.contains("\"job\":null,\"status\":\"success\"") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("event: job"), "{seen}");
+    assert!(seen.contains("\"job\":\"only-job\""), "{seen}");
+    assert!(seen.contains("event: pipeline"), "{seen}");
+}

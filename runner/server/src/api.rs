@@ -33,6 +33,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/pipelines/{id}/rerun", post(rerun))
         .route("/api/pipelines/{id}/cancel", post(cancel))
         .route("/api/projects/{*name}", get(project_variables))
+        .route("/api/events", get(events))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/play", post(play))
         .route("/api/jobs/{id}/log", get(job_log))
@@ -373,6 +374,34 @@ async fn project_variables(
         })
         .collect();
     axum::Json(json!({"project": project.name, "variables": vars})).into_response()
+}
+
+/// `GET /api/events`: status changes of pipelines and jobs as Server-Sent Events (`event:
+/// pipeline` or `job`, `data:` a JSON [`ServerEvent`](crate::events::ServerEvent)), as they
+/// are recorded; a comment every 15 s keeps proxies from closing the stream.
+async fn events(St(state): St<Shared>, headers: HeaderMap) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    auth!(state, headers, Scope::Read);
+    let rx = state.events.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let ev = Event::default()
+                        .event(e.kind.as_str())
+                        .json_data(&e)
+                        .unwrap_or_default();
+                    return Some((Ok::<_, std::convert::Infallible>(ev), rx));
+                }
+                // Fell behind: the oldest events are gone; go on with the next.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 async fn show_pipeline(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {

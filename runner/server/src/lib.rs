@@ -15,6 +15,7 @@
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod hooks;
 pub mod listen;
 pub mod metrics;
@@ -53,6 +54,8 @@ pub struct State {
     /// One fetch at a time per server: libgit2 and a mirror do not like concurrent writers.
     pub fetch_lock: Arc<Mutex<()>>,
     pub memory_budget: Option<u64>,
+    /// Status changes, for `GET /api/events`.
+    pub events: tokio::sync::broadcast::Sender<events::ServerEvent>,
 }
 
 pub struct ServeOptions {
@@ -122,6 +125,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         rave_exe: opts.rave_exe,
         fetch_lock: Arc::new(Mutex::new(())),
         memory_budget,
+        events: events::channel(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

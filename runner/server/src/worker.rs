@@ -26,6 +26,14 @@ pub async fn run_queue(state: Arc<State>) {
             Ok(Some(p)) => {
                 let id = p.id;
                 info!(pipeline = id, project = %p.project, sha = %p.sha, "pipeline started");
+                let _ = state.events.send(crate::events::ServerEvent {
+                    kind: crate::events::EventKind::Pipeline,
+                    pipeline_id: id,
+                    project: p.project.clone(),
+                    job_id: None,
+                    job: None,
+                    status: "running".into(),
+                });
                 let (status, err) = run_pipeline(&state, p).await;
                 record_end(&state, id, &status, err.as_deref()).await;
                 state
@@ -56,7 +64,24 @@ pub async fn run_queue(state: Arc<State>) {
 async fn record_end(state: &Arc<State>, id: i64, status: &str, err: Option<&str>) {
     for attempt in 0..30u32 {
         match state.store.finish_pipeline(id, status, err) {
-            Ok(()) => return,
+            Ok(()) => {
+                let project = state
+                    .store
+                    .pipeline(id)
+                    .ok()
+                    .flatten()
+                    .map(|p| p.project)
+                    .unwrap_or_default();
+                let _ = state.events.send(crate::events::ServerEvent {
+                    kind: crate::events::EventKind::Pipeline,
+                    pipeline_id: id,
+                    project,
+                    job_id: None,
+                    job: None,
+                    status: status.to_string(),
+                });
+                return;
+            }
             Err(e) => {
                 error!(
                     pipeline = id,
@@ -305,7 +330,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     {
         error!(pipeline = p.id, "cannot record the pipeline's process: {e}");
     }
-    let mut tail = Tail::new(events, p.id);
+    let mut tail = Tail::new(events, p.id, p.project.clone());
     let code = loop {
         tail.read(state);
         tokio::select! {
@@ -430,6 +455,7 @@ fn prune_checkout(src: &Path) {
 struct Tail {
     path: PathBuf,
     pipeline: i64,
+    project: String,
     /// Opened once the child has made the file; reads go on where the last one stopped.
     reader: Option<std::io::BufReader<std::fs::File>>,
     partial: String,
@@ -438,10 +464,11 @@ struct Tail {
 }
 
 impl Tail {
-    fn new(path: PathBuf, pipeline: i64) -> Self {
+    fn new(path: PathBuf, pipeline: i64, project: String) -> Self {
         Tail {
             path,
             pipeline,
+            project,
             reader: None,
             partial: String::new(),
             jobs: Vec::new(),
@@ -567,7 +594,22 @@ impl Tail {
     fn save(&self, state: &State, j: &Job) {
         if let Err(e) = state.store.upsert_job(j) {
             error!(pipeline = self.pipeline, job = %j.name, "cannot record the job: {e}");
+            return;
         }
+        // Told once recorded: a subscriber that then asks the API sees the same state.
+        let _ = state.events.send(crate::events::ServerEvent {
+            kind: crate::events::EventKind::Job,
+            pipeline_id: self.pipeline,
+            project: self.project.clone(),
+            job_id: state
+                .store
+                .jobs(self.pipeline)
+                .ok()
+                .and_then(|jobs| jobs.into_iter().find(|x| x.index == j.index))
+                .map(|x| x.id),
+            job: Some(j.name.clone()),
+            status: j.status.clone(),
+        });
     }
 }
 
