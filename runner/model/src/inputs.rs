@@ -350,7 +350,8 @@ fn apply(f: &str, v: &str, vars: &IndexMap<String, String>) -> Result<String, St
 }
 
 /// Ruby's `Shellwords.escape`, which GitLab's `posix_escape` is: every character that is not
-/// plainly safe gets a backslash; a newline becomes `'\n'`; the empty string `''`.
+/// plainly safe (ASCII letters, digits, `_-.,:+/@`) gets a backslash, multibyte ones too; a
+/// newline becomes `'\n'`; the empty string `''`.
 fn posix_escape(v: &str) -> String {
     if v.is_empty() {
         return "''".into();
@@ -359,7 +360,7 @@ fn posix_escape(v: &str) -> String {
     for c in v.chars() {
         if c == '\n' {
             out.push_str("'\n'");
-        } else if c.is_ascii_alphanumeric() || "_-.,:+/@".contains(c) || !c.is_ascii() {
+        } else if c.is_ascii_alphanumeric() || "_-.,:+/@".contains(c) {
             out.push(c);
         } else {
             out.push('\\');
