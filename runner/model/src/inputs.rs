@@ -464,6 +464,8 @@ mod tests {
             script[1].as_str(),
             Some("echo hello\\ world\\ \\$CI_PROJECT_NAME")
         );
+        assert_eq!(posix_escape("a b'é\n"), "a\\ b\\'\\é'\n'");
+        assert_eq!(posix_escape(""), "''");
     }
 
     #[test]
