@@ -542,3 +542,22 @@ fn jobs_are_the_oom_killers_first_choice_and_rave_its_last() {
     let rave_score: i32 = rave_score.trim().parse().unwrap();
     assert!(rave_score <= 0, "rave's oom_score_adj is {rave_score}");
 }
+
+/// The run reports how much of its memory budget its jobs used over its duration.
+#[test]
+fn the_summary_reports_budget_utilisation() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "a:\n  variables: {RAVE_MEMORY: 1G}\n  script: [sleep 1]\nb:\n  variables: {RAVE_MEMORY: 1G}\n  script: [sleep 1]\n",
+    )]);
+    let r = rave(
+        d.path(),
+        &["run", "--json", "--no-cgroups", "--memory", "2G"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r.stdout);
+    let u = v["pipeline"]["budget_utilisation"].as_f64().unwrap();
+    // Without cgroups no peak is measured: the limits count, two 1 GiB jobs side by side in a
+    // 2 GiB budget for about the whole run.
+    assert!(u > 0.5 && u <= 1.0, "utilisation {u}");
+}

@@ -144,6 +144,28 @@ fn ignore_rave_dir(root: &Path) {
     let _ = std::fs::write(&exclude, text);
 }
 
+/// How much of the memory budget the run used: the sum over jobs of peak memory (the limit when
+/// no peak was measured) times duration, over the budget times the run's duration. None for a
+/// run too short to tell.
+fn budget_utilisation(
+    records: &[&JobRecord],
+    budget_bytes: u64,
+    run: std::time::Duration,
+) -> Option<f64> {
+    let run_ms = run.as_millis() as f64;
+    if run_ms < 1.0 || budget_bytes == 0 {
+        return None;
+    }
+    let used: f64 = records
+        .iter()
+        .filter_map(|r| {
+            let ms = r.duration_ms? as f64;
+            Some(r.peak_memory_bytes.unwrap_or(r.memory_limit_bytes) as f64 * ms)
+        })
+        .sum();
+    Some((used / (budget_bytes as f64 * run_ms)).min(1.0))
+}
+
 fn print_no_pipeline(reason: NoPipelineReason, message: String) -> anyhow::Result<()> {
     let doc = NoPipeline {
         pipeline: None,
@@ -461,6 +483,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         c.remove();
     }
     let records: Vec<&JobRecord> = result.records.iter().flatten().collect();
+    let utilisation = budget_utilisation(&records, plan.budget.memory_bytes, result.duration);
     let doc = json!({
         "pipeline": {
             "id": pipeline_id,
@@ -470,6 +493,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             "sha": trigger.sha,
             "profile": plan.profile,
             "budget": {"memory_bytes": plan.budget.memory_bytes, "cpus": plan.budget.cpus, "jobs": plan.budget.jobs},
+            "budget_utilisation": utilisation,
         },
         "jobs": records,
     });
@@ -507,6 +531,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 .unwrap_or(&run_dir)
                 .display(),
         );
+        if let Some(u) = utilisation {
+            println!(
+                "memory budget used: {:.0}% (job peaks × their durations ÷ budget × the run's duration)",
+                u * 100.0
+            );
+        }
     }
     Ok(match result.status {
         PipelineStatus::Success | PipelineStatus::Skipped | PipelineStatus::Manual => 0,
