@@ -133,7 +133,8 @@ pub trait PipelineStore: Send + Sync {
     fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()>;
     fn jobs(&self, pipeline_id: i64) -> Result<Vec<Job>>;
     fn job(&self, id: i64) -> Result<Option<Job>>;
-    fn upsert_job(&self, job: &Job) -> Result<()>;
+    /// Insert or update a job row; returns its id.
+    fn upsert_job(&self, job: &Job) -> Result<i64>;
     /// Pipelines and jobs a crash left `running`: failed (or queued again), returned.
     fn recover(&self, requeue: bool) -> Result<Vec<Pipeline>>;
     fn counts(&self) -> Result<Counts>;
@@ -448,9 +449,9 @@ impl PipelineStore for SqliteStore {
         .optional()?)
     }
 
-    fn upsert_job(&self, j: &Job) -> Result<()> {
+    fn upsert_job(&self, j: &Job) -> Result<i64> {
         let c = self.lock();
-        c.execute(
+        let id = c.query_row(
             "INSERT INTO jobs (pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code,
                  failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
@@ -460,7 +461,8 @@ impl PipelineStore for SqliteStore {
                  exit_code = excluded.exit_code, failure_reason = excluded.failure_reason,
                  peak_memory_bytes = excluded.peak_memory_bytes,
                  memory_limit_bytes = COALESCE(excluded.memory_limit_bytes, memory_limit_bytes),
-                 attempts = COALESCE(excluded.attempts, attempts), note = excluded.note",
+                 attempts = COALESCE(excluded.attempts, attempts), note = excluded.note
+             RETURNING id",
             params![
                 j.pipeline_id,
                 j.index,
@@ -479,8 +481,9 @@ impl PipelineStore for SqliteStore {
                 j.log_path,
                 j.artifacts_dir
             ],
+            |r| r.get(0),
         )?;
-        Ok(())
+        Ok(id)
     }
 
     fn recover(&self, requeue: bool) -> Result<Vec<Pipeline>> {

@@ -34,8 +34,9 @@ pub async fn run_queue(state: Arc<State>) {
                     job: None,
                     status: "running".into(),
                 });
+                let project = p.project.clone();
                 let (status, err) = run_pipeline(&state, p).await;
-                record_end(&state, id, &status, err.as_deref()).await;
+                record_end(&state, id, &project, &status, err.as_deref()).await;
                 state
                     .running
                     .lock()
@@ -61,21 +62,14 @@ pub async fn run_queue(state: Arc<State>) {
 /// Record a pipeline's end. A store that cannot write (a full disk) is tried again, a bounded
 /// number of times, so a pipeline reaches a terminal state as soon as there is room; the
 /// pipeline's own partial files were already removed so the failure can be written.
-async fn record_end(state: &Arc<State>, id: i64, status: &str, err: Option<&str>) {
+async fn record_end(state: &Arc<State>, id: i64, project: &str, status: &str, err: Option<&str>) {
     for attempt in 0..30u32 {
         match state.store.finish_pipeline(id, status, err) {
             Ok(()) => {
-                let project = state
-                    .store
-                    .pipeline(id)
-                    .ok()
-                    .flatten()
-                    .map(|p| p.project)
-                    .unwrap_or_default();
                 let _ = state.events.send(crate::events::ServerEvent {
                     kind: crate::events::EventKind::Pipeline,
                     pipeline_id: id,
-                    project,
+                    project: project.to_string(),
                     job_id: None,
                     job: None,
                     status: status.to_string(),
@@ -592,21 +586,19 @@ impl Tail {
     }
 
     fn save(&self, state: &State, j: &Job) {
-        if let Err(e) = state.store.upsert_job(j) {
-            error!(pipeline = self.pipeline, job = %j.name, "cannot record the job: {e}");
-            return;
-        }
+        let job_id = match state.store.upsert_job(j) {
+            Ok(id) => id,
+            Err(e) => {
+                error!(pipeline = self.pipeline, job = %j.name, "cannot record the job: {e}");
+                return;
+            }
+        };
         // Told once recorded: a subscriber that then asks the API sees the same state.
         let _ = state.events.send(crate::events::ServerEvent {
             kind: crate::events::EventKind::Job,
             pipeline_id: self.pipeline,
             project: self.project.clone(),
-            job_id: state
-                .store
-                .jobs(self.pipeline)
-                .ok()
-                .and_then(|jobs| jobs.into_iter().find(|x| x.index == j.index))
-                .map(|x| x.id),
+            job_id: Some(job_id),
             job: Some(j.name.clone()),
             status: j.status.clone(),
         });
