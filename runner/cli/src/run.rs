@@ -48,9 +48,14 @@ pub struct RunArgs {
     /// Do not use cgroups even where available (admission-only budgeting).
     #[arg(long)]
     pub no_cgroups: bool,
-    /// Keep each job's working copy under .rave/runs/<id>/jobs after it ends.
+    /// Keep each job's working directory (.rave/builds/<job>) mounted after it ends, for a
+    /// look inside; the job's next run takes it down.
     #[arg(long)]
     pub keep: bool,
+    /// Where the project's persistent state lives: the snapshot mirror, the jobs' build
+    /// directories and the `cache:` archives (default: .rave in the project).
+    #[arg(long, value_name = "DIR", env = "RAVE_STATE_DIR", hide = true)]
+    pub state_dir: Option<PathBuf>,
     /// Jobs see none of rave's own environment except PATH, HOME, LANG, LC_ALL, LC_CTYPE, TZ,
     /// TMPDIR, USER, LOGNAME, TERM and the names given with --pass-env (`rave serve` always
     /// runs pipelines this way).
@@ -251,7 +256,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .iter()
         // rave's own output is not part of the working copy; committed settings under
         // .rave/ (the scan allowlist) are.
-        .filter(|f| !f.starts_with(".rave/runs/") && !f.starts_with(".rave/cache/"))
+        .filter(|f| {
+            ![
+                ".rave/runs/",
+                ".rave/cache/",
+                ".rave/builds/",
+                ".rave/snapshot/",
+                ".rave/caches/",
+            ]
+            .iter()
+            .any(|p| f.starts_with(p))
+        })
         .cloned()
         .collect();
     let data_dir = project.root.join(".rave");
@@ -260,13 +275,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         Some(ts) => (ts.dir.clone(), ts.files.clone()),
         None => (project.root.clone(), files),
     };
-    let mut ws = Workspace {
-        source_root,
-        files,
-        run_dir: run_dir.clone(),
-        store: Some(rave_store::Store::open(&data_dir)),
-        pipeline_id,
-    };
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| data_dir.clone());
+    let ignore: Box<dyn rave_engine::builds::IgnoreCheck> =
+        match rave_repo::Repo::discover(&project.root) {
+            Ok(r) => Box::new(workspace::RepoIgnores::new(r)),
+            Err(_) => Box::new(rave_engine::builds::NoIgnores),
+        };
+    let mut ws = Workspace::new(source_root, files, run_dir.clone(), &state_dir, ignore);
+    ws.store = Some(rave_store::Store::open(&data_dir));
+    ws.pipeline_id = pipeline_id;
     if let Err(e) = ws.snapshot() {
         eprintln!("error: cannot snapshot the working tree: {e}");
         return Ok(2);
@@ -481,6 +498,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     });
     if let Some(c) = &cgroups {
         c.remove();
+    }
+    if !args.keep {
+        // The snapshot is links into the mirror: cheap, but nothing needs it any more.
+        let _ = std::fs::remove_dir_all(run_dir.join("src"));
     }
     let records: Vec<&JobRecord> = result.records.iter().flatten().collect();
     let utilisation = budget_utilisation(&records, plan.budget.memory_bytes, result.duration);

@@ -16,12 +16,15 @@
 //! - [`executor`] is the contract every executor follows; [`local`] runs bash in a process
 //!   group and a [`cgroup`] with the job's memory limit, so an OOM kill is seen as one.
 //! - [`caps`] turns the job's share into `CARGO_BUILD_JOBS`, `NIX_CONFIG`, `MAKEFLAGS`, …
-//! - [`workspace`] lays out working copies, artifacts and dotenv reports; [`logs`] writes logs.
+//! - [`workspace`] lays out a run's files; [`snapshot`] freezes the project's files once per
+//!   run and [`builds`] gives each job a stable directory filled from it (an overlay mount, or
+//!   an incremental copy); [`logs`] writes logs.
 //!
 //! A failed job is a result ([`outcome::ExecOutcome`]), not an error; only the runner's own
 //! failures are `runner_error`.
 
 pub mod admission;
+pub mod builds;
 pub mod caps;
 pub mod cgroup;
 pub mod dispatch;
@@ -33,6 +36,7 @@ pub mod logs;
 pub mod mask;
 pub mod outcome;
 pub mod scheduler;
+pub mod snapshot;
 pub mod workspace;
 
 pub use event::{Event, JobRecord};

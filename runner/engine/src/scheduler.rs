@@ -8,6 +8,7 @@
 //! back over a channel; the scheduler never waits on a job directly.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,6 +18,7 @@ use rave_plan::{JobInstance, Plan};
 use tokio::sync::mpsc;
 
 use crate::admission::{Admission, Candidate, Request};
+use crate::builds::{CleanFlags, GitStrategy};
 use crate::caps;
 use crate::event::{Event, JobRecord};
 use crate::executor::{Cancel, Executor, JobSpec, LogChunk, LogSink};
@@ -518,7 +520,16 @@ impl<'p, E: Executor> Run<'p, E> {
             .iter()
             .map(|&a| workspace::slug(a, &self.job(a).name))
             .collect();
-        let workdir = self.ws.job_dir(&slug);
+        // The job's stable directory, held until it ends.
+        let claim = self.ws.claim(&j.name);
+        let workdir = match &claim {
+            Ok(c) => c.dir.clone(),
+            Err(_) => self.ws.run_dir.join("unclaimed"),
+        };
+        let git = (
+            GitStrategy::parse(j.variables.get("GIT_STRATEGY").map(String::as_str)),
+            CleanFlags::parse(j.variables.get("GIT_CLEAN_FLAGS").map(String::as_str)),
+        );
         let scratch_dir = self.ws.scratch_dir(&slug, attempt);
         let mut env = self.job_env(id, &workdir);
         // Tools rave provides (`rave scan`) leave their verdicts here.
@@ -566,15 +577,30 @@ impl<'p, E: Executor> Run<'p, E> {
         tokio::spawn(async move {
             let started_at = SystemTime::now();
             let started = Instant::now();
-            let prep = {
-                let ws = ws.clone();
-                let slug = slug.clone();
-                tokio::task::spawn_blocking(move || ws.prepare(&slug, &deps))
+            let (claim, prep) = match (claim, git) {
+                (Ok(mut claim), (Ok(strategy), Ok(clean))) => {
+                    let ws = ws.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = ws.prepare(&mut claim, &deps, strategy, &clean);
+                        (Some(claim), r)
+                    })
                     .await
-                    .unwrap_or_else(|e| Err(format!("preparing the working copy panicked: {e}")))
+                    .unwrap_or_else(|e| {
+                        (
+                            None,
+                            Err(format!("preparing the working directory panicked: {e}")),
+                        )
+                    })
+                }
+                (Err(e), _) | (_, (Err(e), _)) | (_, (_, Err(e))) => (None, Err(e)),
             };
             let mut outcome = match prep {
-                Ok(_) => exec.run(spec, log.clone(), cancel).await,
+                Ok(notes) => {
+                    for n in notes {
+                        log.system(&n).await;
+                    }
+                    exec.run(spec, log.clone(), cancel).await
+                }
                 Err(e) => ExecOutcome {
                     runner_error: Some(e),
                     ..ExecOutcome::default()
@@ -584,9 +610,19 @@ impl<'p, E: Executor> Run<'p, E> {
                 let ws = ws.clone();
                 let outcome = outcome.clone();
                 let slug = slug.clone();
-                tokio::task::spawn_blocking(move || save_outputs(&ws, &j, &slug, &outcome, keep))
-                    .await
-                    .unwrap_or_default()
+                tokio::task::spawn_blocking(move || {
+                    let mut claim = claim;
+                    let out = match &claim {
+                        Some(c) => save_outputs(&ws, &j, &slug, &c.dir, &outcome),
+                        None => Default::default(),
+                    };
+                    if let Some(c) = claim.as_mut() {
+                        ws.release(c, keep);
+                    }
+                    out
+                })
+                .await
+                .unwrap_or_default()
             };
             outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
             let children = crate::event::read_child_jobs(&scratch_dir.join("child.json"));
@@ -704,12 +740,11 @@ fn save_outputs(
     ws: &Workspace,
     j: &JobInstance,
     slug: &str,
+    workdir: &Path,
     outcome: &ExecOutcome,
-    keep: bool,
 ) -> (HashMap<String, String>, Vec<String>) {
     let mut notes = Vec::new();
     let mut dotenv = HashMap::new();
-    let workdir = ws.job_dir(slug);
     if let Some(a) = &j.job.artifacts {
         let ok = outcome.succeeded();
         let wanted = match a.when {
@@ -775,9 +810,6 @@ fn save_outputs(
                 }
             }
         }
-    }
-    if !keep {
-        ws.discard(slug);
     }
     (dotenv, notes)
 }

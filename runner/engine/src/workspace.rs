@@ -3,19 +3,22 @@
 //! Layout under the run directory (`.rave/runs/<id>/` for `rave run`):
 //!
 //! ```text
-//! jobs/<slug>/          the job's working copy (CI_PROJECT_DIR), removed when it ends
-//! artifacts/<slug>/     files the job declared in `artifacts:`, copied out of its copy
+//! src/                  the snapshot of the project's files the run started with
+//! artifacts/<slug>/     files the job declared in `artifacts:`, copied out of its directory
 //! logs/<slug>.log       the job's full log
 //! scratch/<slug>-<n>/   the executor's scripts for attempt n
 //! ```
 //!
-//! Every job gets its own copy of the repository's files, so parallel jobs never see each
-//! other's writes; artifacts of the jobs it depends on are copied in on top.
+//! Jobs work in stable per-job directories under the project's builds directory (see
+//! [`crate::builds`]), filled from `src/` at a cost that does not grow with the repository;
+//! artifacts of the jobs a job depends on are copied in on top.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use crate::builds::{Builds, Claim, CleanFlags, Filled, GitStrategy, IgnoreCheck, Tracked};
 
 pub struct Workspace {
     pub source_root: PathBuf,
@@ -25,6 +28,33 @@ pub struct Workspace {
     pub store: Option<rave_store::Store>,
     /// The pipeline's id in the store's index.
     pub pipeline_id: u64,
+    /// The project's persistent state: `snapshot/` (the mirror) and `builds/` (job dirs).
+    pub builds: Builds,
+    pub mirror_dir: PathBuf,
+    /// The project's `.gitignore` rules, for `GIT_CLEAN_FLAGS` without `-x`.
+    pub ignore: Box<dyn IgnoreCheck>,
+    tracked: Tracked,
+}
+
+/// `.gitignore` rules of a real repository, through git2.
+pub struct RepoIgnores(std::sync::Mutex<rave_repo::Repo>);
+
+impl RepoIgnores {
+    pub fn new(repo: rave_repo::Repo) -> RepoIgnores {
+        RepoIgnores(std::sync::Mutex::new(repo))
+    }
+}
+
+impl IgnoreCheck for RepoIgnores {
+    fn is_ignored(&self, rel: &str, is_dir: bool) -> bool {
+        let repo = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let path = if is_dir {
+            format!("{rel}/")
+        } else {
+            rel.to_string()
+        };
+        repo.is_ignored(&path)
+    }
 }
 
 /// A file-system-safe, unique name for a job instance.
@@ -48,9 +78,31 @@ pub fn slug(id: usize, name: &str) -> String {
 }
 
 impl Workspace {
-    pub fn job_dir(&self, slug: &str) -> PathBuf {
-        self.run_dir.join("jobs").join(slug)
+    /// A run's workspace over the project's state directory (`.rave/` for `rave run`).
+    pub fn new(
+        source_root: PathBuf,
+        files: Vec<String>,
+        run_dir: PathBuf,
+        state_dir: &Path,
+        ignore: Box<dyn IgnoreCheck>,
+    ) -> Workspace {
+        let mut builds = Builds::new(state_dir.join("builds"));
+        if std::env::var("RAVE_WORKSPACE").is_ok_and(|v| v == "copy") {
+            builds = builds.copy_only();
+        }
+        Workspace {
+            source_root,
+            files,
+            run_dir,
+            store: None,
+            pipeline_id: 0,
+            builds,
+            mirror_dir: state_dir.join("snapshot"),
+            ignore,
+            tracked: Tracked::default(),
+        }
     }
+
     pub fn artifacts_dir(&self, slug: &str) -> PathBuf {
         self.run_dir.join("artifacts").join(slug)
     }
@@ -62,40 +114,71 @@ impl Workspace {
             .join("scratch")
             .join(format!("{slug}-{attempt}"))
     }
-
-    /// Freeze the files the run starts with into `<run>/src`, so every job sees the tree as
-    /// it was when the pipeline started, whatever is edited while it runs.
-    pub fn snapshot(&mut self) -> Result<(), String> {
-        let dest = self.run_dir.join("src");
-        std::fs::create_dir_all(&dest)
-            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-        rave_repo::copy_tree(&self.source_root, &self.files, &dest).map_err(|e| e.to_string())?;
-        self.source_root = dest;
-        Ok(())
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.run_dir.join("src")
     }
 
-    /// A fresh working copy for a job, with the artifacts of `deps` (slugs) copied in.
-    pub fn prepare(&self, slug: &str, deps: &[String]) -> Result<PathBuf, String> {
-        let dir = self.job_dir(slug);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    /// Freeze the files the run starts with into `<run>/src`, so every job sees the tree as
+    /// it was when the pipeline started, whatever is edited while it runs. Only files changed
+    /// since the last run are copied (see [`crate::snapshot`]).
+    pub fn snapshot(&mut self) -> Result<crate::snapshot::SnapshotStats, String> {
+        let dest = self.snapshot_dir();
+        let stats = crate::snapshot::take(&self.source_root, &self.files, &self.mirror_dir, &dest)?;
+        self.tracked = Tracked::new(&self.files);
+        self.source_root = dest;
+        Ok(stats)
+    }
+
+    /// Claim the job's stable build directory (its `CI_PROJECT_DIR`).
+    pub fn claim(&self, job: &str) -> Result<Claim, String> {
+        self.builds.claim(job)
+    }
+
+    /// Fill a claimed directory for a job and copy in the artifacts of `deps` (slugs).
+    /// Returns lines for the job's log.
+    pub fn prepare(
+        &self,
+        claim: &mut Claim,
+        deps: &[String],
+        strategy: GitStrategy,
+        clean: &CleanFlags,
+    ) -> Result<Vec<String>, String> {
+        claim.touch();
+        let (filled, note) = self.builds.prepare(
+            claim,
+            &self.source_root,
+            &self.tracked,
+            strategy,
+            clean,
+            self.ignore.as_ref(),
+        )?;
+        let mut notes: Vec<String> = note.into_iter().collect();
+        match filled {
+            Filled::Overlay | Filled::Copied { .. } if strategy == GitStrategy::Clone => {
+                notes.push("Fresh working directory (GIT_STRATEGY: clone)".into())
+            }
+            Filled::Copied { copied, kept } if kept > 0 => notes.push(format!(
+                "Working directory updated: {copied} file(s) copied, {kept} unchanged"
+            )),
+            Filled::Untouched => notes.push(
+                "GIT_STRATEGY: none: the working directory is left as the job's last run left it"
+                    .into(),
+            ),
+            _ => {}
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        rave_repo::copy_tree(&self.source_root, &self.files, &dir).map_err(|e| e.to_string())?;
         for d in deps {
             let src = self.artifacts_dir(d);
             if src.is_dir() {
-                copy_dir(&src, &dir).map_err(|e| format!("cannot copy artifacts of {d}: {e}"))?;
+                copy_dir(&src, &claim.dir)
+                    .map_err(|e| format!("cannot copy artifacts of {d}: {e}"))?;
             }
         }
-        Ok(dir)
+        Ok(notes)
     }
 
-    /// Remove a job's working copy once its artifacts are saved.
-    pub fn discard(&self, slug: &str) {
-        let _ = std::fs::remove_dir_all(self.job_dir(slug));
+    /// After the job's artifacts are saved: take its directory's overlay down.
+    pub fn release(&self, claim: &mut Claim, keep: bool) {
+        self.builds.release(claim, keep);
     }
 }
 

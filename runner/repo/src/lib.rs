@@ -68,6 +68,12 @@ impl Repo {
         &self.root
     }
 
+    /// Whether `.gitignore` rules (and `info/exclude`) ignore `rel` (a trailing `/` asks
+    /// about a directory).
+    pub fn is_ignored(&self, rel: &str) -> bool {
+        self.repo.is_path_ignored(rel).unwrap_or(false)
+    }
+
     pub fn head(&self) -> Result<Head, RepoError> {
         let head = match self.repo.head() {
             Ok(h) => h,

@@ -216,6 +216,21 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             )
             .display()
     ));
+    // The snapshot mirror, the jobs' build directories and `cache:` archives outlive one
+    // pipeline: kept per project, so a push re-copies only what changed and tools' caches
+    // see the same paths.
+    args.push(format!(
+        "--state-dir={}",
+        state
+            .data_dir
+            .join("workspaces")
+            .join(
+                mirror_dir(state, &p.project)
+                    .file_name()
+                    .unwrap_or_default()
+            )
+            .display()
+    ));
     if let Some(d) = &state.cfg.server.templates_dir {
         args.push(format!("--templates-dir={}", d.display()));
     } else if let Some(t) = &state.cfg.server.templates_project {

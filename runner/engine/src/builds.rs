@@ -1,0 +1,920 @@
+//! Job working directories: one stable directory per job name, reset from the run's
+//! snapshot at a cost that does not grow with the repository.
+//!
+//! `<builds>/<job>` is the job's `CI_PROJECT_DIR` run after run (a second run of the same job
+//! while the first still holds it gets `<job>~2`, as GitLab Runner's `CI_CONCURRENT_ID`
+//! does), so tools that record absolute paths (cargo's fingerprints, ccache) hit their caches.
+//!
+//! Two ways to fill it, chosen once per run:
+//! - **overlay** (root): an overlay mount with the run's snapshot as its read-only lower
+//!   layer and the job's writes in an upper directory kept beside it. Setting it up is one
+//!   mount, whatever the size of the repository; resetting it is removing what the job wrote.
+//! - **copy** (where mounting is not allowed): the directory persists and is synchronised
+//!   from the snapshot the way GitLab Runner's `GIT_STRATEGY: fetch` updates its build
+//!   directory: files whose snapshot inode and own stat are unchanged since the last sync are
+//!   kept, the rest copied; untracked files are cleaned by `GIT_CLEAN_FLAGS`.
+//!
+//! `GIT_STRATEGY: clone` starts from nothing, `fetch` (the default) resets tracked files and
+//! cleans, `none` leaves the directory as the job's last run left it (artifacts still come).
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+/// `GIT_STRATEGY`, as GitLab Runner reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GitStrategy {
+    Clone,
+    Fetch,
+    None,
+}
+
+impl GitStrategy {
+    pub fn parse(s: Option<&str>) -> Result<GitStrategy, String> {
+        match s.map(str::trim) {
+            None | Some("") | Some("fetch") => Ok(GitStrategy::Fetch),
+            Some("clone") => Ok(GitStrategy::Clone),
+            Some("none") | Some("empty") => Ok(GitStrategy::None),
+            Some(o) => Err(format!(
+                "GIT_STRATEGY `{o}` is not one of clone, fetch, none"
+            )),
+        }
+    }
+}
+
+/// Which untracked files `git clean` removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Only files `.gitignore` does not ignore (no `-x`).
+    Keep,
+    /// Ignored files too (`-x`).
+    Also,
+    /// Only ignored files (`-X`).
+    Only,
+}
+
+/// `GIT_CLEAN_FLAGS` (GitLab's default: `-ffdx`; `none` turns cleaning off).
+#[derive(Clone, Debug)]
+pub struct CleanFlags {
+    pub enabled: bool,
+    pub dirs: bool,
+    pub ignored: Ignored,
+    exclude: GlobSet,
+    excluded_any: bool,
+}
+
+impl Default for CleanFlags {
+    fn default() -> Self {
+        CleanFlags {
+            enabled: true,
+            dirs: true,
+            ignored: Ignored::Also,
+            exclude: GlobSet::empty(),
+            excluded_any: false,
+        }
+    }
+}
+
+impl CleanFlags {
+    pub fn parse(s: Option<&str>) -> Result<CleanFlags, String> {
+        let Some(s) = s.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(CleanFlags::default());
+        };
+        if s == "none" {
+            return Ok(CleanFlags {
+                enabled: false,
+                ..CleanFlags::default()
+            });
+        }
+        let mut out = CleanFlags {
+            dirs: false,
+            ignored: Ignored::Keep,
+            ..CleanFlags::default()
+        };
+        let mut excludes = Vec::new();
+        let mut words = s.split_whitespace();
+        while let Some(w) = words.next() {
+            if let Some(p) = w.strip_prefix("--exclude=") {
+                excludes.push(p.to_string());
+            } else if w == "-e" || w == "--exclude" {
+                let p = words
+                    .next()
+                    .ok_or_else(|| format!("GIT_CLEAN_FLAGS `{s}`: `{w}` needs a pattern"))?;
+                excludes.push(p.to_string());
+            } else if let Some(p) = w.strip_prefix("-e") {
+                excludes.push(p.to_string());
+            } else if w == "--force" || w == "--quiet" {
+            } else if let Some(short) = w.strip_prefix('-').filter(|f| !f.starts_with('-')) {
+                for c in short.chars() {
+                    match c {
+                        'f' | 'q' => {}
+                        'd' => out.dirs = true,
+                        'x' => out.ignored = Ignored::Also,
+                        'X' => out.ignored = Ignored::Only,
+                        _ => {
+                            return Err(format!(
+                                "GIT_CLEAN_FLAGS `{s}`: rave understands -f, -d, -x, -X, -q and -e PATTERN (or `none`), not -{c}"
+                            ));
+                        }
+                    }
+                }
+            } else {
+                return Err(format!(
+                    "GIT_CLEAN_FLAGS `{s}`: unexpected `{w}`; rave understands -f, -d, -x, -X, -q and -e PATTERN (or `none`)"
+                ));
+            }
+        }
+        let mut b = GlobSetBuilder::new();
+        for p in &excludes {
+            // `git clean -e` takes .gitignore patterns: a name without a slash matches at any
+            // depth, a trailing slash means a directory (here: the directory and what is in it).
+            let trimmed = p.trim_end_matches('/');
+            let anchored = trimmed.trim_start_matches('/');
+            let base = if trimmed.contains('/') {
+                anchored.to_string()
+            } else {
+                format!("**/{anchored}")
+            };
+            for pat in [base.clone(), format!("{base}/**")] {
+                let g = GlobBuilder::new(&pat)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| format!("GIT_CLEAN_FLAGS: bad pattern `{p}`: {e}"))?;
+                b.add(g);
+            }
+        }
+        out.exclude = b.build().map_err(|e| e.to_string())?;
+        out.excluded_any = !excludes.is_empty();
+        Ok(out)
+    }
+
+    /// `-ffdx` with no exclusions: every untracked file goes, so a reset can start over.
+    fn removes_everything(&self) -> bool {
+        self.enabled && self.dirs && self.ignored == Ignored::Also && !self.excluded_any
+    }
+
+    fn removes(&self, rel: &str, is_dir: bool, ignore: &dyn IgnoreCheck) -> bool {
+        if !self.enabled || self.exclude.is_match(rel) {
+            return false;
+        }
+        match self.ignored {
+            Ignored::Also => true,
+            Ignored::Keep => !ignore.is_ignored(rel, is_dir),
+            Ignored::Only => ignore.is_ignored(rel, is_dir),
+        }
+    }
+}
+
+/// Whether a path is ignored by the project's `.gitignore` files.
+pub trait IgnoreCheck: Send + Sync {
+    fn is_ignored(&self, rel: &str, is_dir: bool) -> bool;
+}
+
+/// No `.gitignore` rules known (a tree exported without its repository).
+pub struct NoIgnores;
+impl IgnoreCheck for NoIgnores {
+    fn is_ignored(&self, _: &str, _: bool) -> bool {
+        false
+    }
+}
+
+/// The files of a run's snapshot and the directories that hold them.
+#[derive(Default)]
+pub struct Tracked {
+    files: HashSet<String>,
+    dirs: HashSet<String>,
+}
+
+impl Tracked {
+    pub fn new(files: &[String]) -> Tracked {
+        let mut dirs = HashSet::new();
+        for f in files {
+            let mut p = f.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                if !dirs.insert(parent.to_string()) {
+                    break;
+                }
+                p = parent;
+            }
+        }
+        Tracked {
+            files: files.iter().cloned().collect(),
+            dirs,
+        }
+    }
+}
+
+/// How a job's directory was filled, for its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    Overlay,
+    Copied { copied: usize, kept: usize },
+    Untouched,
+}
+
+/// A job's claim on a build directory: held (an exclusive lock) until dropped.
+pub struct Claim {
+    pub dir: PathBuf,
+    name: String,
+    _lock: std::fs::File,
+    mounted: bool,
+}
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+
+/// The build directories of one project.
+pub struct Builds {
+    root: PathBuf,
+    overlay: AtomicU8,
+}
+
+/// Take a lock on `path` (created), waiting for it when `wait`; `None` when it is held and
+/// not waiting.
+pub fn lock_file(path: &Path, wait: bool) -> Result<Option<std::fs::File>, String> {
+    use rustix::fs::{FlockOperation, flock};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let op = if wait {
+        FlockOperation::LockExclusive
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    match flock(&f, op) {
+        Ok(()) => Ok(Some(f)),
+        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+        Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// A directory name for a job: its name where that is safe, else a safe form plus a short
+/// hash of the name (so `a b` and `a-b` do not share a directory).
+pub fn dir_name(job: &str) -> String {
+    let safe: String = job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let safe = safe.trim_matches(['-', '.']);
+    let safe: String = safe.chars().take(60).collect();
+    if safe == job && !safe.is_empty() {
+        return safe;
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(job.as_bytes());
+    let hex: String = h.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    if safe.is_empty() {
+        hex
+    } else {
+        format!("{safe}-{hex}")
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct SyncState {
+    /// Per tracked file: the snapshot's inode it was copied from, and the copy's length and
+    /// mtime right after copying.
+    files: HashMap<String, (u64, u64, i64, i64)>,
+}
+
+impl Builds {
+    pub fn new(root: PathBuf) -> Builds {
+        Builds {
+            root,
+            overlay: AtomicU8::new(UNKNOWN),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Forbid overlay mounts (tests of the copy path; `RAVE_WORKSPACE=copy`).
+    pub fn copy_only(self) -> Builds {
+        self.overlay.store(NO, Ordering::Relaxed);
+        self
+    }
+
+    /// Claim the job's stable directory, or the next free `~N` one when another run holds it.
+    pub fn claim(&self, job: &str) -> Result<Claim, String> {
+        let base = dir_name(job);
+        for n in 1..=64 {
+            let name = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}~{n}")
+            };
+            let lock = self.root.join(".locks").join(format!("{name}.lock"));
+            if let Some(f) = lock_file(&lock, false)? {
+                return Ok(Claim {
+                    dir: self.root.join(&name),
+                    name,
+                    _lock: f,
+                    mounted: false,
+                });
+            }
+        }
+        Err(format!(
+            "64 runs hold the build directory of `{job}` at once under {}",
+            self.root.display()
+        ))
+    }
+
+    fn upper(&self, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.root.join(".overlay").join(name);
+        (d.join("upper"), d.join("work"))
+    }
+
+    /// Fill the claimed directory from `snapshot`. Returns how, and a note for the log when
+    /// the overlay could not be used.
+    pub fn prepare(
+        &self,
+        claim: &mut Claim,
+        snapshot: &Path,
+        tracked: &Tracked,
+        strategy: GitStrategy,
+        clean: &CleanFlags,
+        ignore: &dyn IgnoreCheck,
+    ) -> Result<(Filled, Option<String>), String> {
+        // A mount left behind by a run that died (or by `--keep`).
+        unmount(&claim.dir);
+        if strategy == GitStrategy::None {
+            std::fs::create_dir_all(&claim.dir)
+                .map_err(|e| format!("cannot create {}: {e}", claim.dir.display()))?;
+            return Ok((Filled::Untouched, None));
+        }
+        let mut note = None;
+        if self.overlay.load(Ordering::Relaxed) != NO {
+            match self.mount_overlay(claim, snapshot, tracked, strategy, clean, ignore) {
+                Ok(()) => {
+                    self.overlay.store(YES, Ordering::Relaxed);
+                    return Ok((Filled::Overlay, None));
+                }
+                Err(e) => {
+                    // Decided once per run: later jobs go straight to copies.
+                    if self.overlay.swap(NO, Ordering::Relaxed) != NO {
+                        note = Some(format!(
+                            "working directories are copies, not overlay mounts ({e}); a job's setup grows with the repository"
+                        ));
+                    }
+                }
+            }
+        }
+        let (copied, kept) = self.sync_copy(claim, snapshot, tracked, strategy, clean, ignore)?;
+        Ok((Filled::Copied { copied, kept }, note))
+    }
+
+    fn mount_overlay(
+        &self,
+        claim: &mut Claim,
+        snapshot: &Path,
+        tracked: &Tracked,
+        strategy: GitStrategy,
+        clean: &CleanFlags,
+        ignore: &dyn IgnoreCheck,
+    ) -> Result<(), String> {
+        let (upper, work) = self.upper(&claim.name);
+        for p in [snapshot, &upper, &work] {
+            let s = p.to_string_lossy();
+            if s.contains([',', ':', '\\']) {
+                return Err(format!("the path {s} holds a `,`, `:` or `\\`"));
+            }
+        }
+        if strategy == GitStrategy::Clone || clean.removes_everything() {
+            remove_all(&upper)?;
+        } else if upper.is_dir() {
+            reset_tree(&upper, "", tracked, clean, ignore, true)?;
+        }
+        remove_all(&work)?;
+        for d in [&upper, &work, &claim.dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        // A directory that held a copy (the copy path ran here before) is emptied: the
+        // overlay would hide it, and its size would stay on disk.
+        if std::fs::read_dir(&claim.dir).is_ok_and(|mut r| r.next().is_some()) {
+            remove_all(&claim.dir)?;
+            std::fs::create_dir_all(&claim.dir)
+                .map_err(|e| format!("cannot create {}: {e}", claim.dir.display()))?;
+            let _ = std::fs::remove_file(self.state_path(&claim.name));
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            snapshot.display(),
+            upper.display(),
+            work.display()
+        );
+        let data = std::ffi::CString::new(opts).map_err(|e| e.to_string())?;
+        rustix::mount::mount(
+            "rave",
+            &claim.dir,
+            "overlay",
+            rustix::mount::MountFlags::NODEV,
+            data.as_c_str(),
+        )
+        .map_err(|e| format!("overlay mount refused: {e}"))?;
+        claim.mounted = true;
+        Ok(())
+    }
+
+    fn state_path(&self, name: &str) -> PathBuf {
+        self.root.join(".state").join(format!("{name}.json"))
+    }
+
+    fn sync_copy(
+        &self,
+        claim: &Claim,
+        snapshot: &Path,
+        tracked: &Tracked,
+        strategy: GitStrategy,
+        clean: &CleanFlags,
+        ignore: &dyn IgnoreCheck,
+    ) -> Result<(usize, usize), String> {
+        let state_path = self.state_path(&claim.name);
+        let old: Option<SyncState> = std::fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let dir = &claim.dir;
+        let mut keep: HashSet<String> = HashSet::new();
+        match old {
+            Some(old) if strategy == GitStrategy::Fetch && dir.is_dir() => {
+                // Tracked files unchanged on both sides stay; untracked ones are cleaned.
+                let mut stack = vec![String::new()];
+                while let Some(rel_dir) = stack.pop() {
+                    let Ok(rd) = std::fs::read_dir(dir.join(&rel_dir)) else {
+                        continue;
+                    };
+                    for e in rd.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let rel = join(&rel_dir, &name);
+                        let Ok(ft) = e.file_type() else { continue };
+                        if ft.is_dir() {
+                            if tracked.dirs.contains(&rel) {
+                                stack.push(rel);
+                            } else if tracked.files.contains(&rel) {
+                                remove_all(&e.path())?;
+                            } else {
+                                clean_untracked_dir(dir, &rel, clean, ignore)?;
+                            }
+                            continue;
+                        }
+                        if tracked.files.contains(&rel) {
+                            let same = old.files.get(&rel).is_some_and(|&(ino, len, s, ns)| {
+                                let snap = snapshot.join(&rel).symlink_metadata().ok();
+                                let mine = e.metadata().ok();
+                                snap.is_some_and(|m| m.ino() == ino)
+                                    && mine.is_some_and(|m| {
+                                        (m.len(), m.mtime(), m.mtime_nsec()) == (len, s, ns)
+                                    })
+                            });
+                            if same {
+                                keep.insert(rel);
+                            } else {
+                                let _ = std::fs::remove_file(e.path());
+                            }
+                        } else if clean.removes(&rel, false, ignore) {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
+            _ => {
+                remove_all(dir)?;
+            }
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut state = SyncState::default();
+        let mut copied = 0;
+        for f in &tracked.files {
+            let from = snapshot.join(f);
+            let Ok(snap) = from.symlink_metadata() else {
+                continue;
+            };
+            let to = dir.join(f);
+            if !keep.contains(f) {
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+                if to.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    remove_all(&to)?;
+                }
+                if snap.file_type().is_symlink() {
+                    let _ = std::fs::remove_file(&to);
+                    let target = std::fs::read_link(&from)
+                        .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+                    std::os::unix::fs::symlink(target, &to)
+                        .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+                } else {
+                    std::fs::copy(&from, &to)
+                        .map_err(|e| format!("cannot copy {f} into {}: {e}", dir.display()))?;
+                    if let Ok(t) = snap.modified()
+                        && let Ok(h) = std::fs::File::options().write(true).open(&to)
+                    {
+                        let _ = h.set_modified(t);
+                    }
+                }
+                copied += 1;
+            }
+            if let Ok(m) = to.symlink_metadata() {
+                state
+                    .files
+                    .insert(f.clone(), (snap.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+            }
+        }
+        std::fs::create_dir_all(state_path.parent().unwrap_or(&self.root))
+            .map_err(|e| format!("cannot create {}: {e}", self.root.display()))?;
+        crate::snapshot::write_atomic(
+            &state_path,
+            &serde_json::to_vec(&state).map_err(|e| e.to_string())?,
+        )?;
+        Ok((copied, keep.len()))
+    }
+
+    /// After the job (and its artifacts): take the overlay down. The upper layer stays until
+    /// the job's next run resets it, as GitLab Runner's build directory does.
+    pub fn release(&self, claim: &mut Claim, keep_mounted: bool) {
+        if claim.mounted && !keep_mounted {
+            unmount(&claim.dir);
+            claim.mounted = false;
+        }
+    }
+
+    /// Remove build directories (and their overlay layers) not used for `older_than`.
+    /// Returns how many were removed; directories held by a running job are skipped.
+    pub fn prune(&self, older_than: std::time::Duration) -> usize {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now();
+        let mut n = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let lock = self.root.join(".locks").join(format!("{name}.lock"));
+            let used = std::fs::metadata(&lock)
+                .and_then(|m| m.modified())
+                .or_else(|_| e.metadata().and_then(|m| m.modified()))
+                .ok();
+            if used.is_some_and(|t| now.duration_since(t).unwrap_or_default() < older_than) {
+                continue;
+            }
+            let Ok(Some(_held)) = lock_file(&lock, false) else {
+                continue;
+            };
+            unmount(&e.path());
+            let _ = remove_all(&e.path());
+            let _ = remove_all(&self.root.join(".overlay").join(&name));
+            let _ = std::fs::remove_file(self.state_path(&name));
+            let _ = std::fs::remove_file(&lock);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Claim {
+    /// Mark the claim as used now (for `prune`).
+    pub fn touch(&self) {
+        let _ = self._lock.set_modified(std::time::SystemTime::now());
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Unmount whatever is mounted at `dir` (nothing when nothing is).
+fn unmount(dir: &Path) {
+    use rustix::mount::{UnmountFlags, unmount};
+    if unmount(dir, UnmountFlags::empty()).is_err() {
+        // Busy (a process the job left, a shell in it): detach, it goes when released.
+        let _ = unmount(dir, UnmountFlags::DETACH);
+    }
+}
+
+fn remove_all(p: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot remove {}: {e}", p.display())),
+    }
+}
+
+/// An untracked directory under `root`: removed whole when `clean` removes everything in it,
+/// else file by file.
+fn clean_untracked_dir(
+    root: &Path,
+    rel: &str,
+    clean: &CleanFlags,
+    ignore: &dyn IgnoreCheck,
+) -> Result<(), String> {
+    // git clean without -d leaves untracked directories alone.
+    if !clean.enabled || !clean.dirs || clean.exclude.is_match(rel) {
+        return Ok(());
+    }
+    if clean.ignored == Ignored::Also && !clean.excluded_any {
+        return remove_all(&root.join(rel));
+    }
+    if clean.removes(rel, true, ignore) && clean.ignored != Ignored::Keep {
+        return remove_all(&root.join(rel));
+    }
+    if clean.ignored == Ignored::Keep && ignore.is_ignored(rel, true) {
+        return Ok(());
+    }
+    let Ok(rd) = std::fs::read_dir(root.join(rel)) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let sub = join(rel, &e.file_name().to_string_lossy());
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            clean_untracked_dir(root, &sub, clean, ignore)?;
+        } else if clean.removes(&sub, false, ignore) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(root.join(rel));
+    Ok(())
+}
+
+/// Reset an overlay's upper layer to "the snapshot plus untracked files the clean flags
+/// keep": whiteouts and copies of tracked files go (the lower layer shows through again),
+/// opaque directories become transparent, untracked files are cleaned.
+fn reset_tree(
+    upper: &Path,
+    rel_dir: &str,
+    tracked: &Tracked,
+    clean: &CleanFlags,
+    ignore: &dyn IgnoreCheck,
+    _overlay: bool,
+) -> Result<(), String> {
+    let Ok(rd) = std::fs::read_dir(upper.join(rel_dir)) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let rel = join(rel_dir, &e.file_name().to_string_lossy());
+        let path = e.path();
+        let Ok(meta) = path.symlink_metadata() else {
+            continue;
+        };
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // A whiteout: the job deleted something; the snapshot's version comes back.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if ft.is_dir() {
+            let _ = rustix::fs::lremovexattr(&path, "trusted.overlay.opaque");
+            if tracked.dirs.contains(&rel) {
+                reset_tree(upper, &rel, tracked, clean, ignore, true)?;
+            } else if tracked.files.contains(&rel) {
+                remove_all(&path)?;
+            } else {
+                clean_untracked_dir(upper, &rel, clean, ignore)?;
+            }
+            continue;
+        }
+        if tracked.files.contains(&rel) || clean.removes(&rel, false, ignore) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct IgnoreTarget;
+    impl IgnoreCheck for IgnoreTarget {
+        fn is_ignored(&self, rel: &str, _: bool) -> bool {
+            rel == "target" || rel.starts_with("target/")
+        }
+    }
+
+    #[test]
+    fn clean_flags_parse_as_git_clean_reads_them() {
+        let d = CleanFlags::parse(None).unwrap();
+        assert!(d.removes_everything());
+        let n = CleanFlags::parse(Some("none")).unwrap();
+        assert!(!n.enabled);
+        let e = CleanFlags::parse(Some("-ffdx -e target/ --exclude=*.log")).unwrap();
+        assert!(e.dirs && e.ignored == Ignored::Also && !e.removes_everything());
+        assert!(!e.removes("target", true, &NoIgnores));
+        assert!(!e.removes("sub/target/x", false, &NoIgnores));
+        assert!(!e.removes("a/b.log", false, &NoIgnores));
+        assert!(e.removes("out.bin", false, &NoIgnores));
+        let k = CleanFlags::parse(Some("-fd")).unwrap();
+        assert!(!k.removes("target/x", false, &IgnoreTarget));
+        assert!(k.removes("new.txt", false, &IgnoreTarget));
+        let only = CleanFlags::parse(Some("-fdX")).unwrap();
+        assert!(only.removes("target/x", false, &IgnoreTarget));
+        assert!(!only.removes("new.txt", false, &IgnoreTarget));
+        let bad = CleanFlags::parse(Some("-fdz")).unwrap_err();
+        assert!(bad.contains("not -z"), "{bad}");
+        assert!(GitStrategy::parse(Some("depth")).is_err());
+        assert_eq!(GitStrategy::parse(None).unwrap(), GitStrategy::Fetch);
+    }
+
+    #[test]
+    fn dir_names_are_stable_safe_and_distinct() {
+        assert_eq!(dir_name("build"), "build");
+        assert_eq!(dir_name("unit-tests_1.2"), "unit-tests_1.2");
+        let a = dir_name("a b");
+        let b = dir_name("a-b");
+        assert_ne!(a, b);
+        assert!(a.starts_with("a-b-"), "{a}");
+        assert_eq!(dir_name("test 1/3"), dir_name("test 1/3"));
+        assert!(!dir_name("../x").contains('/'));
+    }
+
+    fn tree(files: &[(&str, &str)], root: &Path) -> Vec<String> {
+        for (f, c) in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, c).unwrap();
+        }
+        files.iter().map(|(f, _)| f.to_string()).collect()
+    }
+
+    fn run_copy(
+        strategy: GitStrategy,
+        clean: &str,
+        builds: &Builds,
+        snap: &Path,
+        files: &[String],
+    ) -> Filled {
+        let mut c = builds.claim("job").unwrap();
+        let flags = CleanFlags::parse(Some(clean)).unwrap();
+        let (f, _) = builds
+            .prepare(
+                &mut c,
+                snap,
+                &Tracked::new(files),
+                strategy,
+                &flags,
+                &IgnoreTarget,
+            )
+            .unwrap();
+        builds.release(&mut c, false);
+        f
+    }
+
+    #[test]
+    fn copy_path_resets_tracked_files_keeps_unchanged_ones_and_cleans_by_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = d.path().join("snap");
+        let files = tree(
+            &[("a.txt", "a"), ("src/b.rs", "b"), ("src/c.rs", "c")],
+            &snap,
+        );
+        let builds = Builds::new(d.path().join("builds")).copy_only();
+        let dir = d.path().join("builds/job");
+        assert_eq!(
+            run_copy(GitStrategy::Fetch, "", &builds, &snap, &files),
+            Filled::Copied { copied: 3, kept: 0 }
+        );
+        // The job edits a tracked file, deletes one and writes outputs.
+        std::fs::write(dir.join("src/b.rs"), "edited by the job").unwrap();
+        std::fs::remove_file(dir.join("a.txt")).unwrap();
+        std::fs::create_dir_all(dir.join("target/debug")).unwrap();
+        std::fs::write(dir.join("target/debug/app"), "bin").unwrap();
+        std::fs::write(dir.join("notes.txt"), "n").unwrap();
+        // `-fd` without -x: the ignored target/ stays, the untracked notes go.
+        assert_eq!(
+            run_copy(GitStrategy::Fetch, "-fd", &builds, &snap, &files),
+            Filled::Copied { copied: 2, kept: 1 }
+        );
+        assert_eq!(std::fs::read_to_string(dir.join("src/b.rs")).unwrap(), "b");
+        assert!(dir.join("a.txt").is_file());
+        assert!(dir.join("target/debug/app").is_file());
+        assert!(!dir.join("notes.txt").exists());
+        // The default (-ffdx) removes it; nothing tracked is copied again.
+        assert_eq!(
+            run_copy(GitStrategy::Fetch, "", &builds, &snap, &files),
+            Filled::Copied { copied: 0, kept: 3 }
+        );
+        assert!(!dir.join("target").exists());
+        // none: untouched.
+        std::fs::write(dir.join("left.txt"), "l").unwrap();
+        assert_eq!(
+            run_copy(GitStrategy::None, "", &builds, &snap, &files),
+            Filled::Untouched
+        );
+        assert!(dir.join("left.txt").exists());
+        // clone: from nothing.
+        assert_eq!(
+            run_copy(GitStrategy::Clone, "none", &builds, &snap, &files),
+            Filled::Copied { copied: 3, kept: 0 }
+        );
+        assert!(!dir.join("left.txt").exists());
+    }
+
+    #[test]
+    fn overlay_path_never_writes_the_snapshot_and_resets_like_fetch() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = d.path().join("snap");
+        let files = tree(&[("a.txt", "a"), ("src/b.rs", "b")], &snap);
+        let tracked = Tracked::new(&files);
+        let builds = Builds::new(d.path().join("builds"));
+        let flags = |s: &str| CleanFlags::parse(Some(s)).unwrap();
+        let mut c = builds.claim("job").unwrap();
+        let (filled, note) = builds
+            .prepare(
+                &mut c,
+                &snap,
+                &tracked,
+                GitStrategy::Fetch,
+                &flags(""),
+                &NoIgnores,
+            )
+            .unwrap();
+        if !rustix::process::geteuid().is_root() {
+            // Without root the mount is refused; the copy path takes over and says so once.
+            assert!(matches!(filled, Filled::Copied { .. }), "{filled:?}");
+            assert!(note.unwrap().contains("copies, not overlay"));
+            return;
+        }
+        assert_eq!(filled, Filled::Overlay);
+        std::fs::write(c.dir.join("src/b.rs"), "edited").unwrap();
+        std::fs::remove_file(c.dir.join("a.txt")).unwrap();
+        std::fs::create_dir_all(c.dir.join("target")).unwrap();
+        std::fs::write(c.dir.join("target/out"), "o").unwrap();
+        builds.release(&mut c, false);
+        assert_eq!(std::fs::read_to_string(snap.join("src/b.rs")).unwrap(), "b");
+        assert!(snap.join("a.txt").exists());
+        assert!(!c.dir.join("src").exists(), "unmounted");
+        // Keep target/, reset the rest.
+        let (filled, _) = builds
+            .prepare(
+                &mut c,
+                &snap,
+                &tracked,
+                GitStrategy::Fetch,
+                &flags("-ffdx -e target/"),
+                &NoIgnores,
+            )
+            .unwrap();
+        assert_eq!(filled, Filled::Overlay);
+        assert_eq!(
+            std::fs::read_to_string(c.dir.join("src/b.rs")).unwrap(),
+            "b"
+        );
+        assert!(c.dir.join("a.txt").exists());
+        assert_eq!(
+            std::fs::read_to_string(c.dir.join("target/out")).unwrap(),
+            "o"
+        );
+        builds.release(&mut c, false);
+        builds
+            .prepare(
+                &mut c,
+                &snap,
+                &tracked,
+                GitStrategy::Fetch,
+                &flags(""),
+                &NoIgnores,
+            )
+            .unwrap();
+        assert!(!c.dir.join("target").exists());
+        builds.release(&mut c, false);
+    }
+
+    #[test]
+    fn a_held_directory_is_not_shared() {
+        let d = tempfile::tempdir().unwrap();
+        let builds = Builds::new(d.path().to_path_buf());
+        let a = builds.claim("lint").unwrap();
+        let b = builds.claim("lint").unwrap();
+        assert_eq!(a.dir, d.path().join("lint"));
+        assert_eq!(b.dir, d.path().join("lint~2"));
+        drop(a);
+        let c = builds.claim("lint").unwrap();
+        assert_eq!(c.dir, d.path().join("lint"));
+    }
+}
