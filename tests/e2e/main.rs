@@ -16,3 +16,4 @@ mod release;
 mod run;
 mod scan;
 mod serve;
+mod workspace;

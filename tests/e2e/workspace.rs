@@ -1,0 +1,118 @@
+//! Job working directories through the real binary: stable per job, reset from the run's
+//! snapshot as GitLab Runner's `GIT_STRATEGY: fetch` resets its build directory, by an overlay
+//! mount (root) and by the incremental copy used where mounting is not allowed.
+
+use crate::support::*;
+
+const PIPELINE: &str = r#"
+keep-target:
+  variables: {GIT_CLEAN_FLAGS: "-ffdx -e target/"}
+  script:
+    - echo "$CI_PROJECT_DIR" >> "$OUT/keep-dirs"
+    - test "$(cat tracked.txt)" = "$(cat "$OUT/expected")"
+    - if [ -e target/stamp ]; then echo kept >> "$OUT/keep-seen"; else echo none >> "$OUT/keep-seen"; fi
+    - mkdir -p target && echo built > target/stamp
+    - echo scribble > tracked.txt
+    - rm other.txt
+fresh:
+  script:
+    - test ! -e junk
+    - test -e other.txt
+    - test "$(cat tracked.txt)" = "$(cat "$OUT/expected")"
+    - touch junk
+untouched:
+  variables: {GIT_STRATEGY: none}
+  script:
+    - test ! -e tracked.txt
+    - if [ -e left ]; then echo left >> "$OUT/none-seen"; else echo empty >> "$OUT/none-seen"; fi
+    - touch left
+par:
+  parallel: 2
+  script:
+    - echo "$CI_PROJECT_DIR" >> "$OUT/par"
+"#;
+
+fn lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn workspaces_behave_like_gitlab_build_directories(mode: Option<&str>) {
+    let d = git_repo(&[
+        (".gitlab-ci.yml", PIPELINE),
+        ("tracked.txt", "original"),
+        ("other.txt", "o"),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let out_s = out.path().to_str().unwrap().to_string();
+    let mut env = vec![("OUT", out_s.as_str())];
+    if let Some(m) = mode {
+        env.push(("RAVE_WORKSPACE", m));
+    }
+    std::fs::write(out.path().join("expected"), "original").unwrap();
+    let r = rave_env(d.path(), &["run", "--jobs", "2"], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    // An uncommitted edit reaches the next run (and nothing else of the first run stays).
+    std::fs::write(d.path().join("tracked.txt"), "edited").unwrap();
+    std::fs::write(out.path().join("expected"), "edited").unwrap();
+    let r = rave_env(d.path(), &["run", "--jobs", "2"], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+
+    let dirs = lines(&out.path().join("keep-dirs"));
+    assert_eq!(dirs.len(), 2);
+    assert_eq!(
+        dirs[0], dirs[1],
+        "the job's directory is the same run after run"
+    );
+    assert!(
+        dirs[0].ends_with("/.rave/builds/keep-target"),
+        "{}",
+        dirs[0]
+    );
+    // GIT_CLEAN_FLAGS kept target/ (and only that: tracked files were reset, checked above).
+    assert_eq!(lines(&out.path().join("keep-seen")), ["none", "kept"]);
+    // GIT_STRATEGY: none leaves the directory as the job left it, without the repository.
+    assert_eq!(lines(&out.path().join("none-seen")), ["empty", "left"]);
+    let par = lines(&out.path().join("par"));
+    assert_eq!(par.len(), 4);
+    let distinct: std::collections::HashSet<_> = par.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        2,
+        "parallel instances never share a directory: {par:?}"
+    );
+    // The working tree itself was never touched by a job.
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("tracked.txt")).unwrap(),
+        "edited"
+    );
+    assert!(d.path().join("other.txt").exists());
+}
+
+#[test]
+fn overlay_workspaces_are_stable_and_reset_like_gitlab_fetch() {
+    workspaces_behave_like_gitlab_build_directories(None);
+}
+
+#[test]
+fn copied_workspaces_are_stable_and_reset_like_gitlab_fetch() {
+    workspaces_behave_like_gitlab_build_directories(Some("copy"));
+}
+
+#[test]
+fn a_bad_git_strategy_fails_the_job_with_the_cause() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "job:\n  variables: {GIT_STRATEGY: shallow}\n  script: [true]\n",
+    )]);
+    let r = rave(d.path(), &["run", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v = json(&r.stdout);
+    let j = job(&v, "job");
+    assert_eq!(j["failure_reason"], "runner_error");
+    let note = j["note"].as_str().unwrap_or_default();
+    assert!(note.contains("GIT_STRATEGY `shallow`"), "{j:#}");
+}
