@@ -11,6 +11,9 @@ Shapes:
   sleep-40     40 jobs sleeping 0.1-1.0 s in a layered DAG: makespan / lower bound, where
                lower bound = max(critical path, total work / slots)
   logs-4x50MB  4 jobs printing 50 MB each (output to /dev/null); rave's peak RSS
+  repo-20k     10 independent no-op jobs in a repository of 20,000 files (80 MB): the cost of
+               a job's working directory; first run (cold) and second run (nothing changed),
+               and rave's per-job setup time (p50/p95, from its run JSON)
   packing      mixed memory requests under 3 GiB: rave's memory-aware admission against a
                count-only scheduler (slots = budget / largest request), same binary
 """
@@ -86,12 +89,20 @@ def packing():
     return jobs
 
 
+def repo_20k():
+    return [Job(f"j{i}", "true", needs=[]) for i in range(10)]
+
+
+# Shapes whose repository holds many files besides the pipeline.
+BIG_REPOS = {"repo-20k": (20000, 4000)}
+
 SHAPES = {
     "noop-200": noop_200,
     "chain-50": chain_50,
     "layered-100": layered_100,
     "sleep-40": sleep_40,
     "logs-4x50MB": logs_4,
+    "repo-20k": repo_20k,
 }
 
 
@@ -122,8 +133,13 @@ def makefile(jobs):
     return "\n".join(out) + "\n"
 
 
-def repo(jobs):
+def repo(jobs, files=0, size=0):
     d = Path(tempfile.mkdtemp(prefix="rave-bench-"))
+    rnd = random.Random(5)
+    for i in range(files):
+        sub = d / "src" / f"m{i % 200:03d}" / f"p{(i // 200) % 10}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}.txt").write_bytes(rnd.randbytes(size // 2).hex().encode())
     (d / ".gitlab-ci.yml").write_text(gitlab_yaml(jobs))
     (d / "Makefile").write_text(makefile(jobs))
     sh("git init -q -b main . && git add -A && git -c user.name=b -c user.email=b@b commit -qm b"
@@ -197,18 +213,36 @@ def main():
         if args.only and args.only != name:
             continue
         jobs = shape()
-        d = repo(jobs)
+        d = repo(jobs, *BIG_REPOS.get(name, (0, 0)))
         print(f"{name}: {len(jobs)} jobs in {d}")
         t_make, _, c = timed("make -j2 -s", d)
         assert c == 0, f"make failed on {name}"
         t_rave, rss_rave, c = timed(rave_cmd(rave, common), d)
         assert c == 0, f"rave failed on {name}"
+        if name in BIG_REPOS:
+            # Nothing changed since: what a developer's second `rave run` costs.
+            out = d / "run.json"
+            t0 = time.monotonic()
+            c = subprocess.run(f"{rave} run {common} --json > {out}", shell=True, cwd=d,
+                               stderr=subprocess.DEVNULL).returncode
+            t_second = time.monotonic() - t0
+            assert c == 0
+            import json
+            setups = sorted(j.get("setup_ms") or 0 for j in json.loads(out.read_text())["jobs"])
+            out.unlink()
         t_gcl = None
         if gcl:
             t_gcl, _, c = timed(f"{gcl} --shell-executor-no-image --concurrency 2 --no-color", d)
             if c != 0:
-                print(f"  gitlab-ci-local exited {c}")
+                print(f"  gitlab-ci-local exited {c}; its output:")
+                subprocess.run(f"{gcl} --shell-executor-no-image --concurrency 2 --no-color 2>&1 | tail -5",
+                               shell=True, cwd=d)
         row = {"shape": name, "make": t_make, "rave": t_rave, "gcl": t_gcl, "rss_mb": rss_rave / 1024}
+        if name in BIG_REPOS:
+            row["second"] = t_second
+            row["setup"] = (setups[len(setups) // 2], setups[min(len(setups) - 1, int(len(setups) * 0.95))])
+            if gcl:
+                row["gcl_second"], _, _ = timed(f"{gcl} --shell-executor-no-image --concurrency 2 --no-color", d)
         if name == "sleep-40":
             row["bound"] = lower_bound(jobs, 2)
             # A second run in the same repository: rave now weights the critical path by the
@@ -245,6 +279,10 @@ def main():
             if r["gcl"]:
                 notes += f" (gcl {r['gcl']/r['bound']:.3f})"
             notes += f"; second run {r['learned']/r['bound']:.3f}"
+        if "second" in r:
+            notes += (f"; second run {r['second']:.2f}s"
+                      + (f" (gcl {r['gcl_second']:.2f}s = {r['gcl_second']/r['second']:.1f}x)" if r.get("gcl_second") else "")
+                      + f"; setup p50 {r['setup'][0]} ms, p95 {r['setup'][1]} ms")
         print(f"{r['shape']:<13} {r['make']:>8.2f}s {r['rave']:>7.2f}s {gcl_t:>8} {r['rave']/r['make']:>9.2f}x {ratio_gcl:>9}  {notes}")
 
 

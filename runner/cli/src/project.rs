@@ -98,6 +98,9 @@ pub struct Project {
     /// The trigger computed while loading (include rules need it), so planning does not read
     /// the repository a second time.
     loaded_for: Option<Trigger>,
+    /// Blob ids of the unmodified tracked files, read with the file list: the run's snapshot
+    /// trusts them instead of re-reading files.
+    pub blob_ids: std::sync::OnceLock<std::collections::HashMap<String, String>>,
 }
 
 /// The files of a tag's commit, exported under `.rave/tags/<sha>/`.
@@ -170,6 +173,7 @@ impl Project {
             tag_source,
             server_url,
             loaded_for: None,
+            blob_ids: Default::default(),
         };
         let variables = match t {
             Some(t) => {
@@ -322,7 +326,19 @@ impl Project {
             };
             trigger.files = match &self.tag_source {
                 Some(ts) => ts.files.clone(),
-                None => relative(repo.files()?),
+                None => {
+                    let (files, ids) = repo.files_and_ids()?;
+                    let _ = self.blob_ids.set(match &prefix {
+                        None => ids,
+                        Some(pre) => ids
+                            .into_iter()
+                            .filter_map(|(f, id)| {
+                                f.strip_prefix(pre.as_str()).map(|r| (r.to_string(), id))
+                            })
+                            .collect(),
+                    });
+                    relative(files)
+                }
             };
             if let Some(rev) = &t.compare_to {
                 trigger.changed_files = Some(relative(repo.changed_since(rev)?));

@@ -284,6 +284,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let mut ws = Workspace::new(source_root, files, run_dir.clone(), &state_dir, ignore);
     ws.store = Some(rave_store::Store::open(&data_dir));
     ws.pipeline_id = pipeline_id;
+    if project.tag_source.is_none() {
+        ws.blob_ids = project.blob_ids.get().cloned().unwrap_or_default();
+    }
     if let Err(e) = ws.snapshot() {
         eprintln!("error: cannot snapshot the working tree: {e}");
         return Ok(2);

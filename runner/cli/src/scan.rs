@@ -215,6 +215,8 @@ pub fn run(args: &ScanArgs) -> anyhow::Result<i32> {
     if !result.passed() {
         // Tell the runner this job failed its gate (failure_reason: scan_gate).
         if let Ok(d) = std::env::var("RAVE_JOB_REPORT_DIR") {
+            // Created on first use: most jobs never report anything.
+            let _ = std::fs::create_dir_all(&d);
             let _ = std::fs::write(Path::new(&d).join("scan_gate"), "");
         }
         return Ok(1);

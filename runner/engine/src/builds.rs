@@ -398,12 +398,13 @@ impl Builds {
                 return Err(format!("the path {s} holds a `,`, `:` or `\\`"));
             }
         }
+        // Emptied, not removed: on ext4, creating directories right after deleting some is
+        // what a job's setup would mostly cost. The kernel resets `work` itself at mount.
         if strategy == GitStrategy::Clone || clean.removes_everything() {
-            remove_all(&upper)?;
+            empty_dir(&upper)?;
         } else if upper.is_dir() {
             reset_tree(&upper, "", tracked, clean, ignore, true)?;
         }
-        remove_all(&work)?;
         for d in [&upper, &work, &claim.dir] {
             std::fs::create_dir_all(d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
@@ -616,6 +617,23 @@ fn unmount(dir: &Path) {
         // Busy (a process the job left, a shell in it): detach, it goes when released.
         let _ = unmount(dir, UnmountFlags::DETACH);
     }
+}
+
+/// Remove what `dir` holds, keeping `dir`.
+fn empty_dir(dir: &Path) -> Result<(), String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let res = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        res.map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn remove_all(p: &Path) -> Result<(), String> {

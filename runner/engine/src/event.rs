@@ -20,6 +20,9 @@ pub struct JobRecord {
     pub finished_at: Option<SystemTime>,
     pub duration_ms: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
+    /// Time spent preparing the job's working directory (snapshot → build dir, artifacts in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_ms: Option<u64>,
     pub memory_limit_bytes: u64,
     pub cpus: f64,
     pub attempts: u32,

@@ -63,6 +63,9 @@ pub(crate) fn script_text(lines: &[String], fail_fast: bool) -> String {
     } else {
         "set +o noclobber\n"
     });
+    // The local executor hands the script over on fd 3 (see WRAPPER); closing an fd that is
+    // not open is harmless where the script is a file (docker).
+    s.push_str("exec 3<&-\n");
     for l in lines {
         s.push_str(&format!("printf '%s\\n' {}\n", sq(&format!("$ {l}"))));
         s.push_str(l);
@@ -76,22 +79,36 @@ pub(crate) fn script_text(lines: &[String], fail_fast: bool) -> String {
 /// Joins the job's cgroups, marks the job as what the kernel's OOM killer takes first
 /// (`oom_score_adj` 1000: a job, never rave or the desktop, is killed when the host runs out),
 /// then runs the script in the same process.
-const WRAPPER: &str = r#"for f in "${@:2}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; echo 1000 > /proc/self/oom_score_adj 2>/dev/null; set -- ; . "$0""#;
+///
+/// The script arrives on stdin as a memory file (no file on disk per job): the wrapper moves
+/// it to fd 3 and gives the job /dev/null as stdin; `.` reads the whole file before running
+/// any of it, and the script's first line closes fd 3, so nothing the job runs can read it.
+const WRAPPER: &str = r#"for f in "${@:1}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec 3<&0 </dev/null; set -- ; . /dev/fd/3"#;
+
+/// The script as a sealed-off memory file, read from its start.
+fn script_memfd(text: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{MemfdFlags, memfd_create};
+    let fd = memfd_create("rave-job-script", MemfdFlags::CLOEXEC)?;
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+    Ok(f.into())
+}
 
 fn spawn(
     bash: &Path,
     spec: &JobSpec,
-    script: &Path,
+    script: &str,
     cg: Option<&JobCgroup>,
     extra_env: &[(String, String)],
 ) -> std::io::Result<Child> {
+    let stdin = script_memfd(script)?;
     let mut cmd = Command::new(bash);
     cmd.arg("--noprofile")
         .arg("--norc")
         .arg("-c")
         .arg(WRAPPER)
-        .arg(script)
-        .arg("");
+        .arg("rave-job");
     if let Some(cg) = cg {
         cmd.args(&cg.join_files);
     }
@@ -101,7 +118,7 @@ fn spawn(
     cmd.current_dir(&spec.workdir)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .envs(extra_env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -161,7 +178,7 @@ impl Shell<'_> {
     /// its whole tree is gone.
     async fn run(
         &self,
-        script: &Path,
+        script: &str,
         extra_env: &[(String, String)],
         limit: Duration,
         graceful_stops: bool,
@@ -241,16 +258,7 @@ impl Executor for LocalExecutor {
             },
             None => None,
         };
-        if let Err(e) = std::fs::create_dir_all(&spec.scratch_dir) {
-            outcome.runner_error =
-                Some(format!("cannot create {}: {e}", spec.scratch_dir.display()));
-            return outcome;
-        }
-        let main = spec.scratch_dir.join("script.sh");
-        if let Err(e) = std::fs::write(&main, script_text(&spec.script, true)) {
-            outcome.runner_error = Some(format!("cannot write {}: {e}", main.display()));
-            return outcome;
-        }
+        let main = script_text(&spec.script, true);
         let shell = Shell {
             bash: &self.bash,
             spec: &spec,
@@ -272,8 +280,8 @@ impl Executor for LocalExecutor {
         }
         if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
             let status = outcome.ci_job_status();
-            let after = spec.scratch_dir.join("after_script.sh");
-            if std::fs::write(&after, script_text(&spec.after_script, true)).is_ok() {
+            let after = script_text(&spec.after_script, true);
+            {
                 log.system("Running after_script").await;
                 let env = [("CI_JOB_STATUS".to_string(), status.to_string())];
                 match shell

@@ -120,6 +120,7 @@ struct Finished {
     started_at: SystemTime,
     started: Instant,
     dotenv: HashMap<String, String>,
+    setup_ms: Option<u64>,
     /// A trigger job's child pipeline jobs.
     children: Vec<crate::event::ChildJob>,
 }
@@ -285,6 +286,7 @@ impl<'p, E: Executor> Run<'p, E> {
             finished_at: None,
             duration_ms: None,
             peak_memory_bytes: None,
+            setup_ms: None,
             memory_limit_bytes: j.memory_bytes,
             cpus: j.cpus,
             attempts: self.attempts[id],
@@ -577,6 +579,7 @@ impl<'p, E: Executor> Run<'p, E> {
         tokio::spawn(async move {
             let started_at = SystemTime::now();
             let started = Instant::now();
+            let setup = Instant::now();
             let (claim, prep) = match (claim, git) {
                 (Ok(mut claim), (Ok(strategy), Ok(clean))) => {
                     let ws = ws.clone();
@@ -594,6 +597,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 }
                 (Err(e), _) | (_, (Err(e), _)) | (_, (_, Err(e))) => (None, Err(e)),
             };
+            let setup_ms = Some(setup.elapsed().as_millis() as u64);
             let mut outcome = match prep {
                 Ok(notes) => {
                     for n in notes {
@@ -640,6 +644,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 started_at,
                 started,
                 dotenv,
+                setup_ms,
                 children,
             })));
         });
@@ -704,6 +709,7 @@ impl<'p, E: Executor> Run<'p, E> {
         record.finished_at = Some(finished_at);
         record.duration_ms = Some(f.started.elapsed().as_millis() as u64);
         record.peak_memory_bytes = f.outcome.peak_memory_bytes;
+        record.setup_ms = f.setup_ms;
         self.done(id, record);
     }
 
@@ -771,7 +777,7 @@ fn save_outputs(
             }
             let exclude: Vec<String> = a.exclude.iter().map(expand).collect();
             let c =
-                workspace::collect_artifacts(&workdir, &paths, &exclude, &ws.artifacts_dir(slug));
+                workspace::collect_artifacts(workdir, &paths, &exclude, &ws.artifacts_dir(slug));
             for w in c.warnings {
                 notes.push(format!("WARNING: {w}"));
             }

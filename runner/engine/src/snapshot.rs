@@ -1,16 +1,24 @@
 //! A run's frozen copy of the project's files, made in time proportional to what changed.
 //!
-//! A persistent *mirror* (`<state>/snapshot/files/`) holds one copy of every file the last
-//! run saw, and an index of each source file's `(size, mtime, ctime, inode)` when it was
-//! copied. Taking a snapshot stats every source file, copies only those whose stat changed
-//! into the mirror (a new file renamed over the old, never a write in place), and hard-links
-//! the mirror's files into `<run>/src`. Because the mirror only ever *replaces* files, a
-//! run's links keep the content it started with, whatever a later run copies: edits made
-//! while a run goes reach none of its jobs. Unchanged files keep their inode and mtime from
-//! run to run, so tools that compare mtimes (make, cargo) see them as unchanged.
+//! A persistent *mirror* (`<state>/snapshot/files/`) holds one copy of the project's files
+//! and an index of what each copy is: the git blob id for a tracked file git reports
+//! unmodified, else the source file's `(size, mtime, ctime, inode)` when it was copied.
+//! Taking a snapshot compares the project against the index, and then:
 //!
-//! Nothing writes through the links: jobs see the snapshot through an overlay mount (read
-//! only below) or through a copy (see [`crate::builds`]).
+//! - when no other run is using the mirror, updates it in place (changed files copied to a
+//!   temporary name and renamed over, deleted ones removed) and the run uses the mirror
+//!   itself: a run whose files did not change copies nothing and creates nothing;
+//! - when another run is using it (it holds the mirror's reader lock until it ends), leaves
+//!   the mirror alone and builds `<run>/src` from hard links to the mirror's unchanged files
+//!   and fresh copies of the changed ones.
+//!
+//! Either way, no file a run sees changes while it runs: edits made meanwhile reach none of
+//! its jobs. Unchanged files keep their inode and mtime from run to run, so tools that compare
+//! mtimes (make, cargo) see them as unchanged.
+//!
+//! Nothing writes into the mirror but this module: jobs see it through an overlay mount (read
+//! only below) or through a copy (see [`crate::builds`]). A crash while the mirror is updated
+//! leaves it without an index, and the next run rebuilds it from scratch.
 //!
 //! A file modified within a second of the previous snapshot ("racily clean", as git calls
 //! it) is copied again rather than trusted.
@@ -23,31 +31,44 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-/// What a snapshot cost: files linked from the mirror unchanged, and files copied.
+/// What a snapshot cost: files in it, and files copied.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStats {
     pub files: usize,
     pub copied: usize,
     pub bytes_copied: u64,
+    /// Another run was using the mirror: this run got its own linked copy.
+    pub linked_copy: bool,
 }
 
-/// A source file's identity at the time it was copied into the mirror.
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
-    len: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-    ino: u64,
+/// A run's snapshot: the directory to read, held unchanged until this is dropped.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub stats: SnapshotStats,
+    _reader: Option<std::fs::File>,
 }
 
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            len: m.len(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-            ino: m.ino(),
-        }
+/// What a mirrored file is.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum Stamp {
+    /// A tracked, unmodified file: git's blob id and mode.
+    Blob(String),
+    /// Anything else: the source file's stat when it was copied.
+    Stat {
+        len: u64,
+        mtime_ns: i128,
+        ctime_ns: i128,
+        ino: u64,
+    },
+}
+
+fn stat_stamp(m: &std::fs::Metadata) -> Stamp {
+    Stamp::Stat {
+        len: m.len(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        ino: m.ino(),
     }
 }
 
@@ -55,7 +76,7 @@ impl Stamp {
 struct Index {
     /// When the snapshot that wrote this index started (ns since the epoch).
     taken_at_ns: i128,
-    /// The source directory the stamps describe: another source never matches.
+    /// The source directory stat stamps describe: another source never matches them.
     source: PathBuf,
     entries: HashMap<String, Stamp>,
 }
@@ -69,27 +90,156 @@ fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// Freeze `files` (relative paths under `source`) into `dest` (created, must not exist or be
-/// empty) through the mirror in `mirror_dir`. Concurrent snapshots of one mirror take turns.
+impl Index {
+    /// Whether the mirror's copy of `f` is what `source` holds now.
+    fn trusts(
+        &self,
+        f: &str,
+        id: Option<&String>,
+        source: &Path,
+        meta: Option<&std::fs::Metadata>,
+    ) -> bool {
+        match (self.entries.get(f), id) {
+            (Some(Stamp::Blob(old)), Some(id)) => old == id,
+            (
+                Some(
+                    stamp @ Stamp::Stat {
+                        mtime_ns, ctime_ns, ..
+                    },
+                ),
+                None,
+            ) => {
+                self.source == source
+                    && meta.is_some_and(|m| stat_stamp(m) == *stamp)
+                    && *mtime_ns < self.taken_at_ns - RACY_NS
+                    && *ctime_ns < self.taken_at_ns - RACY_NS
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The stamp to record for a file just copied: its blob id when git vouches for it and it
+/// was not touched around the copy, else its stat.
+fn record(id: Option<&String>, meta: &std::fs::Metadata, started: i128) -> Stamp {
+    match (id, stat_stamp(meta)) {
+        (
+            Some(id),
+            Stamp::Stat {
+                mtime_ns, ctime_ns, ..
+            },
+        ) if mtime_ns < started - RACY_NS && ctime_ns < started - RACY_NS => {
+            Stamp::Blob(id.clone())
+        }
+        (_, s) => s,
+    }
+}
+
+/// Freeze `files` (relative paths under `source`; `ids`: blob ids of the unmodified tracked
+/// ones) through the mirror in `mirror_dir`. `farm` is where a linked copy goes when another
+/// run is using the mirror.
 pub fn take(
     source: &Path,
     files: &[String],
+    ids: &HashMap<String, String>,
     mirror_dir: &Path,
-    dest: &Path,
-) -> Result<SnapshotStats, String> {
+    farm: &Path,
+) -> Result<Snapshot, String> {
+    use crate::builds::lock_file;
     let files_dir = mirror_dir.join("files");
     std::fs::create_dir_all(&files_dir)
         .map_err(|e| format!("cannot create {}: {e}", files_dir.display()))?;
-    std::fs::create_dir_all(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-    let _lock = crate::builds::lock_file(&mirror_dir.join("lock"), true)?
-        .ok_or_else(|| "the snapshot mirror is locked".to_string())?;
+    // Writers take turns; readers (runs using the mirror) hold `readers` shared.
+    let _writer = lock_file(&mirror_dir.join("writer.lock"), true)?;
+    let readers_path = mirror_dir.join("readers.lock");
+    let exclusive = lock_file(&readers_path, false)?;
     let index_path = mirror_dir.join("index.json");
-    let old: Index = std::fs::read(&index_path)
+    let old: Option<Index> = std::fs::read(&index_path)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|i: &Index| i.source == source)
-        .unwrap_or_default();
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let started = now_ns();
+    match exclusive {
+        Some(lock) => {
+            let stats = update_in_place(source, files, ids, &files_dir, &index_path, old, started)?;
+            // Under the writer lock nobody can slip in between: become a reader.
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
+                .map_err(|e| format!("cannot lock {}: {e}", readers_path.display()))?;
+            Ok(Snapshot {
+                dir: files_dir,
+                stats,
+                _reader: Some(lock),
+            })
+        }
+        None => {
+            let old = old.unwrap_or_default();
+            // Another run reads the mirror: use it as it is when nothing changed.
+            let unchanged = files.iter().all(|f| {
+                let meta = source.join(f).symlink_metadata().ok();
+                if meta.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
+                    return files_dir
+                        .join(f)
+                        .symlink_metadata()
+                        .is_ok_and(|m| m.file_type().is_symlink())
+                        && std::fs::read_link(files_dir.join(f)).ok()
+                            == std::fs::read_link(source.join(f)).ok();
+                }
+                old.trusts(f, ids.get(f), source, meta.as_ref())
+            }) && old.entries.len() == files.len();
+            if unchanged {
+                let reader = lock_shared(&readers_path)?;
+                return Ok(Snapshot {
+                    dir: files_dir,
+                    stats: SnapshotStats {
+                        files: files.len(),
+                        ..SnapshotStats::default()
+                    },
+                    _reader: Some(reader),
+                });
+            }
+            let reader = lock_shared(&readers_path)?;
+            let stats = linked_copy(source, files, ids, &files_dir, &old, farm)?;
+            // The farm links into the mirror: hold it unchanged too.
+            Ok(Snapshot {
+                dir: farm.to_path_buf(),
+                stats,
+                _reader: Some(reader),
+            })
+        }
+    }
+}
+
+fn lock_shared(path: &Path) -> Result<std::fs::File, String> {
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockShared)
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    Ok(f)
+}
+
+/// Bring the mirror up to date with `source`, no run reading it.
+fn update_in_place(
+    source: &Path,
+    files: &[String],
+    ids: &HashMap<String, String>,
+    files_dir: &Path,
+    index_path: &Path,
+    old: Option<Index>,
+    started: i128,
+) -> Result<SnapshotStats, String> {
+    let old = match old {
+        Some(o) => o,
+        None => {
+            // No index (first run, or a crash mid-update): what the mirror holds is unknown.
+            let _ = std::fs::remove_dir_all(files_dir);
+            Index::default()
+        }
+    };
+    // Mutating from here: a crash must not leave an index that vouches for half of it.
+    let _ = std::fs::remove_file(index_path);
     let mut new = Index {
         taken_at_ns: started,
         source: source.to_path_buf(),
@@ -97,67 +247,127 @@ pub fn take(
     };
     let mut stats = SnapshotStats::default();
     let mut made: HashSet<PathBuf> = HashSet::new();
-    let mut mkdirs = |dir: &Path| -> Result<(), String> {
-        if made.contains(dir) {
-            return Ok(());
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        made.insert(dir.to_path_buf());
-        Ok(())
-    };
     for f in files {
+        let id = ids.get(f);
         let from = source.join(f);
+        let mirrored = files_dir.join(f);
+        if let (Some(Stamp::Blob(old_id)), Some(id)) = (old.entries.get(f), id)
+            && old_id == id
+        {
+            // Git vouches for the content: not even a stat.
+            new.entries.insert(f.clone(), Stamp::Blob(id.clone()));
+            stats.files += 1;
+            continue;
+        }
         // A file deleted since it was listed is simply not part of the run.
         let Ok(meta) = from.symlink_metadata() else {
             continue;
         };
-        let to = dest.join(f);
-        if let Some(parent) = to.parent() {
-            mkdirs(parent)?;
-        }
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&from)
                 .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-            std::os::unix::fs::symlink(&target, &to)
-                .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+            if std::fs::read_link(&mirrored).ok().as_ref() != Some(&target) {
+                mkdirs(&mut made, mirrored.parent())?;
+                let _ = remove_any(&mirrored);
+                std::os::unix::fs::symlink(&target, &mirrored)
+                    .map_err(|e| format!("cannot create {}: {e}", mirrored.display()))?;
+            }
+            new.entries.insert(f.clone(), stat_stamp(&meta));
             stats.files += 1;
             continue;
         }
         if !meta.is_file() {
             continue;
         }
-        let stamp = Stamp::of(&meta);
-        let mirrored = files_dir.join(f);
-        let trusted = old.entries.get(f) == Some(&stamp)
-            && stamp.mtime_ns < old.taken_at_ns - RACY_NS
-            && stamp.ctime_ns < old.taken_at_ns - RACY_NS;
-        let linked = trusted && std::fs::hard_link(&mirrored, &to).is_ok();
-        if !linked {
-            if let Some(parent) = mirrored.parent() {
-                mkdirs(parent)?;
-            }
-            let n = replace_copy(&from, &meta, &mirrored)?;
+        if !old.trusts(f, id, source, Some(&meta)) || !mirrored.is_file() {
+            mkdirs(&mut made, mirrored.parent())?;
+            stats.bytes_copied += replace_copy(&from, &meta, &mirrored)?;
             stats.copied += 1;
-            stats.bytes_copied += n;
-            if std::fs::hard_link(&mirrored, &to).is_err() {
-                // Another file system (a run directory elsewhere): a plain copy.
-                std::fs::copy(&mirrored, &to)
-                    .map_err(|e| format!("cannot copy {} to {}: {e}", f, to.display()))?;
+        }
+        new.entries.insert(f.clone(), record(id, &meta, started));
+        stats.files += 1;
+    }
+    // Files gone from the project leave the mirror, and so do directories they leave empty.
+    for gone in old.entries.keys().filter(|k| !new.entries.contains_key(*k)) {
+        let p = files_dir.join(gone);
+        if remove_any(&p).is_ok() {
+            let mut dir = p.parent();
+            while let Some(d) = dir.filter(|d| *d != files_dir) {
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
             }
         }
-        stats.files += 1;
-        new.entries.insert(f.clone(), stamp);
-    }
-    // Files gone from the project leave the mirror (runs that linked them keep their links).
-    for gone in old.entries.keys().filter(|k| !new.entries.contains_key(*k)) {
-        let _ = std::fs::remove_file(files_dir.join(gone));
     }
     write_atomic(
-        &index_path,
+        index_path,
         &serde_json::to_vec(&new).map_err(|e| e.to_string())?,
     )?;
     Ok(stats)
+}
+
+/// `farm` from hard links to the mirror's unchanged files and copies of the changed ones.
+fn linked_copy(
+    source: &Path,
+    files: &[String],
+    ids: &HashMap<String, String>,
+    files_dir: &Path,
+    old: &Index,
+    farm: &Path,
+) -> Result<SnapshotStats, String> {
+    let mut stats = SnapshotStats {
+        linked_copy: true,
+        ..SnapshotStats::default()
+    };
+    let mut made: HashSet<PathBuf> = HashSet::new();
+    for f in files {
+        let from = source.join(f);
+        let Ok(meta) = from.symlink_metadata() else {
+            continue;
+        };
+        let to = farm.join(f);
+        mkdirs(&mut made, to.parent())?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&from)
+                .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+        } else if meta.is_file() {
+            let linked = old.trusts(f, ids.get(f), source, Some(&meta))
+                && std::fs::hard_link(files_dir.join(f), &to).is_ok();
+            if !linked {
+                stats.bytes_copied += replace_copy(&from, &meta, &to)?;
+                stats.copied += 1;
+            }
+        } else {
+            continue;
+        }
+        stats.files += 1;
+    }
+    Ok(stats)
+}
+
+fn mkdirs(made: &mut HashSet<PathBuf>, dir: Option<&Path>) -> Result<(), String> {
+    let Some(dir) = dir else { return Ok(()) };
+    if made.contains(dir) {
+        return Ok(());
+    }
+    if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+        // A path that was a file in the last snapshot and is a directory now.
+        let _ = std::fs::remove_file(dir);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    made.insert(dir.to_path_buf());
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) => Err(e),
+    }
 }
 
 /// Copy `from` to a temporary name next to `to` and rename it over `to`: whoever holds a
@@ -207,63 +417,45 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
-    fn set_old(p: &Path) {
-        // Make a file's mtime safely older than the next snapshot, as files normally are.
-        let t = SystemTime::now() - std::time::Duration::from_secs(10);
-        std::fs::File::options()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
+    fn tree(root: &Path, files: &[(&str, &str)]) -> Vec<String> {
+        for (f, c) in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, c).unwrap();
+        }
+        files.iter().map(|(f, _)| f.to_string()).collect()
+    }
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn settle() {
+        // ctime cannot be set back: let the files age past the racy window.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
     }
 
     #[test]
-    fn unchanged_files_are_linked_and_changed_ones_copied_without_touching_old_runs() {
+    fn the_mirror_is_updated_in_place_with_only_what_changed() {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("src");
-        std::fs::create_dir_all(src.join("a/b")).unwrap();
-        std::fs::write(src.join("a/b/one.txt"), "one").unwrap();
-        std::fs::write(src.join("two.txt"), "two").unwrap();
+        let mut files = tree(&src, &[("a/b/one.txt", "one"), ("two.txt", "two")]);
         std::os::unix::fs::symlink("two.txt", src.join("link")).unwrap();
-        set_old(&src.join("a/b/one.txt"));
-        set_old(&src.join("two.txt"));
-        let files: Vec<String> = ["a/b/one.txt", "link", "two.txt"]
-            .map(String::from)
-            .to_vec();
+        files.push("link".into());
         let mirror = d.path().join("mirror");
-        // ctime cannot be set back: let the files age past the racy window.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        let s1 = take(&src, &files, &mirror, &d.path().join("run1")).unwrap();
-        assert_eq!((s1.files, s1.copied), (3, 2));
-        let s2 = take(&src, &files, &mirror, &d.path().join("run2")).unwrap();
-        assert_eq!((s2.files, s2.copied), (3, 0), "nothing changed: {s2:?}");
-        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
-        assert_eq!(
-            ino(&d.path().join("run1/two.txt")),
-            ino(&d.path().join("run2/two.txt"))
-        );
-        // An edit reaches the next run only; the earlier run keeps what it started with.
-        std::fs::write(src.join("two.txt"), "TWO!").unwrap();
-        let s3 = take(&src, &files, &mirror, &d.path().join("run3")).unwrap();
-        assert_eq!(s3.copied, 1, "{s3:?}");
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("run3/two.txt")).unwrap(),
-            "TWO!"
-        );
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("run2/two.txt")).unwrap(),
-            "two"
-        );
-        assert_eq!(
-            std::fs::read_link(d.path().join("run3/link")).unwrap(),
-            Path::new("two.txt")
-        );
+        let none = HashMap::new();
+        settle();
+        let s1 = take(&src, &files, &none, &mirror, &d.path().join("farm1")).unwrap();
+        assert_eq!((s1.stats.files, s1.stats.copied), (3, 2));
+        assert_eq!(s1.dir, mirror.join("files"));
+        drop(s1);
+        let s2 = take(&src, &files, &none, &mirror, &d.path().join("farm2")).unwrap();
+        assert_eq!((s2.stats.files, s2.stats.copied), (3, 0), "{:?}", s2.stats);
+        drop(s2);
         // The mirror keeps the source's mtime.
         assert_eq!(
-            std::fs::metadata(d.path().join("run3/two.txt"))
+            std::fs::metadata(mirror.join("files/two.txt"))
                 .unwrap()
                 .modified()
                 .unwrap(),
@@ -272,11 +464,101 @@ mod tests {
                 .modified()
                 .unwrap()
         );
-        // A file deleted from the project is no longer in the mirror or later runs.
-        let fewer: Vec<String> = ["two.txt".to_string()].to_vec();
-        take(&src, &fewer, &mirror, &d.path().join("run4")).unwrap();
-        assert!(!mirror.join("files/a/b/one.txt").exists());
-        assert!(d.path().join("run1/a/b/one.txt").exists());
-        assert!(!d.path().join("run4/a").exists());
+        std::fs::write(src.join("two.txt"), "TWO!").unwrap();
+        let s3 = take(&src, &files, &none, &mirror, &d.path().join("farm3")).unwrap();
+        assert_eq!(s3.stats.copied, 1);
+        assert_eq!(read(&s3.dir.join("two.txt")), "TWO!");
+        assert_eq!(
+            std::fs::read_link(s3.dir.join("link")).unwrap(),
+            Path::new("two.txt")
+        );
+        drop(s3);
+        // A deleted file leaves the mirror, with the directories it leaves empty.
+        let fewer = vec!["two.txt".to_string()];
+        let s4 = take(&src, &fewer, &none, &mirror, &d.path().join("farm4")).unwrap();
+        assert!(!s4.dir.join("a").exists());
+        assert!(!s4.dir.join("link").exists());
+        assert!(
+            !d.path().join("farm4").exists(),
+            "no copy when the mirror is free"
+        );
+    }
+
+    #[test]
+    fn a_run_in_progress_never_sees_a_later_run_s_edits() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let files = tree(&src, &[("one.txt", "one"), ("two.txt", "two")]);
+        let mirror = d.path().join("mirror");
+        let none = HashMap::new();
+        settle();
+        let first = take(&src, &files, &none, &mirror, &d.path().join("farm1")).unwrap();
+        // Nothing changed: the second run shares the mirror while the first holds it.
+        let same = take(&src, &files, &none, &mirror, &d.path().join("farm2")).unwrap();
+        assert_eq!(same.dir, first.dir);
+        assert_eq!(same.stats.copied, 0);
+        drop(same);
+        std::fs::write(src.join("two.txt"), "edited").unwrap();
+        let later = take(&src, &files, &none, &mirror, &d.path().join("farm3")).unwrap();
+        assert!(later.stats.linked_copy);
+        assert_eq!(later.dir, d.path().join("farm3"));
+        assert_eq!(later.stats.copied, 1);
+        assert_eq!(read(&later.dir.join("two.txt")), "edited");
+        assert_eq!(
+            read(&first.dir.join("two.txt")),
+            "two",
+            "the first run's files held"
+        );
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&later.dir.join("one.txt")),
+            ino(&first.dir.join("one.txt"))
+        );
+        drop(first);
+        drop(later);
+        let free = take(&src, &files, &none, &mirror, &d.path().join("farm4")).unwrap();
+        assert_eq!(free.dir, mirror.join("files"));
+        assert_eq!(read(&free.dir.join("two.txt")), "edited");
+    }
+
+    #[test]
+    fn blob_ids_carry_over_to_a_fresh_checkout_elsewhere() {
+        // The server checks every pipeline out into a new directory: stat stamps never match
+        // there, git's blob ids do.
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("checkout-a");
+        let files = tree(&a, &[("x.txt", "x"), ("y.txt", "y")]);
+        let mirror = d.path().join("mirror");
+        let ids: HashMap<String, String> = [("x.txt", "1111:100644"), ("y.txt", "2222:100644")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        settle();
+        let s1 = take(&a, &files, &ids, &mirror, &d.path().join("f1")).unwrap();
+        assert_eq!(s1.stats.copied, 2);
+        drop(s1);
+        let b = d.path().join("checkout-b");
+        tree(&b, &[("x.txt", "x"), ("y.txt", "Y2")]);
+        let mut ids2 = ids.clone();
+        ids2.insert("y.txt".into(), "3333:100644".into());
+        let s2 = take(&b, &files, &ids2, &mirror, &d.path().join("f2")).unwrap();
+        assert_eq!(s2.stats.copied, 1, "only the file whose blob changed");
+        assert_eq!(read(&s2.dir.join("y.txt")), "Y2");
+        assert_eq!(read(&s2.dir.join("x.txt")), "x");
+    }
+
+    #[test]
+    fn a_crash_mid_update_rebuilds_the_mirror() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let files = tree(&src, &[("keep.txt", "k")]);
+        let mirror = d.path().join("mirror");
+        let none = HashMap::new();
+        drop(take(&src, &files, &none, &mirror, &d.path().join("f")).unwrap());
+        // As if a run died after copying a file in but before writing the index.
+        std::fs::write(mirror.join("files/stray.txt"), "s").unwrap();
+        std::fs::remove_file(mirror.join("index.json")).unwrap();
+        let s = take(&src, &files, &none, &mirror, &d.path().join("f2")).unwrap();
+        assert!(!s.dir.join("stray.txt").exists());
+        assert_eq!(read(&s.dir.join("keep.txt")), "k");
     }
 }

@@ -33,7 +33,10 @@ pub struct Workspace {
     pub mirror_dir: PathBuf,
     /// The project's `.gitignore` rules, for `GIT_CLEAN_FLAGS` without `-x`.
     pub ignore: Box<dyn IgnoreCheck>,
+    /// Blob ids of the tracked files git reports unmodified (see [`crate::snapshot`]).
+    pub blob_ids: HashMap<String, String>,
     tracked: Tracked,
+    snapshot: Option<crate::snapshot::Snapshot>,
 }
 
 /// `.gitignore` rules of a real repository, through git2.
@@ -99,7 +102,9 @@ impl Workspace {
             builds,
             mirror_dir: state_dir.join("snapshot"),
             ignore,
+            blob_ids: HashMap::new(),
             tracked: Tracked::default(),
+            snapshot: None,
         }
     }
 
@@ -118,14 +123,22 @@ impl Workspace {
         self.run_dir.join("src")
     }
 
-    /// Freeze the files the run starts with into `<run>/src`, so every job sees the tree as
-    /// it was when the pipeline started, whatever is edited while it runs. Only files changed
-    /// since the last run are copied (see [`crate::snapshot`]).
+    /// Freeze the files the run starts with, so every job sees the tree as it was when the
+    /// pipeline started, whatever is edited while it runs. Only files changed since the last
+    /// run are copied (see [`crate::snapshot`]); the snapshot is held until the workspace is
+    /// dropped.
     pub fn snapshot(&mut self) -> Result<crate::snapshot::SnapshotStats, String> {
-        let dest = self.snapshot_dir();
-        let stats = crate::snapshot::take(&self.source_root, &self.files, &self.mirror_dir, &dest)?;
+        let snap = crate::snapshot::take(
+            &self.source_root,
+            &self.files,
+            &self.blob_ids,
+            &self.mirror_dir,
+            &self.snapshot_dir(),
+        )?;
         self.tracked = Tracked::new(&self.files);
-        self.source_root = dest;
+        self.source_root = snap.dir.clone();
+        let stats = snap.stats;
+        self.snapshot = Some(snap);
         Ok(stats)
     }
 

@@ -157,7 +157,7 @@ pub fn read(
     let forward_line = "set --; for v in $RAVE_PIPELINE_VARIABLES; do set -- \"$@\" --var \"$v=$(printenv \"$v\")\"; done".to_string();
     let mut script = vec![
         format!(
-            "cat > \"$RAVE_JOB_REPORT_DIR/child-pipeline.yml\" <<'RAVE_CHILD_PIPELINE'\n{child}\nRAVE_CHILD_PIPELINE"
+            "mkdir -p \"$RAVE_JOB_REPORT_DIR\" && cat > \"$RAVE_JOB_REPORT_DIR/child-pipeline.yml\" <<'RAVE_CHILD_PIPELINE'\n{child}\nRAVE_CHILD_PIPELINE"
         ),
         if depend {
             // The trigger job takes the child pipeline's result.

@@ -279,28 +279,56 @@ impl Repo {
     /// Files of the working copy a job sees: tracked files that still exist, plus untracked
     /// files that are not ignored. Paths are relative, with `/` separators, sorted.
     pub fn files(&self) -> Result<Vec<String>, RepoError> {
+        Ok(self.files_and_ids()?.0)
+    }
+
+    /// [`Repo::files`], and the blob id of every tracked file whose working copy is the
+    /// index's (git's own stat checks, racy entries re-hashed): content known without reading
+    /// the file, so a snapshot can tell it is unchanged.
+    pub fn files_and_ids(
+        &self,
+    ) -> Result<(Vec<String>, std::collections::HashMap<String, String>), RepoError> {
         let index = git(self.repo.index(), "reading the index")?;
-        let mut files: Vec<String> = index
-            .iter()
-            .filter_map(|e| String::from_utf8(e.path).ok())
-            .filter(|p| self.root.join(p).symlink_metadata().is_ok())
-            .collect();
         let mut opts = StatusOptions::new();
         opts.include_untracked(true)
             .recurse_untracked_dirs(true)
             .include_ignored(false)
             .exclude_submodules(true);
         let statuses = git(self.repo.statuses(Some(&mut opts)), "reading status")?;
+        let mut dirty = std::collections::HashSet::new();
+        let mut files: Vec<String> = Vec::new();
         for s in statuses.iter() {
-            if s.status().contains(Status::WT_NEW)
-                && let Ok(p) = s.path()
-            {
+            let Ok(p) = s.path() else { continue };
+            let st = s.status();
+            if st.contains(Status::WT_NEW) {
                 files.push(p.to_string());
             }
+            if st.intersects(
+                Status::WT_MODIFIED
+                    | Status::WT_DELETED
+                    | Status::WT_TYPECHANGE
+                    | Status::WT_RENAMED,
+            ) {
+                dirty.insert(p.to_string());
+            }
+        }
+        let mut ids = std::collections::HashMap::new();
+        for e in index.iter() {
+            let Ok(path) = String::from_utf8(e.path) else {
+                continue;
+            };
+            if self.root.join(&path).symlink_metadata().is_err() {
+                continue;
+            }
+            // Gitlinks (submodules) have no content here.
+            if e.mode != 0o160000 && !dirty.contains(&path) {
+                ids.insert(path.clone(), format!("{}:{:o}", e.id, e.mode));
+            }
+            files.push(path);
         }
         files.sort();
         files.dedup();
-        Ok(files)
+        Ok((files, ids))
     }
 
     /// Files that differ between `base` (any revision git understands) and the working tree.
