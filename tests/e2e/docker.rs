@@ -304,3 +304,30 @@ fn a_restart_sweeps_what_a_killed_rave_left() {
         group.display()
     );
 }
+
+#[test]
+fn container_jobs_get_a_stable_workspace_and_their_cache() {
+    // The overlay (or copy) workspace is what the container sees at /builds/…, and the cache
+    // is restored into it before the container starts and saved from it after.
+    engine_with_image();
+    let d = git_repo(&[
+        (
+            ".gitlab-ci.yml",
+            &format!(
+                "job:\n  image: {IMAGE}\n  cache: {{key: c, paths: [vendor/]}}\n  script:\n    - test \"$(cat data.txt)\" = original\n    - echo \"CACHE-$(test -f vendor/seen && echo HIT || echo MISS)\"\n    - mkdir -p vendor && touch vendor/seen\n    - echo scribble > data.txt\n"
+            ),
+        ),
+        ("data.txt", "original"),
+    ]);
+    let first = rave(d.path(), &["run"]);
+    assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
+    assert!(first.stdout.contains("CACHE-MISS"), "{}", first.stdout);
+    let second = rave(d.path(), &["run"]);
+    assert_eq!(second.code, 0, "{}\n{}", second.stdout, second.stderr);
+    assert!(second.stdout.contains("CACHE-HIT"), "{}", second.stdout);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("data.txt")).unwrap(),
+        "original"
+    );
+    assert_nothing_left(d.path());
+}

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cache;
 mod child;
 mod cli;
 mod conformance;

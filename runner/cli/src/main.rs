@@ -2,6 +2,7 @@
 //! arguments, calls the model/plan/engine crates, and turns their results into output and
 //! exit codes (0 success, 1 pipeline failed, 2 definition or usage error, 130 interrupted).
 
+mod cache;
 mod client;
 mod console;
 mod graph;
@@ -45,6 +46,9 @@ enum Command {
     Release(release::ReleaseCommand),
     /// Delete expired artifacts from the store (never what a live release references).
     Gc(release::GcArgs),
+    /// The project's `cache:` archives: list them, clear them.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// List earlier runs of `rave run` in this project.
     Runs(history::RunsArgs),
     /// Print a job's log from the latest run (or `--run N`); without JOB, list the run's jobs.
@@ -105,6 +109,7 @@ fn main() {
         Command::Keys(c) => release::keys(c),
         Command::Release(c) => release::release(c),
         Command::Gc(a) => release::gc(a),
+        Command::Cache(c) => cache::run(c),
         Command::Runs(a) => history::list(a),
         Command::Logs(a) => history::logs(a),
         Command::Serve(a) => serve::run(a),

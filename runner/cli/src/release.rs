@@ -500,6 +500,10 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
 pub struct GcArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Also remove jobs' build directories not used for this long (their overlay layers and
+    /// copies included; a directory a running job holds is kept).
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub workspaces_older_than: std::time::Duration,
 }
 
 /// `rave gc`: drop expired artifacts; keep what live releases reference.
@@ -513,6 +517,23 @@ pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
         r.deleted_blobs,
         r.deleted_bytes,
         r.kept_for_releases
+    );
+    // Build directories: the project's own (`.rave/builds`), or every project's of a server's
+    // data dir (`workspaces/<project>/builds`).
+    let root = store.root().to_path_buf();
+    let mut builds = vec![root.join("builds")];
+    if let Ok(rd) = std::fs::read_dir(root.join("workspaces")) {
+        builds.extend(rd.flatten().map(|e| e.path().join("builds")));
+    }
+    let pruned: usize = builds
+        .into_iter()
+        .filter(|b| b.is_dir())
+        .map(|b| rave_engine::builds::Builds::new(b).prune(args.workspaces_older_than))
+        .sum();
+    println!(
+        "{pruned} build director{} unused for {} removed",
+        if pruned == 1 { "y" } else { "ies" },
+        humantime::format_duration(args.workspaces_older_than)
     );
     Ok(0)
 }

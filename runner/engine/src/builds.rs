@@ -190,6 +190,16 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// Whether `rel` is a file of the snapshot.
+    pub fn has_file(&self, rel: &str) -> bool {
+        self.files.contains(rel)
+    }
+
+    /// Whether `rel` is a directory holding files of the snapshot.
+    pub fn has_dir(&self, rel: &str) -> bool {
+        self.dirs.contains(rel)
+    }
+
     pub fn new(files: &[String]) -> Tracked {
         let mut dirs = HashSet::new();
         for f in files {

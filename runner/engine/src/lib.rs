@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod builds;
+pub mod cache;
 pub mod caps;
 pub mod cgroup;
 pub mod dispatch;

@@ -539,6 +539,26 @@ impl<'p, E: Executor> Run<'p, E> {
             "RAVE_JOB_REPORT_DIR".into(),
             scratch_dir.to_string_lossy().into_owned(),
         ));
+        // `cache:` entries, keys resolved with the job's variables; a bad one is a warning.
+        let mut cache_notes = Vec::new();
+        let caches: Vec<crate::cache::JobCache> = {
+            let lookup = |k: &str| {
+                env.iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
+            let protected = lookup("CI_COMMIT_REF_PROTECTED").as_deref() == Some("true");
+            j.job
+                .cache
+                .iter()
+                .filter_map(|c| {
+                    crate::cache::resolve(c, &lookup, &self.ws.source_root, protected)
+                        .map_err(|e| cache_notes.push(format!("WARNING: {e}; cache skipped")))
+                        .ok()
+                })
+                .collect()
+        };
         let mut script = j.job.before_script.clone();
         script.extend(j.job.script.iter().cloned());
         let spec = JobSpec {
@@ -583,8 +603,17 @@ impl<'p, E: Executor> Run<'p, E> {
             let (claim, prep) = match (claim, git) {
                 (Ok(mut claim), (Ok(strategy), Ok(clean))) => {
                     let ws = ws.clone();
+                    let caches = caches.clone();
                     tokio::task::spawn_blocking(move || {
-                        let r = ws.prepare(&mut claim, &deps, strategy, &clean);
+                        let r = ws
+                            .prepare(&mut claim, &deps, strategy, &clean)
+                            .map(|mut notes| {
+                                notes.extend(cache_notes);
+                                for c in &caches {
+                                    notes.extend(ws.caches.restore(c, &claim.dir));
+                                }
+                                notes
+                            });
                         (Some(claim), r)
                     })
                     .await
@@ -617,7 +646,20 @@ impl<'p, E: Executor> Run<'p, E> {
                 tokio::task::spawn_blocking(move || {
                     let mut claim = claim;
                     let out = match &claim {
-                        Some(c) => save_outputs(&ws, &j, &slug, &c.dir, &outcome),
+                        Some(c) => {
+                            let (dotenv, mut notes) =
+                                save_outputs(&ws, &j, &slug, &c.dir, &outcome);
+                            // After the script and after_script, as GitLab saves caches.
+                            for cache in &caches {
+                                notes.extend(ws.caches.save(
+                                    cache,
+                                    &c.dir,
+                                    ws.tracked(),
+                                    outcome.succeeded(),
+                                ));
+                            }
+                            (dotenv, notes)
+                        }
                         None => Default::default(),
                     };
                     if let Some(c) = claim.as_mut() {

@@ -35,6 +35,8 @@ pub struct Workspace {
     pub ignore: Box<dyn IgnoreCheck>,
     /// Blob ids of the tracked files git reports unmodified (see [`crate::snapshot`]).
     pub blob_ids: HashMap<String, String>,
+    /// The project's `cache:` archives.
+    pub caches: crate::cache::CacheStore,
     tracked: Tracked,
     snapshot: Option<crate::snapshot::Snapshot>,
 }
@@ -103,6 +105,7 @@ impl Workspace {
             mirror_dir: state_dir.join("snapshot"),
             ignore,
             blob_ids: HashMap::new(),
+            caches: crate::cache::CacheStore::new(state_dir.join("caches")),
             tracked: Tracked::default(),
             snapshot: None,
         }
@@ -140,6 +143,11 @@ impl Workspace {
         let stats = snap.stats;
         self.snapshot = Some(snap);
         Ok(stats)
+    }
+
+    /// The files of the run's snapshot.
+    pub fn tracked(&self) -> &Tracked {
+        &self.tracked
     }
 
     /// Claim the job's stable build directory (its `CI_PROJECT_DIR`).
@@ -215,7 +223,7 @@ fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
 
 /// Check that an artifact pattern stays inside the working copy. An absolute path inside it
 /// (`$CI_PROJECT_DIR/out/`, as GitLab allows) becomes relative.
-fn check_pattern(p: &str, workdir: &Path) -> Result<String, String> {
+pub(crate) fn check_pattern(p: &str, workdir: &Path) -> Result<String, String> {
     let canon = workdir.canonicalize().ok();
     let inside = [Some(workdir), canon.as_deref()]
         .into_iter()
@@ -252,7 +260,7 @@ pub struct Collected {
     pub warnings: Vec<String>,
 }
 
-fn globset(patterns: &[String]) -> Result<GlobSet, String> {
+pub(crate) fn globset(patterns: &[String]) -> Result<GlobSet, String> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
         let g = Glob::new(p).map_err(|e| format!("bad artifact pattern `{p}`: {e}"))?;

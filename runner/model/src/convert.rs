@@ -731,8 +731,34 @@ impl Reader<'_> {
                     .get("untracked")
                     .and_then(|x| self.bool(x, "`untracked`"))
                     .unwrap_or(false),
+                unprotect: it
+                    .get("unprotect")
+                    .and_then(|x| self.bool(x, "`unprotect`"))
+                    .unwrap_or(false),
+                fallback_keys: it
+                    .get("fallback_keys")
+                    .map(|x| self.strings(x, "`cache: fallback_keys`"))
+                    .unwrap_or_default(),
                 ..Cache::default()
             };
+            if c.fallback_keys.len() > 5
+                && let Some(f) = it.get("fallback_keys")
+            {
+                self.err_help(
+                    format!(
+                        "`cache: fallback_keys` lists {} keys; GitLab allows at most 5",
+                        c.fallback_keys.len()
+                    ),
+                    f.span,
+                    None,
+                );
+            }
+            if let Some(w) = &c.when
+                && !matches!(w.as_str(), "on_success" | "on_failure" | "always")
+            {
+                let help = did_you_mean(w, ["on_success", "on_failure", "always"]);
+                self.err_help(format!("unknown cache `when: {w}`"), it.span, help);
+            }
             if let Some(p) = &c.policy
                 && !matches!(p.as_str(), "pull" | "push" | "pull-push")
                 && !p.contains('$')
@@ -758,7 +784,7 @@ impl Reader<'_> {
                                 Some("the key is computed from the last commit that changed those files".into()),
                             );
                         }
-                        c.key = k
+                        c.key_prefix = k
                             .get("prefix")
                             .and_then(|x| self.string(x, "`key: prefix`"));
                     }

@@ -191,12 +191,22 @@ pub struct Reports {
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Cache {
+    /// `key:` as a string (variables expanded when the job runs); None: `default`, or
+    /// `key: files` below.
     pub key: Option<String>,
+    /// `key: files:` (one or two files whose contents make the key) and `key: prefix:`.
     pub key_files: Vec<String>,
+    pub key_prefix: Option<String>,
+    /// `fallback_keys:` tried in order when `key` has no cache (at most 5).
+    pub fallback_keys: Vec<String>,
     pub paths: Vec<String>,
+    /// `pull`, `push` or `pull-push` (the default); may be a variable.
     pub policy: Option<String>,
+    /// `on_success` (the default), `on_failure` or `always`.
     pub when: Option<String>,
     pub untracked: bool,
+    /// Share the cache between protected and unprotected refs.
+    pub unprotect: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]

@@ -76,6 +76,8 @@ pub struct Trigger {
     pub literal_variables: Vec<String>,
     /// Values to mask in job output (CI/CD variables marked `masked`).
     pub masked_values: Vec<String>,
+    /// The ref is protected on the server (`CI_COMMIT_REF_PROTECTED`; caches are kept apart).
+    pub ref_protected: bool,
 }
 
 /// A CI/CD variable handed to a run from outside the pipeline file (a project's variables on
@@ -102,12 +104,16 @@ pub struct RunVariables {
     /// More values to mask: the contents of `file` variables, whose value is a path.
     #[serde(default)]
     pub mask: Vec<String>,
+    /// The pipeline's ref is protected (the server's `protected_branches` / `_tags`).
+    #[serde(default)]
+    pub ref_protected: bool,
 }
 
 impl Trigger {
     /// Add CI/CD variables (lower than the trigger's own `--var` values, which win).
     pub fn add_run_variables(&mut self, given: RunVariables) {
         self.masked_values.extend(given.mask);
+        self.ref_protected = given.ref_protected;
         for v in given.variables {
             if v.masked {
                 self.masked_values.push(v.value.clone());
@@ -150,6 +156,7 @@ impl Default for Trigger {
             pipeline_variables: Vec::new(),
             literal_variables: Vec::new(),
             masked_values: Vec::new(),
+            ref_protected: false,
         }
     }
 }
@@ -187,7 +194,10 @@ impl Trigger {
         set("RAVE", "true");
         set("CI_SERVER", "yes");
         set("CI_COMMIT_BEFORE_SHA", &self.before_sha);
-        set("CI_COMMIT_REF_PROTECTED", "false");
+        set(
+            "CI_COMMIT_REF_PROTECTED",
+            if self.ref_protected { "true" } else { "false" },
+        );
         set(
             "CI_COMMIT_TITLE",
             self.commit.message.lines().next().unwrap_or(""),

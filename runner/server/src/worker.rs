@@ -405,7 +405,10 @@ fn write_variables(
         .create(secrets)
         .map_err(|e| format!("cannot create {}: {e}", secrets.display()))?;
     let ref_name = p.tag.as_deref().unwrap_or(&p.ref_name);
-    let mut out = rave_plan::RunVariables::default();
+    let mut out = rave_plan::RunVariables {
+        ref_protected: project.is_protected(ref_name, p.tag.is_some()),
+        ..rave_plan::RunVariables::default()
+    };
     for (v, value) in project.variables_for(ref_name, p.tag.is_some())? {
         let value = if v.file {
             let path = secrets.join(format!("file-{}", v.name));
