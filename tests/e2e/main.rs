@@ -14,6 +14,7 @@ mod image;
 mod includes;
 mod lint;
 mod release;
+mod reuse;
 mod run;
 mod scan;
 mod serve;

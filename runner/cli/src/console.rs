@@ -281,7 +281,10 @@ pub fn summary(records: &[&JobRecord], color: bool) -> String {
             (Some(f), Some(n)) if r.status != JobStatus::Success => format!("{}: {n}", f.as_str()),
             (Some(f), None) => f.as_str().to_string(),
             (None, Some(n)) if r.status != JobStatus::Success => n.clone(),
-            _ => String::new(),
+            _ => match r.reused_from {
+                Some(p) => format!("reused from pipeline #{p}"),
+                None => String::new(),
+            },
         };
         rows.push((
             [

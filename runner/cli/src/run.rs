@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// directories and the `cache:` archives (default: .rave in the project).
     #[arg(long, value_name = "DIR", env = "RAVE_STATE_DIR", hide = true)]
     pub state_dir: Option<PathBuf>,
+    /// After the run, say why JOB was or was not reused (`RAVE_REUSE`): the input that
+    /// changed since its last successful run (repeatable).
+    #[arg(long, value_name = "JOB")]
+    pub explain: Vec<String>,
     /// Jobs see none of rave's own environment except PATH, HOME, LANG, LC_ALL, LC_CTYPE, TZ,
     /// TMPDIR, USER, LOGNAME, TERM and the names given with --pass-env (`rave serve` always
     /// runs pipelines this way).
@@ -69,6 +73,44 @@ pub struct RunArgs {
     /// run in Docker when an engine answers.
     #[arg(long, value_name = "NAME")]
     pub executor: Option<String>,
+}
+
+/// `--explain JOB`: the reuse decision of each instance of JOB, on stderr.
+fn explain(name: &str, records: &[&JobRecord], plan: &Plan) {
+    let hits: Vec<&JobRecord> = records
+        .iter()
+        .filter(|r| {
+            r.name == name
+                || plan
+                    .jobs
+                    .iter()
+                    .any(|j| j.name == r.name && j.job_name == name)
+        })
+        .copied()
+        .collect();
+    if hits.is_empty() {
+        eprintln!("explain: no job `{name}` ran in this pipeline");
+    }
+    for r in hits {
+        match &r.reuse {
+            None => eprintln!(
+                "explain: {} does not opt into reuse (set RAVE_REUSE: \"1\" in its variables)",
+                r.name
+            ),
+            Some(d) => match d.reused_from {
+                Some(p) => eprintln!(
+                    "explain: {} reused pipeline {p}'s result: every input is unchanged (digest {})",
+                    r.name, d.digest
+                ),
+                None => {
+                    eprintln!("explain: {} ran (input digest {}):", r.name, d.digest);
+                    for c in &d.changed {
+                        eprintln!("  - {c}");
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// Choose the instances to run from the names on the command line.
@@ -507,6 +549,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_dir_all(run_dir.join("src"));
     }
     let records: Vec<&JobRecord> = result.records.iter().flatten().collect();
+    for name in &args.explain {
+        explain(name, &records, &plan);
+    }
     let utilisation = budget_utilisation(&records, plan.budget.memory_bytes, result.duration);
     let doc = json!({
         "pipeline": {

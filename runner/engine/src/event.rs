@@ -28,6 +28,12 @@ pub struct JobRecord {
     pub attempts: u32,
     /// Why a job was skipped, or a one-line explanation of its failure.
     pub note: Option<String>,
+    /// The pipeline whose result this job reused instead of running (`RAVE_REUSE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<u64>,
+    /// For a job that opts into reuse: its input digest, and why it was not reused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse: Option<crate::reuse::Decision>,
     /// For a `trigger:` job: the jobs of the child pipeline it ran.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<ChildJob>,
@@ -107,6 +113,6 @@ pub enum Event {
     },
     JobFinished {
         id: usize,
-        record: JobRecord,
+        record: Box<JobRecord>,
     },
 }

@@ -36,6 +36,7 @@ pub mod local;
 pub mod logs;
 pub mod mask;
 pub mod outcome;
+pub mod reuse;
 pub mod scheduler;
 pub mod snapshot;
 pub mod workspace;

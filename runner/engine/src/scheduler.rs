@@ -123,6 +123,9 @@ struct Finished {
     setup_ms: Option<u64>,
     /// A trigger job's child pipeline jobs.
     children: Vec<crate::event::ChildJob>,
+    /// The digest of the artifacts it saved (when some job of the run opts into reuse).
+    artifacts_digest: Option<String>,
+    reuse: Option<crate::reuse::Decision>,
 }
 
 enum Msg {
@@ -148,6 +151,10 @@ struct Run<'p, E: Executor> {
     blocked: Vec<Option<usize>>,
     attempts: Vec<u32>,
     dotenv: Vec<HashMap<String, String>>,
+    /// Digests of the artifacts each job saved (inputs of the jobs that opt into reuse).
+    artifacts_digest: Vec<Option<String>>,
+    /// Some job opts into reuse (`RAVE_REUSE`): artifact digests are worth computing.
+    reuse_wanted: bool,
     admission: Admission,
     canceled: bool,
 }
@@ -189,6 +196,11 @@ pub async fn run<E: Executor>(
         blocked: vec![None; n],
         attempts: vec![0; n],
         dotenv: vec![HashMap::new(); n],
+        artifacts_digest: vec![None; n],
+        reuse_wanted: plan
+            .jobs
+            .iter()
+            .any(|j| crate::reuse::mode(&j.variables) != crate::reuse::Mode::Off),
         canceled: false,
     };
     loop {
@@ -287,6 +299,8 @@ impl<'p, E: Executor> Run<'p, E> {
             duration_ms: None,
             peak_memory_bytes: None,
             setup_ms: None,
+            reused_from: None,
+            reuse: None,
             memory_limit_bytes: j.memory_bytes,
             cpus: j.cpus,
             attempts: self.attempts[id],
@@ -300,7 +314,10 @@ impl<'p, E: Executor> Run<'p, E> {
         self.upstream_failed[id] = self.upstream_failed[id] || failed;
         self.state[id] = State::Done;
         self.records[id] = Some(record.clone());
-        let _ = self.events.send(Event::JobFinished { id, record });
+        let _ = self.events.send(Event::JobFinished {
+            id,
+            record: Box::new(record),
+        });
     }
 
     /// Decide every waiting job whose dependencies are all done.
@@ -589,6 +606,26 @@ impl<'p, E: Executor> Run<'p, E> {
             memory_bytes: j.memory_bytes,
             cpus: j.cpus,
         });
+        // Reuse (opt-in): the inputs are gathered in the job's task; what its artifacts
+        // depend on is known now.
+        let reuse_mode = crate::reuse::mode(&j.variables);
+        let refused = match (reuse_mode, crate::reuse::refusal(&j)) {
+            (crate::reuse::Mode::On, Some(why)) => Some(why),
+            _ => None,
+        };
+        let dep_artifacts: Vec<(String, String)> = j
+            .artifacts_from
+            .iter()
+            .map(|&a| {
+                (
+                    self.job(a).name.clone(),
+                    self.artifacts_digest[a]
+                        .clone()
+                        .unwrap_or_else(|| "none".into()),
+                )
+            })
+            .collect();
+        let reuse_wanted = self.reuse_wanted;
         let exec = self.exec.clone();
         let ws = self.ws.clone();
         let log = LogSink::new(id, self.logs.clone());
@@ -600,6 +637,79 @@ impl<'p, E: Executor> Run<'p, E> {
             let started_at = SystemTime::now();
             let started = Instant::now();
             let setup = Instant::now();
+            // Reuse: decide before anything is prepared.
+            let mut reuse: Option<(crate::reuse::Decision, Option<crate::reuse::Inputs>)> = None;
+            if let Some(why) = refused {
+                let d = crate::reuse::Decision {
+                    changed: vec![format!(
+                        "never reused: {why} (RAVE_REUSE: always reuses it anyway)"
+                    )],
+                    ..Default::default()
+                };
+                reuse = Some((d, None));
+            } else if reuse_mode != crate::reuse::Mode::Off {
+                let (ws2, j2, slug2) = (ws.clone(), j.clone(), slug.clone());
+                let looked = tokio::task::spawn_blocking(move || {
+                    let inputs = crate::reuse::inputs(&crate::reuse::Sources {
+                        job: &j2,
+                        snapshot: &ws2.source_root,
+                        files: &ws2.files,
+                        blob_ids: &ws2.blob_ids,
+                        artifacts: dep_artifacts,
+                    })?;
+                    let last = ws2.reuse.load(&j2.name);
+                    let d = crate::reuse::decide(&inputs, last.as_ref());
+                    let reused = match (&d.reused_from, last) {
+                        (Some(_), Some(rec)) => Some(reuse_outputs(&ws2, &j2, &slug2, &rec)),
+                        _ => None,
+                    };
+                    Ok::<_, String>((d, inputs, reused))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("reuse check panicked: {e}")));
+                match looked {
+                    Ok((d, _, Some(Ok((dotenv, artifacts_digest, notes))))) => {
+                        log.system(&format!(
+                            "Reused: every input is unchanged since pipeline {} (input digest {})",
+                            d.reused_from.unwrap_or_default(),
+                            &d.digest[..12]
+                        ))
+                        .await;
+                        for n in notes {
+                            log.system(&n).await;
+                        }
+                        let _ = tx.send(Msg::Finished(Box::new(Finished {
+                            id,
+                            attempt,
+                            outcome: ExecOutcome {
+                                exit_code: Some(0),
+                                ..ExecOutcome::default()
+                            },
+                            started_at,
+                            started,
+                            dotenv,
+                            setup_ms: None,
+                            children: Vec::new(),
+                            artifacts_digest: Some(artifacts_digest),
+                            reuse: Some(d),
+                        })));
+                        return;
+                    }
+                    Ok((mut d, inputs, reused)) => {
+                        if let Some(Err(e)) = reused {
+                            d.reused_from = None;
+                            d.changed = vec![e];
+                        }
+                        log.system(&format!("Not reused: {}", d.changed.join("; ")))
+                            .await;
+                        reuse = Some((d, Some(inputs)));
+                    }
+                    Err(e) => {
+                        log.system(&format!("WARNING: reuse check failed ({e}); the job runs"))
+                            .await;
+                    }
+                }
+            }
             let (claim, prep) = match (claim, git) {
                 (Ok(mut claim), (Ok(strategy), Ok(clean))) => {
                     let ws = ws.clone();
@@ -670,6 +780,34 @@ impl<'p, E: Executor> Run<'p, E> {
                 .await
                 .unwrap_or_default()
             };
+            let artifacts_digest = if reuse_wanted {
+                let dir = ws.artifacts_dir(&slug);
+                tokio::task::spawn_blocking(move || crate::reuse::artifacts_digest(&dir))
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            // A successful run of a job that opts in is what later runs may reuse.
+            if outcome.succeeded()
+                && let Some((d, Some(inputs))) = &reuse
+            {
+                let rec = crate::reuse::Record {
+                    digest: d.digest.clone(),
+                    inputs: inputs.clone(),
+                    pipeline_id: ws.pipeline_id,
+                    artifacts: artifacts_digest
+                        .as_deref()
+                        .filter(|a| *a != "none")
+                        .map(|_| ws.artifacts_dir(&slug)),
+                    artifacts_digest: artifacts_digest.clone().unwrap_or_else(|| "none".into()),
+                    dotenv: dotenv.clone(),
+                };
+                if let Err(e) = ws.reuse.save(&spec_name, &rec) {
+                    log.system(&format!("WARNING: cannot record the run for reuse: {e}"))
+                        .await;
+                }
+            }
             outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
             let children = crate::event::read_child_jobs(&scratch_dir.join("child.json"));
             if outcome.failure_reason() == Some(FailureReason::OomKilled) {
@@ -688,6 +826,8 @@ impl<'p, E: Executor> Run<'p, E> {
                 dotenv,
                 setup_ms,
                 children,
+                artifacts_digest,
+                reuse: reuse.map(|(d, _)| d),
             })));
         });
     }
@@ -752,6 +892,14 @@ impl<'p, E: Executor> Run<'p, E> {
         record.duration_ms = Some(f.started.elapsed().as_millis() as u64);
         record.peak_memory_bytes = f.outcome.peak_memory_bytes;
         record.setup_ms = f.setup_ms;
+        self.artifacts_digest[id] = f.artifacts_digest.take();
+        if let Some(d) = f.reuse.take() {
+            if let Some(p) = d.reused_from {
+                record.reused_from = Some(p);
+                record.note = Some(format!("reused: inputs unchanged since pipeline {p}"));
+            }
+            record.reuse = Some(d);
+        }
         self.done(id, record);
     }
 
@@ -828,26 +976,8 @@ fn save_outputs(
                 c.files,
                 format_memory(c.bytes)
             ));
-            if let Some(store) = &ws.store
-                && c.files > 0
-            {
-                let now = rave_store::now_secs();
-                let expire = |path: &str| {
-                    let secs = match a.expire_in {
-                        Some(d) => d.as_secs(),
-                        None => rave_store::default_expiry_days(path) * 86_400,
-                    };
-                    Some(now + secs)
-                };
-                let stored = store.ingest_dir(
-                    &ws.pipeline_id.to_string(),
-                    slug,
-                    &ws.artifacts_dir(slug),
-                    &expire,
-                );
-                if let Err(e) = stored {
-                    notes.push(format!("WARNING: artifacts not kept in the store: {e}"));
-                }
+            if c.files > 0 {
+                ingest_artifacts(ws, a, slug, &mut notes);
             }
             if ok {
                 for f in &a.reports.dotenv {
@@ -860,6 +990,94 @@ fn save_outputs(
         }
     }
     (dotenv, notes)
+}
+
+/// Keep a job's saved artifacts in the store (content-addressed, with their expiry).
+fn ingest_artifacts(
+    ws: &Workspace,
+    a: &rave_model::Artifacts,
+    slug: &str,
+    notes: &mut Vec<String>,
+) {
+    let Some(store) = &ws.store else { return };
+    let now = rave_store::now_secs();
+    let expire = |path: &str| {
+        let secs = match a.expire_in {
+            Some(d) => d.as_secs(),
+            None => rave_store::default_expiry_days(path) * 86_400,
+        };
+        Some(now + secs)
+    };
+    let stored = store.ingest_dir(
+        &ws.pipeline_id.to_string(),
+        slug,
+        &ws.artifacts_dir(slug),
+        &expire,
+    );
+    if let Err(e) = stored {
+        notes.push(format!("WARNING: artifacts not kept in the store: {e}"));
+    }
+}
+
+/// What a reused job hands on: its dotenv, its artifacts' digest, lines for its log.
+type Reused = (HashMap<String, String>, String, Vec<String>);
+
+/// A reused job's outputs: the recorded run's artifacts (checked against their digest)
+/// copied into this run, and its dotenv.
+fn reuse_outputs(
+    ws: &Workspace,
+    j: &JobInstance,
+    slug: &str,
+    rec: &crate::reuse::Record,
+) -> Result<Reused, String> {
+    let mut notes = Vec::new();
+    if let Some(src) = &rec.artifacts {
+        let now = crate::reuse::artifacts_digest(src);
+        if now != rec.artifacts_digest {
+            return Err(format!(
+                "the artifacts of pipeline {} changed on disk since",
+                rec.pipeline_id
+            ));
+        }
+        let dest = ws.artifacts_dir(slug);
+        std::fs::create_dir_all(&dest)
+            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+        copy_tree_linked(src, &dest).map_err(|e| {
+            format!(
+                "cannot copy the artifacts of pipeline {}: {e}",
+                rec.pipeline_id
+            )
+        })?;
+        notes.push(format!(
+            "Artifacts taken from pipeline {} ({})",
+            rec.pipeline_id,
+            src.display()
+        ));
+        if let Some(a) = &j.job.artifacts {
+            ingest_artifacts(ws, a, slug, &mut notes);
+        }
+    }
+    Ok((rec.dotenv.clone(), rec.artifacts_digest.clone(), notes))
+}
+
+/// Copy a directory tree, hard-linking files where the file system allows (artifacts are
+/// never written in place, so sharing them is safe).
+fn copy_tree_linked(src: &Path, dest: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dest.join(e.file_name());
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            copy_tree_linked(&e.path(), &to)?;
+        } else if ft.is_symlink() {
+            let _ = std::fs::remove_file(&to);
+            std::os::unix::fs::symlink(std::fs::read_link(e.path())?, &to)?;
+        } else if std::fs::hard_link(e.path(), &to).is_err() {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
 }
 
 fn service_spec(s: &rave_model::pipeline::Service) -> crate::executor::ServiceSpec {

@@ -37,6 +37,8 @@ pub struct Workspace {
     pub blob_ids: HashMap<String, String>,
     /// The project's `cache:` archives.
     pub caches: crate::cache::CacheStore,
+    /// Records of successful runs of jobs that opt into reuse.
+    pub reuse: crate::reuse::ReuseStore,
     tracked: Tracked,
     snapshot: Option<crate::snapshot::Snapshot>,
 }
@@ -106,6 +108,7 @@ impl Workspace {
             ignore,
             blob_ids: HashMap::new(),
             caches: crate::cache::CacheStore::new(state_dir.join("caches")),
+            reuse: crate::reuse::ReuseStore::new(state_dir.join("reuse")),
             tracked: Tracked::default(),
             snapshot: None,
         }
