@@ -116,3 +116,68 @@ fn a_bad_git_strategy_fails_the_job_with_the_cause() {
     let note = j["note"].as_str().unwrap_or_default();
     assert!(note.contains("GIT_STRATEGY `shallow`"), "{j:#}");
 }
+
+fn jobs_get_a_git_directory(mode: Option<&str>) {
+    let d = git_repo(&[
+        (
+            ".gitlab-ci.yml",
+            r#"
+history:
+  script:
+    - test "$(git rev-parse HEAD)" = "$CI_COMMIT_SHA"
+    - git describe --tags > "$OUT/describe"
+    - git log --oneline | wc -l > "$OUT/count"
+    - git status --porcelain > "$OUT/status"
+    - git show HEAD:a.txt > "$OUT/show"
+shallow:
+  variables: {GIT_DEPTH: "1"}
+  script:
+    - git log --oneline | wc -l > "$OUT/shallow"
+"#,
+        ),
+        ("a.txt", "one"),
+    ]);
+    sh(
+        d.path(),
+        "git tag v1.0 && echo two > a.txt && git commit -qam two && echo three > a.txt && git commit -qam three",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let out_s = out.path().to_str().unwrap().to_string();
+    let mut env = vec![("OUT", out_s.as_str())];
+    if let Some(m) = mode {
+        env.push(("RAVE_WORKSPACE", m));
+    }
+    let r = rave_env(d.path(), &["run"], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let read = |f: &str| std::fs::read_to_string(out.path().join(f)).unwrap();
+    assert!(
+        read("describe").starts_with("v1.0-2-g"),
+        "{}",
+        read("describe")
+    );
+    assert_eq!(read("count").trim(), "3");
+    assert_eq!(
+        read("status").trim(),
+        "",
+        "the working directory matches its index"
+    );
+    assert_eq!(read("show").trim(), "three");
+    assert_eq!(read("shallow").trim(), "1", "GIT_DEPTH: 1 shows one commit");
+    // The project's own repository is untouched: same HEAD, no new refs, clean.
+    let st = std::process::Command::new("git")
+        .args(["status", "--porcelain"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&st.stdout).trim(), "");
+}
+
+#[test]
+fn jobs_get_a_git_directory_at_the_pipeline_commit_over_an_overlay() {
+    jobs_get_a_git_directory(None);
+}
+
+#[test]
+fn jobs_get_a_git_directory_at_the_pipeline_commit_in_a_copy() {
+    jobs_get_a_git_directory(Some("copy"));
+}

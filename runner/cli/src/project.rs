@@ -137,8 +137,10 @@ impl Project {
         // path; the project root only anchors `include: local`.
         let file = args.file.as_ref().map(|f| start.join(f));
         // `include: local` reads the files git tracks (relative to the project directory),
-        // as GitLab reads them from the commit.
-        let tracked = repo.as_ref().and_then(|r| {
+        // as GitLab reads them from the commit. A child pipeline reads its parent job's
+        // working directory, artifacts (a generated pipeline) included.
+        let child = t.is_some_and(|t| t.source == "parent_pipeline");
+        let tracked = repo.as_ref().filter(|_| !child).and_then(|r| {
             let files = r.tracked_files().ok()?;
             let prefix = relative_prefix(&root, r.root());
             Some(match prefix {

@@ -329,6 +329,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     if project.tag_source.is_none() {
         ws.blob_ids = project.blob_ids.get().cloned().unwrap_or_default();
     }
+    // Jobs get a `.git` at the pipeline's commit when the project is a whole repository (a
+    // subdirectory's jobs would see paths that do not match the index).
+    if let Ok(repo) = rave_repo::Repo::discover(&project.root)
+        && repo.root().canonicalize().ok() == project.root.canonicalize().ok()
+        && trigger.sha.len() == 40
+        && trigger.sha.bytes().any(|b| b != b'0')
+    {
+        let branch = trigger.tag.is_none().then_some(trigger.ref_name.as_str());
+        match workspace::JobGit::new(repo, &state_dir, &trigger.sha, branch) {
+            Ok(g) => ws.git = Some(g),
+            Err(e) => eprintln!("rave: jobs get no .git directory ({e})"),
+        }
+    }
     if let Err(e) = ws.snapshot() {
         eprintln!("error: cannot snapshot the working tree: {e}");
         return Ok(2);

@@ -272,10 +272,19 @@ impl DockerExecutor {
             working_dir: Some(self.builds_path.clone()),
             labels: Some(Self::labels(spec)),
             host_config: Some(HostConfig {
-                binds: Some(vec![
-                    format!("{}:{}", spec.workdir.display(), self.builds_path),
-                    format!("{}:/rave/scratch:ro", spec.scratch_dir.display()),
-                ]),
+                binds: Some(
+                    [
+                        format!("{}:{}", spec.workdir.display(), self.builds_path),
+                        format!("{}:/rave/scratch:ro", spec.scratch_dir.display()),
+                    ]
+                    .into_iter()
+                    .chain(
+                        spec.git_objects
+                            .iter()
+                            .map(|o| format!("{0}:{0}:ro", o.display())),
+                    )
+                    .collect(),
+                ),
                 memory: Some(spec.memory_bytes as i64),
                 memory_swap: Some(spec.memory_bytes as i64),
                 nano_cpus: Some((spec.cpus * 1e9) as i64),

@@ -62,6 +62,9 @@ pub struct JobSpec {
     pub entrypoint: Option<Vec<String>>,
     /// `services:`: sidecar containers the job talks to by alias (container executors only).
     pub services: Vec<ServiceSpec>,
+    /// The object store the job's `.git` borrows (`objects/info/alternates`): a container
+    /// gets it read-only at the same path.
+    pub git_objects: Option<std::path::PathBuf>,
 }
 
 /// One `services:` entry, ready to start.

@@ -520,6 +520,12 @@ impl<'p, E: Executor> Run<'p, E> {
                 "RAVE_PIPELINE_VARIABLES".into(),
                 self.plan.pipeline_variables.join(" "),
             ));
+            // The child pipeline's jobs work, cache and reuse in the project's state, beside
+            // the parent's (its own run directory stays in the trigger job's directory).
+            env.push((
+                "RAVE_STATE_DIR".into(),
+                self.ws.state_dir.to_string_lossy().into_owned(),
+            ));
         }
         let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let caps = caps::env(j.memory_bytes, j.cpus, &self.cfg.budget, &lookup);
@@ -549,6 +555,10 @@ impl<'p, E: Executor> Run<'p, E> {
             GitStrategy::parse(j.variables.get("GIT_STRATEGY").map(String::as_str)),
             CleanFlags::parse(j.variables.get("GIT_CLEAN_FLAGS").map(String::as_str)),
         );
+        let git_vars = workspace::GitVars {
+            depth: j.variables.get("GIT_DEPTH").cloned(),
+            submodules: j.variables.get("GIT_SUBMODULE_STRATEGY").cloned(),
+        };
         let scratch_dir = self.ws.scratch_dir(&slug, attempt);
         let mut env = self.job_env(id, &workdir);
         // Tools rave provides (`rave scan`) leave their verdicts here.
@@ -599,6 +609,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 .and_then(|i| i.pull_policy.first().cloned()),
             entrypoint: j.job.image.as_ref().and_then(|i| i.entrypoint.clone()),
             services: j.job.services.iter().map(service_spec).collect(),
+            git_objects: self.ws.git.as_ref().map(|g| g.objects.clone()),
         };
         let _ = self.events.send(Event::JobStarted {
             id,
@@ -716,7 +727,7 @@ impl<'p, E: Executor> Run<'p, E> {
                     let caches = caches.clone();
                     tokio::task::spawn_blocking(move || {
                         let r = ws
-                            .prepare(&mut claim, &deps, strategy, &clean)
+                            .prepare(&mut claim, &deps, strategy, &clean, &git_vars)
                             .map(|mut notes| {
                                 notes.extend(cache_notes);
                                 for c in &caches {

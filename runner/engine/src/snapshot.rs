@@ -135,16 +135,59 @@ fn record(id: Option<&String>, meta: &std::fs::Metadata, started: i128) -> Stamp
     }
 }
 
+/// A file of the snapshot that does not come from the project directory (the job's `.git`),
+/// known by an id that changes whenever its content does.
+#[derive(Clone, Debug)]
+pub struct Extra {
+    pub rel: String,
+    pub from: PathBuf,
+    pub id: String,
+}
+
+/// One file to freeze: where it is now and what vouches for it.
+struct Item<'a> {
+    rel: &'a String,
+    from: PathBuf,
+    id: Option<&'a String>,
+    /// The id is exact (generated from it): never downgraded to a stat stamp.
+    exact: bool,
+}
+
+fn items<'a>(
+    source: &Path,
+    files: &'a [String],
+    ids: &'a HashMap<String, String>,
+    extra: &'a [Extra],
+) -> Vec<Item<'a>> {
+    files
+        .iter()
+        .map(|f| Item {
+            rel: f,
+            from: source.join(f),
+            id: ids.get(f),
+            exact: false,
+        })
+        .chain(extra.iter().map(|e| Item {
+            rel: &e.rel,
+            from: e.from.clone(),
+            id: Some(&e.id),
+            exact: true,
+        }))
+        .collect()
+}
+
 /// Freeze `files` (relative paths under `source`; `ids`: blob ids of the unmodified tracked
-/// ones) through the mirror in `mirror_dir`. `farm` is where a linked copy goes when another
-/// run is using the mirror.
+/// ones) and `extra` through the mirror in `mirror_dir`. `farm` is where a linked copy goes
+/// when another run is using the mirror.
 pub fn take(
     source: &Path,
     files: &[String],
     ids: &HashMap<String, String>,
+    extra: &[Extra],
     mirror_dir: &Path,
     farm: &Path,
 ) -> Result<Snapshot, String> {
+    let all = items(source, files, ids, extra);
     use crate::builds::lock_file;
     let files_dir = mirror_dir.join("files");
     std::fs::create_dir_all(&files_dir)
@@ -160,7 +203,7 @@ pub fn take(
     let started = now_ns();
     match exclusive {
         Some(lock) => {
-            let stats = update_in_place(source, files, ids, &files_dir, &index_path, old, started)?;
+            let stats = update_in_place(source, &all, &files_dir, &index_path, old, started)?;
             // Under the writer lock nobody can slip in between: become a reader.
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
                 .map_err(|e| format!("cannot lock {}: {e}", readers_path.display()))?;
@@ -190,14 +233,14 @@ pub fn take(
                 return Ok(Snapshot {
                     dir: files_dir,
                     stats: SnapshotStats {
-                        files: files.len(),
+                        files: all.len(),
                         ..SnapshotStats::default()
                     },
                     _reader: Some(reader),
                 });
             }
             let reader = lock_shared(&readers_path)?;
-            let stats = linked_copy(source, files, ids, &files_dir, &old, farm)?;
+            let stats = linked_copy(source, &all, &files_dir, &old, farm)?;
             // The farm links into the mirror: hold it unchanged too.
             Ok(Snapshot {
                 dir: farm.to_path_buf(),
@@ -223,8 +266,7 @@ fn lock_shared(path: &Path) -> Result<std::fs::File, String> {
 /// Bring the mirror up to date with `source`, no run reading it.
 fn update_in_place(
     source: &Path,
-    files: &[String],
-    ids: &HashMap<String, String>,
+    all: &[Item],
     files_dir: &Path,
     index_path: &Path,
     old: Option<Index>,
@@ -243,13 +285,12 @@ fn update_in_place(
     let mut new = Index {
         taken_at_ns: started,
         source: source.to_path_buf(),
-        entries: HashMap::with_capacity(files.len()),
+        entries: HashMap::with_capacity(all.len()),
     };
     let mut stats = SnapshotStats::default();
     let mut made: HashSet<PathBuf> = HashSet::new();
-    for f in files {
-        let id = ids.get(f);
-        let from = source.join(f);
+    for it in all {
+        let (f, id, from) = (it.rel, it.id, &it.from);
         let mirrored = files_dir.join(f);
         if let (Some(Stamp::Blob(old_id)), Some(id)) = (old.entries.get(f), id)
             && old_id == id
@@ -264,7 +305,7 @@ fn update_in_place(
             continue;
         };
         if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&from)
+            let target = std::fs::read_link(from)
                 .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
             if std::fs::read_link(&mirrored).ok().as_ref() != Some(&target) {
                 mkdirs(&mut made, mirrored.parent())?;
@@ -281,10 +322,14 @@ fn update_in_place(
         }
         if !old.trusts(f, id, source, Some(&meta)) || !mirrored.is_file() {
             mkdirs(&mut made, mirrored.parent())?;
-            stats.bytes_copied += replace_copy(&from, &meta, &mirrored)?;
+            stats.bytes_copied += replace_copy(from, &meta, &mirrored)?;
             stats.copied += 1;
         }
-        new.entries.insert(f.clone(), record(id, &meta, started));
+        let stamp = match (it.exact, id) {
+            (true, Some(id)) => Stamp::Blob(id.clone()),
+            _ => record(id, &meta, started),
+        };
+        new.entries.insert(f.clone(), stamp);
         stats.files += 1;
     }
     // Files gone from the project leave the mirror, and so do directories they leave empty.
@@ -310,8 +355,7 @@ fn update_in_place(
 /// `farm` from hard links to the mirror's unchanged files and copies of the changed ones.
 fn linked_copy(
     source: &Path,
-    files: &[String],
-    ids: &HashMap<String, String>,
+    all: &[Item],
     files_dir: &Path,
     old: &Index,
     farm: &Path,
@@ -321,23 +365,23 @@ fn linked_copy(
         ..SnapshotStats::default()
     };
     let mut made: HashSet<PathBuf> = HashSet::new();
-    for f in files {
-        let from = source.join(f);
+    for it in all {
+        let (f, from) = (it.rel, &it.from);
         let Ok(meta) = from.symlink_metadata() else {
             continue;
         };
         let to = farm.join(f);
         mkdirs(&mut made, to.parent())?;
         if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&from)
+            let target = std::fs::read_link(from)
                 .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
             std::os::unix::fs::symlink(&target, &to)
                 .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
         } else if meta.is_file() {
-            let linked = old.trusts(f, ids.get(f), source, Some(&meta))
+            let linked = old.trusts(f, it.id, source, Some(&meta))
                 && std::fs::hard_link(files_dir.join(f), &to).is_ok();
             if !linked {
-                stats.bytes_copied += replace_copy(&from, &meta, &to)?;
+                stats.bytes_copied += replace_copy(from, &meta, &to)?;
                 stats.copied += 1;
             }
         } else {
@@ -446,11 +490,11 @@ mod tests {
         let mirror = d.path().join("mirror");
         let none = HashMap::new();
         settle();
-        let s1 = take(&src, &files, &none, &mirror, &d.path().join("farm1")).unwrap();
+        let s1 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm1")).unwrap();
         assert_eq!((s1.stats.files, s1.stats.copied), (3, 2));
         assert_eq!(s1.dir, mirror.join("files"));
         drop(s1);
-        let s2 = take(&src, &files, &none, &mirror, &d.path().join("farm2")).unwrap();
+        let s2 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm2")).unwrap();
         assert_eq!((s2.stats.files, s2.stats.copied), (3, 0), "{:?}", s2.stats);
         drop(s2);
         // The mirror keeps the source's mtime.
@@ -465,7 +509,7 @@ mod tests {
                 .unwrap()
         );
         std::fs::write(src.join("two.txt"), "TWO!").unwrap();
-        let s3 = take(&src, &files, &none, &mirror, &d.path().join("farm3")).unwrap();
+        let s3 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm3")).unwrap();
         assert_eq!(s3.stats.copied, 1);
         assert_eq!(read(&s3.dir.join("two.txt")), "TWO!");
         assert_eq!(
@@ -475,7 +519,7 @@ mod tests {
         drop(s3);
         // A deleted file leaves the mirror, with the directories it leaves empty.
         let fewer = vec!["two.txt".to_string()];
-        let s4 = take(&src, &fewer, &none, &mirror, &d.path().join("farm4")).unwrap();
+        let s4 = take(&src, &fewer, &none, &[], &mirror, &d.path().join("farm4")).unwrap();
         assert!(!s4.dir.join("a").exists());
         assert!(!s4.dir.join("link").exists());
         assert!(
@@ -492,14 +536,14 @@ mod tests {
         let mirror = d.path().join("mirror");
         let none = HashMap::new();
         settle();
-        let first = take(&src, &files, &none, &mirror, &d.path().join("farm1")).unwrap();
+        let first = take(&src, &files, &none, &[], &mirror, &d.path().join("farm1")).unwrap();
         // Nothing changed: the second run shares the mirror while the first holds it.
-        let same = take(&src, &files, &none, &mirror, &d.path().join("farm2")).unwrap();
+        let same = take(&src, &files, &none, &[], &mirror, &d.path().join("farm2")).unwrap();
         assert_eq!(same.dir, first.dir);
         assert_eq!(same.stats.copied, 0);
         drop(same);
         std::fs::write(src.join("two.txt"), "edited").unwrap();
-        let later = take(&src, &files, &none, &mirror, &d.path().join("farm3")).unwrap();
+        let later = take(&src, &files, &none, &[], &mirror, &d.path().join("farm3")).unwrap();
         assert!(later.stats.linked_copy);
         assert_eq!(later.dir, d.path().join("farm3"));
         assert_eq!(later.stats.copied, 1);
@@ -516,7 +560,7 @@ mod tests {
         );
         drop(first);
         drop(later);
-        let free = take(&src, &files, &none, &mirror, &d.path().join("farm4")).unwrap();
+        let free = take(&src, &files, &none, &[], &mirror, &d.path().join("farm4")).unwrap();
         assert_eq!(free.dir, mirror.join("files"));
         assert_eq!(read(&free.dir.join("two.txt")), "edited");
     }
@@ -533,14 +577,14 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .into();
         settle();
-        let s1 = take(&a, &files, &ids, &mirror, &d.path().join("f1")).unwrap();
+        let s1 = take(&a, &files, &ids, &[], &mirror, &d.path().join("f1")).unwrap();
         assert_eq!(s1.stats.copied, 2);
         drop(s1);
         let b = d.path().join("checkout-b");
         tree(&b, &[("x.txt", "x"), ("y.txt", "Y2")]);
         let mut ids2 = ids.clone();
         ids2.insert("y.txt".into(), "3333:100644".into());
-        let s2 = take(&b, &files, &ids2, &mirror, &d.path().join("f2")).unwrap();
+        let s2 = take(&b, &files, &ids2, &[], &mirror, &d.path().join("f2")).unwrap();
         assert_eq!(s2.stats.copied, 1, "only the file whose blob changed");
         assert_eq!(read(&s2.dir.join("y.txt")), "Y2");
         assert_eq!(read(&s2.dir.join("x.txt")), "x");
@@ -553,11 +597,11 @@ mod tests {
         let files = tree(&src, &[("keep.txt", "k")]);
         let mirror = d.path().join("mirror");
         let none = HashMap::new();
-        drop(take(&src, &files, &none, &mirror, &d.path().join("f")).unwrap());
+        drop(take(&src, &files, &none, &[], &mirror, &d.path().join("f")).unwrap());
         // As if a run died after copying a file in but before writing the index.
         std::fs::write(mirror.join("files/stray.txt"), "s").unwrap();
         std::fs::remove_file(mirror.join("index.json")).unwrap();
-        let s = take(&src, &files, &none, &mirror, &d.path().join("f2")).unwrap();
+        let s = take(&src, &files, &none, &[], &mirror, &d.path().join("f2")).unwrap();
         assert!(!s.dir.join("stray.txt").exists());
         assert_eq!(read(&s.dir.join("keep.txt")), "k");
     }

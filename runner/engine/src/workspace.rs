@@ -28,7 +28,9 @@ pub struct Workspace {
     pub store: Option<rave_store::Store>,
     /// The pipeline's id in the store's index.
     pub pipeline_id: u64,
-    /// The project's persistent state: `snapshot/` (the mirror) and `builds/` (job dirs).
+    /// The project's persistent state: `snapshot/` (the mirror), `builds/` (job dirs),
+    /// `caches/`, `reuse/`.
+    pub state_dir: PathBuf,
     pub builds: Builds,
     pub mirror_dir: PathBuf,
     /// The project's `.gitignore` rules, for `GIT_CLEAN_FLAGS` without `-x`.
@@ -39,8 +41,89 @@ pub struct Workspace {
     pub caches: crate::cache::CacheStore,
     /// Records of successful runs of jobs that opt into reuse.
     pub reuse: crate::reuse::ReuseStore,
+    /// The `.git` jobs get (None: the project is not the top of a git repository).
+    pub git: Option<JobGit>,
     tracked: Tracked,
     snapshot: Option<crate::snapshot::Snapshot>,
+}
+
+/// The `.git` directory of every job's working directory: generated once per commit (HEAD
+/// detached at the pipeline's commit, tags, an index, objects borrowed from the project's
+/// repository), frozen with the snapshot; `GIT_DEPTH` adds a per-job `.git/shallow`.
+pub struct JobGit {
+    pub sha: String,
+    pub extra: Vec<crate::snapshot::Extra>,
+    pub objects: PathBuf,
+    repo: std::sync::Mutex<rave_repo::Repo>,
+}
+
+impl JobGit {
+    /// Generate (or find, when this commit, branch and these tags were seen before) the
+    /// `.git` files under `<state>/snapshot/git/`.
+    pub fn new(
+        repo: rave_repo::Repo,
+        state_dir: &Path,
+        sha: &str,
+        branch: Option<&str>,
+    ) -> Result<JobGit, String> {
+        let stamp = repo.job_git_stamp(sha, branch);
+        let base = state_dir.join("snapshot").join("git");
+        let dir = base.join(&stamp[..16]);
+        let names = if dir.join(".done").is_file() {
+            rave_repo::JOB_GIT_FILES.map(String::from).to_vec()
+        } else {
+            // Written aside and renamed: a concurrent run never reads half of it.
+            let tmp = base.join(format!(".tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            let (names, _) = repo
+                .write_job_git(&tmp, sha, branch)
+                .map_err(|e| e.to_string())?;
+            std::fs::write(tmp.join(".done"), &stamp).map_err(|e| e.to_string())?;
+            if std::fs::rename(&tmp, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+            prune_old(&base, &dir);
+            names
+        };
+        let objects = repo.objects_dir();
+        Ok(JobGit {
+            sha: sha.to_string(),
+            extra: names
+                .into_iter()
+                .map(|n| crate::snapshot::Extra {
+                    from: dir.join(&n),
+                    id: format!("gen:{stamp}:{n}"),
+                    rel: format!(".git/{n}"),
+                })
+                .collect(),
+            objects,
+            repo: std::sync::Mutex::new(repo),
+        })
+    }
+
+    /// `.git/shallow` for `GIT_DEPTH` (None: full history).
+    fn shallow(&self, depth: u32) -> Result<Vec<String>, String> {
+        let repo = self.repo.lock().unwrap_or_else(|p| p.into_inner());
+        repo.shallow_boundary(&self.sha, depth)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Keep the few most recent generated `.git` directories.
+fn prune_old(base: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.path() != keep && !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort();
+    let n = dirs.len();
+    for (_, d) in dirs.into_iter().take(n.saturating_sub(3)) {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 /// `.gitignore` rules of a real repository, through git2.
@@ -84,6 +167,13 @@ pub fn slug(id: usize, name: &str) -> String {
     format!("{id:03}-{s}")
 }
 
+/// A job's git variables (`GIT_DEPTH`, `GIT_SUBMODULE_STRATEGY`).
+#[derive(Clone, Debug, Default)]
+pub struct GitVars {
+    pub depth: Option<String>,
+    pub submodules: Option<String>,
+}
+
 impl Workspace {
     /// A run's workspace over the project's state directory (`.rave/` for `rave run`).
     pub fn new(
@@ -103,12 +193,14 @@ impl Workspace {
             run_dir,
             store: None,
             pipeline_id: 0,
+            state_dir: state_dir.to_path_buf(),
             builds,
             mirror_dir: state_dir.join("snapshot"),
             ignore,
             blob_ids: HashMap::new(),
             caches: crate::cache::CacheStore::new(state_dir.join("caches")),
             reuse: crate::reuse::ReuseStore::new(state_dir.join("reuse")),
+            git: None,
             tracked: Tracked::default(),
             snapshot: None,
         }
@@ -134,14 +226,22 @@ impl Workspace {
     /// run are copied (see [`crate::snapshot`]); the snapshot is held until the workspace is
     /// dropped.
     pub fn snapshot(&mut self) -> Result<crate::snapshot::SnapshotStats, String> {
+        let extra = self
+            .git
+            .as_ref()
+            .map(|g| g.extra.clone())
+            .unwrap_or_default();
         let snap = crate::snapshot::take(
             &self.source_root,
             &self.files,
             &self.blob_ids,
+            &extra,
             &self.mirror_dir,
             &self.snapshot_dir(),
         )?;
-        self.tracked = Tracked::new(&self.files);
+        let mut tracked: Vec<String> = self.files.clone();
+        tracked.extend(extra.iter().map(|e| e.rel.clone()));
+        self.tracked = Tracked::new(&tracked);
         self.source_root = snap.dir.clone();
         let stats = snap.stats;
         self.snapshot = Some(snap);
@@ -166,6 +266,7 @@ impl Workspace {
         deps: &[String],
         strategy: GitStrategy,
         clean: &CleanFlags,
+        git_vars: &GitVars,
     ) -> Result<Vec<String>, String> {
         claim.touch();
         let (filled, note) = self.builds.prepare(
@@ -190,6 +291,9 @@ impl Workspace {
             ),
             _ => {}
         }
+        if strategy != GitStrategy::None {
+            self.git_extras(&claim.dir, git_vars, &mut notes)?;
+        }
         for d in deps {
             let src = self.artifacts_dir(d);
             if src.is_dir() {
@@ -198,6 +302,40 @@ impl Workspace {
             }
         }
         Ok(notes)
+    }
+
+    /// Per job: `.git/shallow` for `GIT_DEPTH`, and a word on submodules.
+    fn git_extras(&self, dir: &Path, v: &GitVars, notes: &mut Vec<String>) -> Result<(), String> {
+        let shallow = dir.join(".git").join("shallow");
+        let Some(git) = &self.git else {
+            return Ok(());
+        };
+        let depth = match v.depth.as_deref().map(str::trim) {
+            None | Some("") | Some("0") => None,
+            Some(d) => Some(d.parse::<u32>().map_err(|_| {
+                format!("GIT_DEPTH `{d}` is not a number (0 or unset: the whole history)")
+            })?),
+        };
+        match depth {
+            Some(d) => {
+                let boundary = git.shallow(d)?;
+                if boundary.is_empty() {
+                    let _ = std::fs::remove_file(&shallow);
+                } else {
+                    std::fs::write(&shallow, boundary.join("\n") + "\n")
+                        .map_err(|e| format!("cannot write {}: {e}", shallow.display()))?;
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(&shallow);
+            }
+        }
+        if matches!(v.submodules.as_deref(), Some("normal" | "recursive")) {
+            notes.push(
+                "WARNING: GIT_SUBMODULE_STRATEGY: rave does not check submodules out; their directories hold what the project directory holds (nothing, unless checked out there)".into(),
+            );
+        }
+        Ok(())
     }
 
     /// After the job's artifacts are saved: take its directory's overlay down.

@@ -25,6 +25,16 @@ pub enum RepoError {
     },
 }
 
+/// The files [`Repo::write_job_git`] writes.
+pub const JOB_GIT_FILES: [&str; 6] = [
+    "HEAD",
+    "config",
+    "objects/info/alternates",
+    "packed-refs",
+    "index",
+    "refs/heads/.keep",
+];
+
 fn git<T>(r: Result<T, git2::Error>, context: &str) -> Result<T, RepoError> {
     r.map_err(|source| RepoError::Git {
         context: context.to_string(),
@@ -66,6 +76,141 @@ impl Repo {
     /// The working tree's top directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The object directory of this repository (shared by its worktrees).
+    pub fn objects_dir(&self) -> PathBuf {
+        let o = self.repo.commondir().join("objects");
+        o.canonicalize().unwrap_or(o)
+    }
+
+    /// What the job `.git` of `sha` depends on: the commit, the branch, the tags.
+    pub fn job_git_stamp(&self, sha: &str, branch: Option<&str>) -> String {
+        use std::fmt::Write;
+        let mut s = format!(
+            "{sha}\n{}\n{}\n",
+            branch.unwrap_or(""),
+            self.objects_dir().display()
+        );
+        let _ = self.repo.tag_foreach(|id, name| {
+            let _ = writeln!(s, "{id} {}", String::from_utf8_lossy(name));
+            true
+        });
+        // Not a security boundary, only a cache key: std's hasher twice, 128 bits.
+        use std::hash::{Hash, Hasher};
+        let mut a = std::collections::hash_map::DefaultHasher::new();
+        s.hash(&mut a);
+        let mut b = std::collections::hash_map::DefaultHasher::new();
+        (s, 1u8).hash(&mut b);
+        format!("{:016x}{:016x}", a.finish(), b.finish())
+    }
+
+    /// Write the `.git` directory a job's working directory gets, into `dest`: HEAD detached
+    /// at `sha` (as GitLab Runner checks a pipeline's commit out), the project's tags and
+    /// `origin/<branch>` as packed refs, an index of the commit's tree, and no objects of its
+    /// own: it borrows this repository's through `objects/info/alternates`, so writing it
+    /// costs the same whatever the history's size. Returns the files written, relative to
+    /// `dest`, and the object directory the alternates point at (a container needs it too).
+    pub fn write_job_git(
+        &self,
+        dest: &Path,
+        sha: &str,
+        branch: Option<&str>,
+    ) -> Result<(Vec<String>, PathBuf), RepoError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RepoError::Copy { path, source }
+        };
+        let oid = git(git2::Oid::from_str(sha), "commit id")?;
+        let commit = git(self.repo.find_commit(oid), &format!("commit {sha}"))?;
+        let tree = git(commit.tree(), "reading the commit's tree")?;
+        std::fs::create_dir_all(dest.join("objects/info")).map_err(io(dest))?;
+        std::fs::create_dir_all(dest.join("refs")).map_err(io(dest))?;
+        let objects = self.objects_dir();
+        let write = |rel: &str, text: String| -> Result<(), RepoError> {
+            let p = dest.join(rel);
+            std::fs::write(&p, text).map_err(io(&p))
+        };
+        write("HEAD", format!("{sha}\n"))?;
+        // git wants a `refs/` directory; a snapshot holds files only, and git's ref walk skips
+        // names starting with a dot.
+        std::fs::create_dir_all(dest.join("refs/heads")).map_err(io(dest))?;
+        write("refs/heads/.keep", String::new())?;
+        let origin = self.origin_url().unwrap_or_default();
+        write(
+            "config",
+            format!(
+                "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n[remote \"origin\"]\n\turl = {origin}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
+            ),
+        )?;
+        write(
+            "objects/info/alternates",
+            format!("{}\n", objects.display()),
+        )?;
+        let mut refs = vec![];
+        if let Some(b) = branch {
+            refs.push(format!("{sha} refs/remotes/origin/{b}"));
+        }
+        let mut tags = Vec::new();
+        git(
+            self.repo.tag_foreach(|id, name| {
+                tags.push((id, String::from_utf8_lossy(name).into_owned()));
+                true
+            }),
+            "listing tags",
+        )?;
+        tags.sort_by(|a, b| a.1.cmp(&b.1));
+        for (id, name) in tags {
+            refs.push(format!("{id} {name}"));
+            if let Ok(t) = self.repo.find_tag(id) {
+                refs.push(format!("^{}", t.target_id()));
+            }
+        }
+        write(
+            "packed-refs",
+            format!(
+                "# pack-refs with: peeled fully-peeled sorted \n{}\n",
+                refs.join("\n")
+            ),
+        )?;
+        let index_path = dest.join("index");
+        let _ = std::fs::remove_file(&index_path);
+        let mut index = git(git2::Index::open(&index_path), "creating the job's index")?;
+        git(index.read_tree(&tree), "reading the commit's tree")?;
+        git(index.write(), "writing the job's index")?;
+        Ok((JOB_GIT_FILES.map(String::from).to_vec(), objects))
+    }
+
+    /// The commits a clone of depth `depth` from `sha` ends at (the `.git/shallow` file):
+    /// commits `depth - 1` parents away whose parents it leaves out.
+    pub fn shallow_boundary(&self, sha: &str, depth: u32) -> Result<Vec<String>, RepoError> {
+        let oid = git(git2::Oid::from_str(sha), "commit id")?;
+        let mut level = vec![oid];
+        let mut seen = std::collections::HashSet::from([oid]);
+        for _ in 1..depth {
+            let mut next = Vec::new();
+            for c in &level {
+                let commit = git(self.repo.find_commit(*c), "walking history")?;
+                for p in commit.parent_ids() {
+                    if seen.insert(p) {
+                        next.push(p);
+                    }
+                }
+            }
+            if next.is_empty() {
+                return Ok(Vec::new());
+            }
+            level = next;
+        }
+        let mut out = Vec::new();
+        for c in level {
+            let commit = git(self.repo.find_commit(c), "walking history")?;
+            if commit.parent_count() > 0 {
+                out.push(c.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Whether `.gitignore` rules (and `info/exclude`) ignore `rel` (a trailing `/` asks
