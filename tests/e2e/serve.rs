@@ -1284,3 +1284,79 @@ fn the_events_stream_tells_status_changes_as_they_happen() {
     assert!(seen.contains("\"job\":\"only-job\""), "{seen}");
     assert!(seen.contains("event: pipeline"), "{seen}");
 }
+
+/// The server keeps each project's workspaces, caches and reuse records across pipelines (each
+/// pipeline is a fresh checkout), and keeps a protected branch's caches apart.
+#[test]
+fn caches_and_reuse_outlive_the_checkout_and_protected_refs_keep_their_own() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        r#"deps:
+  cache: {key: deps, paths: [vendor/]}
+  script:
+    - echo "cache-$(test -f vendor/seen && echo HIT || echo MISS) git-$(git rev-parse --short HEAD)"
+    - mkdir -p vendor && touch vendor/seen
+same:
+  variables: {RAVE_REUSE: "1"}
+  script: [echo work]
+"#,
+    )]);
+    sh(
+        &origin.work,
+        "git checkout -q -b feature && git push -q origin feature && git checkout -q main",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[[tokens]]\nname = \"ops\"",
+        "protected_branches = [\"main\"]\n\n[[tokens]]\nname = \"ops\"",
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let run = |r: &str| {
+        finished(
+            &s,
+            api_pipeline(&s, json!({"project": "team/app", "ref": r})),
+        )
+    };
+    let log_of = |v: &Value, name: &str| text(&s, &format!("/api/jobs/{}/log", job(v, name)["id"]));
+    let first = run("main");
+    assert_eq!(first["pipeline"]["status"], "success", "{first:#}");
+    assert!(
+        log_of(&first, "deps").contains("cache-MISS git-"),
+        "{}",
+        log_of(&first, "deps")
+    );
+    let second = run("main");
+    let log = log_of(&second, "deps");
+    assert!(log.contains("cache-HIT"), "{log}");
+    assert!(
+        log_of(&second, "same").contains("Reused"),
+        "{}",
+        log_of(&second, "same")
+    );
+    // An unprotected branch does not see the protected branch's cache.
+    let feature = run("feature");
+    assert!(
+        log_of(&feature, "deps").contains("cache-MISS"),
+        "{}",
+        log_of(&feature, "deps")
+    );
+    let state = data.path().join("data/workspaces");
+    let project = std::fs::read_dir(&state)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let list = rave(
+        data.path(),
+        &["cache", "list", "--state-dir", project.to_str().unwrap()],
+    );
+    assert!(list.stdout.contains("deps-protected"), "{}", list.stdout);
+    assert!(
+        list.stdout.contains("deps-non_protected"),
+        "{}",
+        list.stdout
+    );
+}

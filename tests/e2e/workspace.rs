@@ -26,6 +26,17 @@ untouched:
     - test ! -e tracked.txt
     - if [ -e left ]; then echo left >> "$OUT/none-seen"; else echo empty >> "$OUT/none-seen"; fi
     - touch left
+fresh-clone:
+  variables: {GIT_STRATEGY: clone, GIT_CLEAN_FLAGS: none}
+  script:
+    - test ! -e leftover
+    - test "$(cat tracked.txt)" = "$(cat "$OUT/expected")"
+    - touch leftover
+kept:
+  variables: {GIT_CLEAN_FLAGS: none}
+  script:
+    - if [ -e leftover ]; then echo kept >> "$OUT/kept"; else echo none >> "$OUT/kept"; fi
+    - touch leftover
 par:
   parallel: 2
   script:
@@ -74,6 +85,9 @@ fn workspaces_behave_like_gitlab_build_directories(mode: Option<&str>) {
     );
     // GIT_CLEAN_FLAGS kept target/ (and only that: tracked files were reset, checked above).
     assert_eq!(lines(&out.path().join("keep-seen")), ["none", "kept"]);
+    // GIT_CLEAN_FLAGS: none keeps what the job left; GIT_STRATEGY: clone never does (its
+    // script fails on a leftover).
+    assert_eq!(lines(&out.path().join("kept")), ["none", "kept"]);
     // GIT_STRATEGY: none leaves the directory as the job left it, without the repository.
     assert_eq!(lines(&out.path().join("none-seen")), ["empty", "left"]);
     let par = lines(&out.path().join("par"));

@@ -281,6 +281,7 @@ impl Project {
             trigger.literal_variables = given.literal_variables;
             trigger.masked_values = given.masked_values;
             trigger.variables = given.variables;
+            trigger.ref_protected = given.ref_protected;
         }
         for kv in &t.vars {
             let (k, v) = kv
