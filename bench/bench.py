@@ -259,7 +259,7 @@ def main():
         t_mem, _, c = timed(rave_cmd(rave, "--memory 3G --cpus 4 --jobs 16"), d)
         assert c == 0
         # Count-only: the most jobs that can never exceed 3 GiB is 3 GiB / 1.5 GiB = 2.
-        t_count, _, c = timed(rave_cmd(rave, "--memory 1T --cpus 4 --jobs 2"), d)
+        t_count, _, c = timed(rave_cmd(rave, "--memory 1T --cpus 4 --jobs 2 --force-budget"), d)
         assert c == 0
         rows.append({"shape": "packing", "mem": t_mem, "count": t_count, "bound": lower_bound(jobs, 16)})
         shutil.rmtree(d, ignore_errors=True)

@@ -101,6 +101,8 @@ pub struct Project {
     /// Blob ids of the unmodified tracked files, read with the file list: the run's snapshot
     /// trusts them instead of re-reading files.
     pub blob_ids: std::sync::OnceLock<std::collections::HashMap<String, String>>,
+    /// The working tree's status, read once while loading.
+    listing: Option<rave_repo::Listing>,
 }
 
 /// The files of a tag's commit, exported under `.rave/tags/<sha>/`.
@@ -140,8 +142,10 @@ impl Project {
         // as GitLab reads them from the commit. A child pipeline reads its parent job's
         // working directory, artifacts (a generated pipeline) included.
         let child = t.is_some_and(|t| t.source == "parent_pipeline");
+        // One status pass serves include: local here and the job's files later.
+        let listing = repo.as_ref().and_then(|r| r.listing().ok());
         let tracked = repo.as_ref().filter(|_| !child).and_then(|r| {
-            let files = r.tracked_files().ok()?;
+            let files = listing.as_ref()?.tracked.clone();
             let prefix = relative_prefix(&root, r.root());
             Some(match prefix {
                 None => files,
@@ -176,6 +180,7 @@ impl Project {
             server_url,
             loaded_for: None,
             blob_ids: Default::default(),
+            listing,
         };
         let variables = match t {
             Some(t) => {
@@ -330,7 +335,10 @@ impl Project {
             trigger.files = match &self.tag_source {
                 Some(ts) => ts.files.clone(),
                 None => {
-                    let (files, ids) = repo.files_and_ids()?;
+                    let (files, ids) = match &self.listing {
+                        Some(l) => (l.files.clone(), l.ids.clone()),
+                        None => repo.files_and_ids()?,
+                    };
                     let _ = self.blob_ids.set(match &prefix {
                         None => ids,
                         Some(pre) => ids

@@ -42,6 +42,17 @@ fn git<T>(r: Result<T, git2::Error>, context: &str) -> Result<T, RepoError> {
     })
 }
 
+/// The working tree as git sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    /// Tracked files present in the working tree (what `include: local` may read).
+    pub tracked: Vec<String>,
+    /// Those and the untracked files git does not ignore: what a job's directory holds.
+    pub files: Vec<String>,
+    /// Blob id and mode of each tracked file whose working copy is unmodified.
+    pub ids: std::collections::HashMap<String, String>,
+}
+
 /// What is checked out.
 #[derive(Clone, Debug)]
 pub struct Head {
@@ -358,15 +369,7 @@ impl Repo {
     /// Files git tracks (in the index) that exist in the working tree: what `include: local`
     /// may read. Untracked files are not part of the commit and never change the pipeline.
     pub fn tracked_files(&self) -> Result<Vec<String>, RepoError> {
-        let index = git(self.repo.index(), "reading the index")?;
-        let mut files: Vec<String> = index
-            .iter()
-            .filter_map(|e| String::from_utf8(e.path).ok())
-            .filter(|p| self.root.join(p).is_file())
-            .collect();
-        files.sort();
-        files.dedup();
-        Ok(files)
+        Ok(self.listing()?.tracked)
     }
 
     /// The remote's default branch (`origin/HEAD`), else `main` or `master` if one exists.
@@ -424,7 +427,7 @@ impl Repo {
     /// Files of the working copy a job sees: tracked files that still exist, plus untracked
     /// files that are not ignored. Paths are relative, with `/` separators, sorted.
     pub fn files(&self) -> Result<Vec<String>, RepoError> {
-        Ok(self.files_and_ids()?.0)
+        Ok(self.listing()?.files)
     }
 
     /// [`Repo::files`], and the blob id of every tracked file whose working copy is the
@@ -433,6 +436,13 @@ impl Repo {
     pub fn files_and_ids(
         &self,
     ) -> Result<(Vec<String>, std::collections::HashMap<String, String>), RepoError> {
+        let l = self.listing()?;
+        Ok((l.files, l.ids))
+    }
+
+    /// Everything rave reads from the working tree's status, in one pass over it (a
+    /// repository of 20,000 files pays for one walk, not three).
+    pub fn listing(&self) -> Result<Listing, RepoError> {
         let index = git(self.repo.index(), "reading the index")?;
         let mut opts = StatusOptions::new();
         opts.include_untracked(true)
@@ -441,12 +451,16 @@ impl Repo {
             .exclude_submodules(true);
         let statuses = git(self.repo.statuses(Some(&mut opts)), "reading status")?;
         let mut dirty = std::collections::HashSet::new();
+        let mut deleted = std::collections::HashSet::new();
         let mut files: Vec<String> = Vec::new();
         for s in statuses.iter() {
             let Ok(p) = s.path() else { continue };
             let st = s.status();
             if st.contains(Status::WT_NEW) {
                 files.push(p.to_string());
+            }
+            if st.contains(Status::WT_DELETED) {
+                deleted.insert(p.to_string());
             }
             if st.intersects(
                 Status::WT_MODIFIED
@@ -458,22 +472,33 @@ impl Repo {
             }
         }
         let mut ids = std::collections::HashMap::new();
+        let mut tracked = Vec::new();
         for e in index.iter() {
             let Ok(path) = String::from_utf8(e.path) else {
                 continue;
             };
-            if self.root.join(&path).symlink_metadata().is_err() {
+            if deleted.contains(&path) {
                 continue;
             }
             // Gitlinks (submodules) have no content here.
-            if e.mode != 0o160000 && !dirty.contains(&path) {
+            if e.mode == 0o160000 {
+                continue;
+            }
+            if !dirty.contains(&path) {
                 ids.insert(path.clone(), format!("{}:{:o}", e.id, e.mode));
             }
+            tracked.push(path.clone());
             files.push(path);
         }
         files.sort();
         files.dedup();
-        Ok((files, ids))
+        tracked.sort();
+        tracked.dedup();
+        Ok(Listing {
+            tracked,
+            files,
+            ids,
+        })
     }
 
     /// Files that differ between `base` (any revision git understands) and the working tree.
