@@ -554,9 +554,10 @@ impl Builds {
         }
         std::fs::create_dir_all(state_path.parent().unwrap_or(&self.root))
             .map_err(|e| format!("cannot create {}: {e}", self.root.display()))?;
-        crate::snapshot::write_atomic(
+        crate::snapshot::write_replacing(
             &state_path,
             &serde_json::to_vec(&state).map_err(|e| e.to_string())?,
+            false,
         )?;
         Ok((copied, keep.len()))
     }

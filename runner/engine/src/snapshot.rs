@@ -445,11 +445,19 @@ fn replace_copy(from: &Path, meta: &std::fs::Metadata, to: &Path) -> Result<u64,
 
 /// Write `bytes` to `path` through a temporary file and a rename, synced first.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_replacing(path, bytes, true)
+}
+
+/// Write through a temporary file and a rename; `sync` first when losing the new content in
+/// a power cut would matter (a lost copy-path state only costs a full copy next time).
+pub(crate) fn write_replacing(path: &Path, bytes: &[u8], sync: bool) -> Result<(), String> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     res.map_err(|e| {
