@@ -18,4 +18,5 @@ mod reuse;
 mod run;
 mod scan;
 mod serve;
+mod ui;
 mod workspace;

@@ -14,12 +14,12 @@ use sha2::Sha256;
 use crate::support::*;
 
 const SECRET: &str = "hook-secret-1234";
-const ADMIN: &str = "admin-token-5678";
-const READER: &str = "read-token-9012";
+pub(crate) const ADMIN: &str = "admin-token-5678";
+pub(crate) const READER: &str = "read-token-9012";
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Server {
@@ -30,19 +30,19 @@ impl Drop for Server {
 }
 
 /// Start `rave serve` on a free loopback port; returns once it listens.
-fn start(data: &Path, config: &Path) -> Server {
+pub(crate) fn start(data: &Path, config: &Path) -> Server {
     start_env(data, config, &[])
 }
 
 /// A work repository and the bare origin the server fetches from.
-struct Origin {
+pub(crate) struct Origin {
     _dir: tempfile::TempDir,
-    work: PathBuf,
+    pub(crate) work: PathBuf,
     bare: PathBuf,
 }
 
 impl Origin {
-    fn new(files: &[(&str, &str)]) -> Origin {
+    pub(crate) fn new(files: &[(&str, &str)]) -> Origin {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         let bare = dir.path().join("origin.git");
@@ -86,7 +86,7 @@ impl Origin {
     }
 }
 
-fn config(dir: &Path, origin: &Origin, extra: &str) -> PathBuf {
+pub(crate) fn config(dir: &Path, origin: &Origin, extra: &str) -> PathBuf {
     let path = dir.join("rave.toml");
     std::fs::write(
         &path,
@@ -99,7 +99,7 @@ fn config(dir: &Path, origin: &Origin, extra: &str) -> PathBuf {
     path
 }
 
-fn client() -> reqwest::blocking::Client {
+pub(crate) fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -133,7 +133,7 @@ fn github_push_to(
         .unwrap()
 }
 
-fn get(s: &Server, path: &str, token: &str) -> Value {
+pub(crate) fn get(s: &Server, path: &str, token: &str) -> Value {
     let r = client()
         .get(format!("{}{path}", s.url))
         .bearer_auth(token)
@@ -153,7 +153,7 @@ fn post(s: &Server, path: &str, token: &str) -> (u16, Value) {
 }
 
 /// `POST /api/pipelines` with an admin token; returns the new pipeline's id.
-fn api_pipeline(s: &Server, body: Value) -> i64 {
+pub(crate) fn api_pipeline(s: &Server, body: Value) -> i64 {
     let r = client()
         .post(format!("{}/api/pipelines", s.url))
         .bearer_auth(ADMIN)
@@ -165,7 +165,7 @@ fn api_pipeline(s: &Server, body: Value) -> i64 {
 }
 
 /// Wait for a pipeline to end; returns it with its jobs.
-fn finished(s: &Server, id: i64) -> Value {
+pub(crate) fn finished(s: &Server, id: i64) -> Value {
     wait_until(&format!("pipeline {id} never finished"), 120, || {
         let v = get(s, &format!("/api/pipelines/{id}"), READER);
         !matches!(v["pipeline"]["status"].as_str(), Some("queued" | "running"))
@@ -173,7 +173,7 @@ fn finished(s: &Server, id: i64) -> Value {
     get(s, &format!("/api/pipelines/{id}"), READER)
 }
 
-fn text(s: &Server, path: &str) -> String {
+pub(crate) fn text(s: &Server, path: &str) -> String {
     client()
         .get(format!("{}{path}", s.url))
         .bearer_auth(READER)

@@ -273,7 +273,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             return Ok(2);
         }
     };
-    let (pipeline_id, run_dir) = next_run_dir(&project.root)?;
+    let (local_id, run_dir) = next_run_dir(&project.root)?;
+    // Under `rave serve` every pipeline is a fresh checkout whose first run is 1 locally: jobs
+    // see the server's pipeline id, unique as GitLab's `CI_PIPELINE_ID` is.
+    let pipeline_id = std::env::var("RAVE_SERVER_PIPELINE_ID")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(local_id);
     // What was included from outside the repository, pinned: the release's provenance lists it.
     let _ = std::fs::write(
         run_dir.join("includes.json"),
@@ -474,6 +480,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                         "index": j.id, "name": j.name, "stage": j.job.stage.value,
                         "selected": cfg.selected.as_ref().is_none_or(|s| s.contains(&j.id)),
                         "log": ws.log_path(&slug), "artifacts": ws.artifacts_dir(&slug),
+                        "needs": if j.uses_needs { j.deps.clone() } else { Vec::new() },
                     })
                 })
                 .collect();

@@ -22,7 +22,7 @@ use crate::config::Scope;
 use crate::db::{Delivery, NewPipeline};
 use crate::hooks::{self, Action, Forge};
 
-type Shared = Arc<State>;
+pub(crate) type Shared = Arc<State>;
 
 pub fn router(state: Shared) -> Router {
     let limit = state.cfg.server.max_body_bytes;
@@ -41,6 +41,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/jobs/{id}/artifacts/{*path}", get(artifact_file))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::ui::routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .with_state(state)
@@ -267,14 +268,33 @@ fn handle_webhook(
     }
 }
 
-/// Bearer token with at least `need`.
+/// Bearer token with at least `need`, or the web UI's session cookie (whose calls that
+/// change anything must also carry the session's CSRF token in `X-Rave-Csrf`).
 #[allow(clippy::result_large_err)]
-fn authorize(state: &State, headers: &HeaderMap, need: Scope) -> Result<(), Response> {
+pub(crate) fn authorize(state: &State, headers: &HeaderMap, need: Scope) -> Result<(), Response> {
     let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     else {
+        if let Some(session) = crate::ui::session(state, headers) {
+            if session.scope < need {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "this session is read-only; this call needs an admin token",
+                ));
+            }
+            if need == Scope::Admin {
+                let sent = headers
+                    .get("x-rave-csrf")
+                    .map(|v| v.as_bytes())
+                    .unwrap_or_default();
+                if !bool::from(sent.ct_eq(session.csrf.as_bytes())) {
+                    return Err(error(StatusCode::FORBIDDEN, "missing or wrong X-Rave-Csrf"));
+                }
+            }
+            return Ok(());
+        }
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "missing `Authorization: Bearer <token>`",
@@ -613,6 +633,8 @@ async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) 
 #[derive(Deserialize)]
 struct LogQuery {
     follow: Option<String>,
+    /// With `follow`: start at this byte (a client that already has the first N bytes).
+    offset: Option<u64>,
 }
 
 async fn job_log(
@@ -640,7 +662,7 @@ async fn job_log(
     // Follow: stream what is there, then what is appended, until the job is over and the
     // file is read to its end. Chunked; memory is one read buffer whatever the log's size.
     let stream = futures_util::stream::unfold(
-        (state.clone(), path, 0u64, false),
+        (state.clone(), path, q.offset.unwrap_or(0), false),
         move |(state, path, offset, done)| async move {
             if done {
                 return None;

@@ -97,6 +97,8 @@ pub struct Job {
     pub memory_limit_bytes: Option<i64>,
     pub attempts: Option<i64>,
     pub note: Option<String>,
+    /// Indices of the jobs it `needs:` (empty for a job ordered by stages).
+    pub needs: Vec<i64>,
     #[serde(skip)]
     pub log_path: Option<String>,
     #[serde(skip)]
@@ -129,6 +131,17 @@ pub trait PipelineStore: Send + Sync {
     fn claim_next(&self) -> Result<Option<Pipeline>>;
     fn pipeline(&self, id: i64) -> Result<Option<Pipeline>>;
     fn pipelines(&self, project: Option<&str>, limit: i64) -> Result<Vec<Pipeline>>;
+    /// A page of pipelines, newest first, filtered by project and status; and whether more
+    /// follow.
+    fn pipeline_page(
+        &self,
+        project: Option<&str>,
+        status: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Pipeline>, bool)>;
+    /// The projects that have pipelines.
+    fn projects(&self) -> Result<Vec<String>>;
     fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()>;
     fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()>;
     fn jobs(&self, pipeline_id: i64) -> Result<Vec<Job>>;
@@ -217,6 +230,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE deliveries2 RENAME TO deliveries;",
     // 3: the values a pipeline was given for its file's `spec: inputs`.
     "ALTER TABLE pipelines ADD COLUMN inputs TEXT NOT NULL DEFAULT '{}';",
+    // 4: a job's `needs:` (indices of jobs of its pipeline), for the pipeline graph.
+    "ALTER TABLE jobs ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';",
 ];
 
 pub fn now() -> String {
@@ -279,7 +294,7 @@ fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
     })
 }
 
-const JOB_COLS: &str = "id, pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code, failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir";
+const JOB_COLS: &str = "id, pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code, failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs";
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
     Ok(Job {
@@ -300,6 +315,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         note: r.get(14)?,
         log_path: r.get(15)?,
         artifacts_dir: r.get(16)?,
+        needs: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
     })
 }
 
@@ -403,6 +419,33 @@ impl PipelineStore for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn pipeline_page(
+        &self,
+        project: Option<&str>,
+        status: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Pipeline>, bool)> {
+        let c = self.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {PIPELINE_COLS} FROM pipelines
+             WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+        ))?;
+        let rows = st.query_map(params![project, status, limit + 1, offset], pipeline_row)?;
+        let mut v: Vec<Pipeline> = rows.collect::<rusqlite::Result<_>>()?;
+        let more = v.len() as i64 > limit;
+        v.truncate(limit.max(0) as usize);
+        Ok((v, more))
+    }
+
+    fn projects(&self) -> Result<Vec<String>> {
+        let c = self.lock();
+        let mut st = c.prepare("SELECT DISTINCT project FROM pipelines ORDER BY project")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()> {
         let c = self.lock();
         c.execute(
@@ -453,8 +496,8 @@ impl PipelineStore for SqliteStore {
         let c = self.lock();
         let id = c.query_row(
             "INSERT INTO jobs (pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code,
-                 failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
              ON CONFLICT (pipeline_id, idx) DO UPDATE SET
                  status = excluded.status, started_at = COALESCE(excluded.started_at, started_at),
                  finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
@@ -479,7 +522,8 @@ impl PipelineStore for SqliteStore {
                 j.attempts,
                 j.note,
                 j.log_path,
-                j.artifacts_dir
+                j.artifacts_dir,
+                serde_json::to_string(&j.needs).unwrap_or_else(|_| "[]".into())
             ],
             |r| r.get(0),
         )?;

@@ -19,6 +19,7 @@ pub mod events;
 pub mod hooks;
 pub mod listen;
 pub mod metrics;
+pub mod ui;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub struct State {
     pub memory_budget: Option<u64>,
     /// Status changes, for `GET /api/events`.
     pub events: tokio::sync::broadcast::Sender<events::ServerEvent>,
+    /// Signed-in browsers of the web UI (in memory: a restart signs everyone out).
+    pub sessions: Mutex<HashMap<String, ui::Session>>,
 }
 
 pub struct ServeOptions {
@@ -126,6 +129,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         fetch_lock: Arc::new(Mutex::new(())),
         memory_budget,
         events: events::channel(),
+        sessions: Mutex::new(HashMap::new()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

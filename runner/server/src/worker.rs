@@ -532,6 +532,10 @@ impl Tail {
                         status: if selected { "created" } else { "skipped" }.into(),
                         log_path: s(&j["log"]),
                         artifacts_dir: s(&j["artifacts"]),
+                        needs: j["needs"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|n| n.as_i64()).collect())
+                            .unwrap_or_default(),
                         ..Job::default()
                     });
                 }
