@@ -11,6 +11,9 @@ intake   N GitHub push deliveries (HMAC-signed), every K-th one a re-send of an 
 latency  P pushes one after another, each waited for: time from sending the webhook to the
          first job's start (as the job's own started_at records it), p50 / p99, and to the
          pipeline's end.
+history  100,000 pipelines in the store (and one with 500 jobs): p50 / p99 of the pipelines
+         API, the web UI's list pages (first page, a filtered deep page) and the 500-job
+         pipeline page, rendered by the server.
 
 No other CI runner here takes webhooks (gitlab-ci-local and make have no server), so these are
 absolute numbers, not ratios.
@@ -175,6 +178,63 @@ def latency(rave, args):
               f"p99 {q(whole, 0.99) * 1000:.0f} ms (mean {statistics.mean(whole) * 1000:.0f} ms)")
 
 
+def history(rave, args):
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        cfg, sha = setup(tmp)
+        proc, host, port = start(rave, tmp / "data", cfg)
+        try:
+            db = sqlite3.connect(tmp / "data" / "rave.db", timeout=30)
+            statuses = ["success", "failed", "success", "canceled", "success"]
+            rows = [(f"team/app{i % 5}", "main", sha, "push", statuses[i % 5],
+                     "2026-11-30T05:00:00.000Z", "2026-11-30T05:00:00.100Z",
+                     "2026-11-30T05:00:09.300Z") for i in range(args.history)]
+            db.executemany("INSERT INTO pipelines (project, ref, sha, source, status, created_at,"
+                           " started_at, finished_at) VALUES (?,?,?,?,?,?,?,?)", rows)
+            big = db.execute("INSERT INTO pipelines (project, ref, sha, source, status, created_at)"
+                             " VALUES ('team/app0','main',?,'push','success',"
+                             "'2026-11-30T05:00:00.000Z')", (sha,)).lastrowid
+            db.executemany("INSERT INTO jobs (pipeline_id, idx, name, stage, status, duration_ms,"
+                           " peak_memory_bytes, memory_limit_bytes, needs) VALUES (?,?,?,?,?,?,?,?,?)",
+                           [(big, i, f"job {i}", f"stage{i // 50}", "success", 1200, 2 << 20, 512 << 20,
+                             json.dumps([i - 50] if i >= 50 else [])) for i in range(500)])
+            db.commit()
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("POST", "/ui/login", body=f"token={TOKEN}&next=/ui/pipelines",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+            r = conn.getresponse()
+            r.read()
+            cookie = r.getheader("Set-Cookie").split(";")[0]
+
+            def timed(path, headers, n=200):
+                out = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    conn.request("GET", path, headers=headers)
+                    resp = conn.getresponse()
+                    resp.read()
+                    assert resp.status == 200, (path, resp.status)
+                    out.append(time.perf_counter() - t0)
+                out.sort()
+                return out[len(out) // 2] * 1000, out[int(len(out) * 0.99) - 1] * 1000
+
+            api = {"Authorization": f"Bearer {TOKEN}"}
+            ui = {"Cookie": cookie}
+            for name, path, h in [
+                ("API  /api/pipelines", "/api/pipelines", api),
+                ("API  /api/pipelines?project=team/app3", "/api/pipelines?project=team/app3", api),
+                ("page /ui/pipelines", "/ui/pipelines", ui),
+                ("page /ui/pipelines?project=team/app3&status=failed&page=200",
+                 "/ui/pipelines?project=team/app3&status=failed&page=200", ui),
+                (f"page /ui/pipelines/{big} (500 jobs)", f"/ui/pipelines/{big}", ui),
+            ]:
+                p50, p99 = timed(path, h)
+                print(f"history: {args.history} pipelines; {name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
@@ -182,12 +242,15 @@ def main():
     ap.add_argument("--dup-every", type=int, default=5)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--pushes", type=int, default=30)
+    ap.add_argument("--history", type=int, default=100_000)
+    ap.add_argument("--only", choices=["intake", "latency", "history"])
     args = ap.parse_args()
     if not os.path.exists(args.rave):
         print("building rave (release) ...")
         subprocess.run("cargo build --release -q -p rave", shell=True, cwd=ROOT, check=True)
-    intake(args.rave, args)
-    latency(args.rave, args)
+    for name, f in [("intake", intake), ("latency", latency), ("history", history)]:
+        if args.only in (None, name):
+            f(args.rave, args)
 
 
 if __name__ == "__main__":
