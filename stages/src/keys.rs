@@ -54,6 +54,72 @@ impl SigningKey {
             .map_err(|e| ReleaseError::Key(e.to_string()))
     }
 
+    /// The same Ed25519 key in minisign's form: its key id is the first 8 bytes of the SHA-256
+    /// of the public key, so one key makes both signatures and either verifies.
+    fn minisign_pair(&self) -> Result<(minisign::SecretKey, minisign::PublicKey), ReleaseError> {
+        use sha2::Digest;
+        let kp = self
+            .key
+            .key_data()
+            .ed25519()
+            .ok_or_else(|| ReleaseError::Key("not an Ed25519 key".into()))?;
+        let public = kp.public.0;
+        let keynum: [u8; 8] = sha2::Sha256::digest(public)[..8]
+            .try_into()
+            .map_err(|_| ReleaseError::Key("key id".into()))?;
+        // minisign's secret key layout, unencrypted (no KDF); the checksum is only read when
+        // a key is decrypted, which this one never is.
+        let mut sk = Vec::with_capacity(158);
+        sk.extend_from_slice(b"Ed");
+        sk.extend_from_slice(&[0, 0]);
+        sk.extend_from_slice(b"B2");
+        sk.extend_from_slice(&[0u8; 32 + 8 + 8]);
+        sk.extend_from_slice(&keynum);
+        sk.extend_from_slice(&kp.private.to_bytes());
+        sk.extend_from_slice(&public);
+        sk.extend_from_slice(&[0u8; 32]);
+        let secret = minisign::SecretKey::from_bytes(&sk)
+            .map_err(|e| ReleaseError::Key(format!("minisign key: {e}")))?;
+        let mut pk = Vec::with_capacity(42);
+        pk.extend_from_slice(b"Ed");
+        pk.extend_from_slice(&keynum);
+        pk.extend_from_slice(&public);
+        let public = minisign::PublicKey::from_bytes(&pk)
+            .map_err(|e| ReleaseError::Key(format!("minisign key: {e}")))?;
+        Ok((secret, public))
+    }
+
+    /// A minisign signature of `msg` (verifiable with `minisign -V`); `trusted` is its
+    /// signed comment.
+    pub fn sign_minisign(&self, msg: &[u8], trusted: &str) -> Result<String, ReleaseError> {
+        let (sk, pk) = self.minisign_pair()?;
+        let sig = minisign::sign(
+            Some(&pk),
+            &sk,
+            std::io::Cursor::new(msg),
+            Some(trusted),
+            Some("signature from rave release"),
+        )
+        .map_err(|e| ReleaseError::Key(format!("minisign signing failed: {e}")))?;
+        Ok(sig.into_string())
+    }
+
+    /// The public key in minisign's file format (`minisign -p`).
+    pub fn minisign_public(&self) -> Result<String, ReleaseError> {
+        let (_, pk) = self.minisign_pair()?;
+        let id = minisign_id(pk.keynum());
+        let text = pk
+            .to_box()
+            .map_err(|e| ReleaseError::Key(e.to_string()))?
+            .into_string();
+        // The box's own comment names minisign's key id; say it is rave's key too.
+        Ok(text.replacen(
+            "untrusted comment: ",
+            &format!("untrusted comment: rave release key {} ({id}); ", self.id()),
+            1,
+        ))
+    }
+
     /// Read a key from a file, which must not be readable by group or others.
     pub fn from_file(path: &Path) -> Result<SigningKey, ReleaseError> {
         let meta = std::fs::metadata(path)
@@ -109,6 +175,12 @@ impl SigningKey {
             public_line(&self.public())?,
         )
         .map_err(|e| ReleaseError::Key(e.to_string()))?;
+        // The same key for `minisign -V` users.
+        std::fs::write(
+            dir.join(format!("{KEY_FILE}.minisign.pub")),
+            self.minisign_public()?,
+        )
+        .map_err(|e| ReleaseError::Key(e.to_string()))?;
         Ok(path)
     }
 }
@@ -144,6 +216,57 @@ pub fn verify(msg: &[u8], sig_pem: &str, keys: &[PublicKey]) -> Result<String, R
     Err(ReleaseError::Signature(
         "the signature does not match the manifest with any allowed key: the manifest was changed after signing, or it was signed by another key".into(),
     ))
+}
+
+/// The keys a verifier trusts: OpenSSH ones (allowed_signers, `.pub`) check the SSHSIG
+/// signature (`.sig`), a minisign public key checks the minisign one (`.minisig`).
+pub enum Trusted {
+    Ssh(Vec<PublicKey>),
+    Minisign(Box<minisign::PublicKey>),
+}
+
+/// The trusted keys in `path`, whichever of the two formats it holds.
+pub fn read_trusted(path: &Path) -> Result<Trusted, ReleaseError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ReleaseError::Key(format!("cannot read {}: {e}", path.display())))?;
+    if text.trim_start().starts_with("untrusted comment:") {
+        let pk = minisign::PublicKeyBox::from_string(&text)
+            .and_then(|b| b.into_public_key())
+            .map_err(|e| {
+                ReleaseError::Key(format!(
+                    "{} is not a minisign public key: {e}",
+                    path.display()
+                ))
+            })?;
+        return Ok(Trusted::Minisign(Box::new(pk)));
+    }
+    read_public_keys(path).map(Trusted::Ssh)
+}
+
+/// A minisign key id as `minisign` prints it.
+fn minisign_id(keynum: &[u8]) -> String {
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&keynum[..8]);
+    format!("minisign:{:016X}", u64::from_le_bytes(n))
+}
+
+/// Verify a minisign signature over `msg`. Returns the signing key's id.
+pub fn verify_minisign(
+    msg: &[u8],
+    sig_text: &str,
+    key: &minisign::PublicKey,
+) -> Result<String, ReleaseError> {
+    let sig = minisign::SignatureBox::from_string(sig_text).map_err(|e| {
+        ReleaseError::Signature(format!(
+            "the signature file is not a minisign signature: {e}"
+        ))
+    })?;
+    minisign::verify(key, &sig, std::io::Cursor::new(msg), true, false, false).map_err(|_| {
+        ReleaseError::Signature(
+            "the minisign signature does not match the manifest with the trusted key: the manifest was changed after signing, or it was signed by another key".into(),
+        )
+    })?;
+    Ok(minisign_id(sig.keynum()))
 }
 
 /// Public keys from an allowed_signers file or a `.pub` file.

@@ -243,9 +243,19 @@ pub fn write_release(
             .map_err(|e| ReleaseError::Io(format!("cannot write {}: {e}", path.display())))?;
         let sig = dir.join(format!("{name}.sig"));
         std::fs::write(&sig, key.sign(bytes)?).map_err(|e| ReleaseError::Io(e.to_string()))?;
+        // The same key's signature in minisign's format, for `minisign -V`.
+        let minisig = dir.join(format!("{name}.minisig"));
+        let trusted = format!("rave release {} {name}", info.tag);
+        std::fs::write(&minisig, key.sign_minisign(bytes, &trusted)?)
+            .map_err(|e| ReleaseError::Io(e.to_string()))?;
         written.push(path);
         written.push(sig);
+        written.push(minisig);
     }
+    let minisign_pub = dir.join("minisign.pub");
+    std::fs::write(&minisign_pub, key.minisign_public()?)
+        .map_err(|e| ReleaseError::Io(e.to_string()))?;
+    written.push(minisign_pub);
     let allowed = dir.join("allowed_signers");
     std::fs::write(&allowed, keys::allowed_signers_line(&key.public())?)
         .map_err(|e| ReleaseError::Io(e.to_string()))?;
@@ -257,19 +267,26 @@ pub fn write_release(
 /// Returns the verified manifest and the signing key id.
 pub fn verify(
     manifest_path: &Path,
-    keys: &[ssh_key::PublicKey],
+    trusted: &keys::Trusted,
     artifacts: &Path,
 ) -> Result<(Value, String), ReleaseError> {
     let bytes = std::fs::read(manifest_path)
         .map_err(|e| ReleaseError::Io(format!("cannot read {}: {e}", manifest_path.display())))?;
-    let sig_path = PathBuf::from(format!("{}.sig", manifest_path.display()));
+    let ext = match trusted {
+        keys::Trusted::Ssh(_) => "sig",
+        keys::Trusted::Minisign(_) => "minisig",
+    };
+    let sig_path = PathBuf::from(format!("{}.{ext}", manifest_path.display()));
     let sig = std::fs::read_to_string(&sig_path).map_err(|e| {
         ReleaseError::Signature(format!(
             "cannot read the signature {}: {e}",
             sig_path.display()
         ))
     })?;
-    let key_id = keys::verify(&bytes, &sig, keys)?;
+    let key_id = match trusted {
+        keys::Trusted::Ssh(keys) => keys::verify(&bytes, &sig, keys)?,
+        keys::Trusted::Minisign(key) => keys::verify_minisign(&bytes, &sig, key)?,
+    };
     let m: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ReleaseError::Io(format!("the manifest is not JSON: {e}")))?;
     let mut problems = Vec::new();

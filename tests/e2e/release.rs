@@ -32,6 +32,22 @@ fn ssh_keygen_verify(dir: &Path, file: &str) -> (bool, String) {
     )
 }
 
+/// Debian's `minisign -V` on `dir/file` with its `.minisig`.
+fn minisign_verify(dir: &Path, file: &str, pubkey: &Path) -> (bool, String) {
+    let out = Command::new("minisign")
+        .arg("-Vm")
+        .arg(file)
+        .arg("-p")
+        .arg(pubkey)
+        .current_dir(dir)
+        .output()
+        .expect("minisign is required (./x test installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 #[test]
 fn keys_generate_list_rotate() {
     let d = tempfile::tempdir().unwrap();
@@ -125,6 +141,36 @@ fn tag_pipeline_publishes_a_signed_release_anyone_can_verify() {
             "{f}: {out}"
         );
     }
+    // So does the minisign tool (Debian's), with the minisign form of the same key, which
+    // `rave keys generate` wrote next to it; and rave's verify accepts that key too.
+    let minisign_pub = keys.path().join("k/rave-release.minisign.pub");
+    for f in ["release-manifest.json", "provenance.intoto.json"] {
+        let (ok, out) = minisign_verify(&rel, f, &minisign_pub);
+        assert!(
+            ok && out.contains("Signature and comment signature verified"),
+            "{f}: {out}"
+        );
+        assert!(
+            out.contains("rave release v1.0.0"),
+            "trusted comment: {out}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(rel.join("minisign.pub")).unwrap(),
+        std::fs::read_to_string(&minisign_pub).unwrap()
+    );
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "verify",
+            rel.join("release-manifest.json").to_str().unwrap(),
+            "--pubkey",
+            minisign_pub.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("signature by minisign:"), "{}", r.stdout);
     let prov = json(&std::fs::read_to_string(rel.join("provenance.intoto.json")).unwrap());
     assert_eq!(prov["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
@@ -232,6 +278,54 @@ fn tag_pipeline_publishes_a_signed_release_anyone_can_verify() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("signature"), "{}", r.stderr);
     assert!(!ssh_keygen_verify(&rel, "release-manifest.json").0);
+}
+
+#[test]
+fn an_edited_manifest_fails_minisign_in_rave_and_in_the_minisign_tool() {
+    let d = tempfile::tempdir().unwrap();
+    rave(d.path(), &["keys", "generate", "--dir", "k"]);
+    std::fs::create_dir_all(d.path().join("release")).unwrap();
+    std::fs::write(d.path().join("release/app"), "x").unwrap();
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "create",
+            "--tag",
+            "v2",
+            "--key",
+            "k/rave-release",
+            "--dir",
+            "release",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let rel = d.path().join("release");
+    let pubkey = d.path().join("k/rave-release.minisign.pub");
+    assert!(minisign_verify(&rel, "release-manifest.json", &pubkey).0);
+    let m = rel.join("release-manifest.json");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("\"v2\"", "\"v3\"");
+    std::fs::write(&m, text).unwrap();
+    let (ok, out) = minisign_verify(&rel, "release-manifest.json", &pubkey);
+    assert!(!ok, "{out}");
+    let r = rave(
+        d.path(),
+        &[
+            "release",
+            "verify",
+            m.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("minisign signature does not match"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -365,7 +459,7 @@ fn publishing_to_gitea_retries_5xx_and_is_idempotent() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stdout
-            .starts_with("created release v1.0.0: 6 asset(s) uploaded, 0 already there"),
+            .starts_with("created release v1.0.0: 9 asset(s) uploaded, 0 already there"),
         "{}",
         r.stdout
     );
@@ -394,7 +488,7 @@ fn publishing_to_gitea_retries_5xx_and_is_idempotent() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stdout
-            .starts_with("updated release v1.0.0: 0 asset(s) uploaded, 6 already there"),
+            .starts_with("updated release v1.0.0: 0 asset(s) uploaded, 9 already there"),
         "{}",
         r.stdout
     );
@@ -463,7 +557,7 @@ fn publishing_to_gitlab_links_packages_and_updates_on_rerun() {
         .unwrap();
     let body = json(&String::from_utf8_lossy(&create.body));
     assert_eq!(body["tag_name"], "v1.0.0");
-    assert_eq!(body["assets"]["links"].as_array().unwrap().len(), 6);
+    assert_eq!(body["assets"]["links"].as_array().unwrap().len(), 9);
     assert!(
         create
             .headers

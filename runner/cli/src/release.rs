@@ -126,7 +126,8 @@ pub struct DownloadArgs {
     /// allowed_signers file with the trusted keys.
     #[arg(long, value_name = "FILE", conflicts_with = "pubkey")]
     pub allowed_signers: Option<PathBuf>,
-    /// A trusted public key (.pub).
+    /// A trusted public key: OpenSSH (`.pub`, checks `.sig`) or minisign (`minisign.pub`,
+    /// checks `.minisig`).
     #[arg(long, value_name = "FILE")]
     pub pubkey: Option<PathBuf>,
     #[command(flatten)]
@@ -182,7 +183,8 @@ pub struct VerifyArgs {
     /// allowed_signers file with the trusted keys.
     #[arg(long, value_name = "FILE", conflicts_with = "pubkey")]
     pub allowed_signers: Option<PathBuf>,
-    /// A trusted public key (.pub).
+    /// A trusted public key: OpenSSH (`.pub`, checks `.sig`) or minisign (`minisign.pub`,
+    /// checks `.minisig`).
     #[arg(long, value_name = "FILE")]
     pub pubkey: Option<PathBuf>,
     /// Where the artifacts are (default: the manifest's directory).
@@ -410,7 +412,7 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                     return Ok(2);
                 }
             };
-            let keys = keys::read_public_keys(&trusted)?;
+            let keys = keys::read_trusted(&trusted)?;
             if args.to.exists() {
                 eprintln!(
                     "error: {} exists; download into a new directory",
@@ -471,7 +473,7 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                     return Ok(2);
                 }
             };
-            let keys = keys::read_public_keys(&trusted)?;
+            let keys = keys::read_trusted(&trusted)?;
             let dir = args
                 .artifacts
                 .clone()
