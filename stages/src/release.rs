@@ -145,8 +145,9 @@ pub fn manifest(
         .filter(|f| {
             ![MANIFEST, PROVENANCE]
                 .iter()
-                .any(|m| f == m || f == &format!("{m}.sig"))
+                .any(|m| f == m || f == &format!("{m}.sig") || f == &format!("{m}.minisig"))
                 && f != "allowed_signers"
+                && f != "minisign.pub"
         })
         .collect();
     if files.is_empty() {
@@ -384,14 +385,52 @@ mod tests {
         // Same inputs, same bytes.
         write_release(&info, d.path(), &key, 365, &|_| None).unwrap();
         assert_eq!(first, std::fs::read(d.path().join(MANIFEST)).unwrap());
-        let (m, id) = verify(&d.path().join(MANIFEST), &[key.public()], d.path()).unwrap();
+        let (m, id) = verify(
+            &d.path().join(MANIFEST),
+            &keys::Trusted::Ssh(vec![key.public()]),
+            d.path(),
+        )
+        .unwrap();
         assert_eq!(id, key.id());
         assert_eq!(m["artifacts"][0]["path"], "bin/app");
         std::fs::write(d.path().join("bin/app"), b"binarY").unwrap();
-        let e = verify(&d.path().join(MANIFEST), &[key.public()], d.path()).unwrap_err();
+        let e = verify(
+            &d.path().join(MANIFEST),
+            &keys::Trusted::Ssh(vec![key.public()]),
+            d.path(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("bin/app: sha256"), "{e}");
         let other = SigningKey::generate().unwrap();
-        assert!(verify(&d.path().join(MANIFEST), &[other.public()], d.path()).is_err());
+        assert!(
+            verify(
+                &d.path().join(MANIFEST),
+                &keys::Trusted::Ssh(vec![other.public()]),
+                d.path()
+            )
+            .is_err()
+        );
+        // The minisign signature of the same key verifies; another key's does not.
+        std::fs::write(d.path().join("bin/app"), b"binary").unwrap();
+        let mpub = d.path().join("minisign.pub");
+        let (_, mid) = verify(
+            &d.path().join(MANIFEST),
+            &keys::read_trusted(&mpub).unwrap(),
+            d.path(),
+        )
+        .unwrap();
+        assert!(mid.starts_with("minisign:"), "{mid}");
+        std::fs::write(&mpub, other.minisign_public().unwrap()).unwrap();
+        let e = verify(
+            &d.path().join(MANIFEST),
+            &keys::read_trusted(&mpub).unwrap(),
+            d.path(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("minisign signature does not match"),
+            "{e}"
+        );
         assert!(
             !format!("{key:?}").contains("BEGIN"),
             "Debug must not print the key"
