@@ -13,6 +13,7 @@ mod graph;
 mod image;
 mod includes;
 mod lint;
+mod monitoring;
 mod release;
 mod reuse;
 mod run;

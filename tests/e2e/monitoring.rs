@@ -1,0 +1,147 @@
+//! The alert rules and the dashboard in docs/, checked with Prometheus' own `promtool` (rules
+//! valid, and each alert firing and staying quiet on the series it should), and every metric
+//! they name checked against what a running `rave serve` really exports.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::serve::{Origin, READER, api_pipeline, client, config, finished, start};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool is required (./x test installs Debian's prometheus package)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let root = repo();
+    let (ok, out) = promtool(
+        &["check", "rules", "docs/prometheus/rave-alerts.yml"],
+        &root,
+    );
+    assert!(ok && out.contains("SUCCESS: 5 rules found"), "{out}");
+    let (ok, out) = promtool(
+        &["test", "rules", "rave-alerts.test.yml"],
+        &root.join("tests/prometheus"),
+    );
+    assert!(ok, "{out}");
+}
+
+/// Metric names a running server exports, as they appear in queries (counters with
+/// `_total`, histograms with `_bucket`, `_sum`, `_count`).
+fn exported_names() -> HashSet<String> {
+    let origin = Origin::new(&[(".gitlab-ci.yml", "job: {script: [true]}\n")]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    // Families with labels appear once they have a sample: a pipeline, a refused delivery.
+    let id = api_pipeline(&s, serde_json::json!({"project": "team/app", "ref": "main"}));
+    finished(&s, id);
+    let r = client()
+        .post(format!("{}/hooks/github", s.url))
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", "sha256=00")
+        .body("{}")
+        .send()
+        .unwrap();
+    // Refused (an unknown project in an empty body): counted as a request and an error.
+    assert!(r.status().is_client_error(), "{}", r.status());
+    let text = client()
+        .get(format!("{}/metrics", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let mut names = HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    assert!(names.contains("rave_queue_depth"), "{text}");
+    names
+}
+
+/// The `rave_*` and `webhook_*` metric names a text of queries uses.
+fn used_names(text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &text[i..];
+        let starts = (rest.starts_with("rave_") || rest.starts_with("webhook_"))
+            && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_'));
+        if starts {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            out.insert(rest[..end].to_string());
+            i += end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn rules_and_the_dashboard_use_only_metrics_rave_exports() {
+    let exported = exported_names();
+    let rules = std::fs::read_to_string(repo().join("docs/prometheus/rave-alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(repo().join("docs/grafana-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: String = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!exprs.is_empty(), "the dashboard has queries");
+    // Only the expressions of the rules: names in annotations are prose.
+    let rule_exprs: String = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (what, text) in [("alert rules", rule_exprs), ("dashboard", exprs)] {
+        let used = used_names(&text);
+        assert!(!used.is_empty(), "{what} use rave's metrics");
+        let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} use metrics rave does not export: {unknown:?} (exported: {exported:?})"
+        );
+    }
+}
