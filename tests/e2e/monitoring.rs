@@ -47,7 +47,10 @@ fn exported_names() -> HashSet<String> {
     let cfg = config(data.path(), &origin, "");
     let s = start(&data.path().join("data"), &cfg);
     // Families with labels appear once they have a sample: a pipeline, a refused delivery.
-    let id = api_pipeline(&s, serde_json::json!({"project": "team/app", "ref": "main"}));
+    let id = api_pipeline(
+        &s,
+        serde_json::json!({"project": "team/app", "ref": "main"}),
+    );
     finished(&s, id);
     let r = client()
         .post(format!("{}/hooks/github", s.url))
@@ -144,4 +147,96 @@ fn rules_and_the_dashboard_use_only_metrics_rave_exports() {
             "{what} use metrics rave does not export: {unknown:?} (exported: {exported:?})"
         );
     }
+}
+
+struct Pushgateway {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Pushgateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's prometheus-pushgateway on a free loopback port, keeping nothing on disk.
+fn pushgateway() -> Pushgateway {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("prometheus-pushgateway")
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus-pushgateway is required (./x test installs it)");
+    crate::support::wait_until("the pushgateway never listened", 20, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Pushgateway {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[test]
+fn a_run_pushes_its_metrics_to_a_real_pushgateway() {
+    let pgw = pushgateway();
+    let d = crate::support::git_repo(&[(
+        ".gitlab-ci.yml",
+        "ok: {script: ['echo fine']}\nbroken: {script: ['exit 3']}\nhog:\n  variables: {RAVE_MEMORY: 32M}\n  script: ['head -c 300000000 /dev/zero | tail > /dev/null']\n",
+    )]);
+    let r = crate::support::rave(d.path(), &["run", "--push-metrics", &pgw.url]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(!r.stderr.contains("not pushed"), "{}", r.stderr);
+    let text = client()
+        .get(format!("{}/metrics", pgw.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let line = |needle: &[&str]| {
+        text.lines()
+            .find(|l| needle.iter().all(|n| l.contains(n)))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{text}"))
+            .to_string()
+    };
+    // The Pushgateway prints values its own way (3.3554432e+07): compare numbers.
+    let value = |l: &str| -> f64 { l.rsplit(' ').next().unwrap().parse().unwrap() };
+    let ok = line(&["rave_job_success{", "rave_job=\"ok\""]);
+    assert!(
+        ok.contains("job=\"rave\"") && ok.contains("pipeline=\"1\""),
+        "{ok}"
+    );
+    assert_eq!(value(&ok), 1.0);
+    assert_eq!(
+        value(&line(&["rave_job_success{", "rave_job=\"broken\""])),
+        0.0
+    );
+    let hog = line(&["rave_job_memory_limit_bytes{", "rave_job=\"hog\""]);
+    assert_eq!(value(&hog), 33554432.0);
+    assert_eq!(value(&line(&["rave_run_oom_kills{"])), 1.0, "{text}");
+    assert_eq!(
+        value(&line(&["rave_run_success{", "status=\"failed\""])),
+        0.0
+    );
+    line(&[
+        "rave_job_duration_seconds{",
+        "rave_job=\"ok\"",
+        "status=\"success\"",
+    ]);
+
+    // A Pushgateway that is not there costs a warning, never the run's result.
+    std::fs::write(
+        d.path().join(".gitlab-ci.yml"),
+        "ok: {script: ['echo fine']}\n",
+    )
+    .unwrap();
+    let r = crate::support::rave(d.path(), &["run", "--push-metrics", "http://127.0.0.1:1"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("metrics not pushed"), "{}", r.stderr);
 }

@@ -10,6 +10,7 @@ mod history;
 mod image;
 mod lint;
 mod project;
+mod push;
 mod release;
 mod run;
 mod scan;

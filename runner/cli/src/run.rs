@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// directories and the `cache:` archives (default: .rave in the project).
     #[arg(long, value_name = "DIR", env = "RAVE_STATE_DIR", hide = true)]
     pub state_dir: Option<PathBuf>,
+    /// After the run, push its job metrics (durations, peaks, limits, statuses, OOM kills) to
+    /// this Prometheus Pushgateway, grouped by project and pipeline.
+    #[arg(long, value_name = "URL", env = "RAVE_PUSH_METRICS")]
+    pub push_metrics: Option<String>,
     /// After the run, say why JOB was or was not reused (`RAVE_REUSE`): the input that
     /// changed since its last successful run (repeatable).
     #[arg(long, value_name = "JOB")]
@@ -593,6 +597,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
             use std::io::Write;
             let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+    if let Some(base) = &args.push_metrics {
+        let project = format!("{}/{}", trigger.project_namespace, trigger.project_name);
+        let status = serde_json::to_value(result.status)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let body = crate::push::body(&records, &status, result.duration);
+        if let Err(e) = crate::push::push(base, &project, pipeline_id, body) {
+            eprintln!("rave: WARNING: metrics not pushed: {e}");
         }
     }
     if args.json {
