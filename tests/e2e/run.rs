@@ -561,3 +561,83 @@ fn the_summary_reports_budget_utilisation() {
     // 2 GiB budget for about the whole run.
     assert!(u > 0.5 && u <= 1.0, "utilisation {u}");
 }
+
+#[test]
+fn jobs_without_a_request_are_admitted_with_what_they_measured_before() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "small:\n  script: ['head -c 20000000 /dev/zero | tail > /dev/null']\nsized:\n  variables: {RAVE_MEMORY: 256M}\n  script: [true]\n",
+    )]);
+    let graph = |extra: &[&str]| {
+        let mut args = vec!["graph", "--format", "json"];
+        args.extend_from_slice(extra);
+        let r = rave(d.path(), &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        json(&r.stdout)
+    };
+    let first = graph(&[]);
+    assert_eq!(job(&first, "small")["memory_source"], "default");
+    assert_eq!(job(&first, "small")["memory_bytes"], 512u64 << 20);
+    assert_eq!(job(&first, "sized")["memory_source"], "explicit");
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let peak = job(&v, "small")["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak > 0);
+    // The next plan and run use the measured peak (with head room), never the explicit one.
+    let second = graph(&[]);
+    assert_eq!(
+        job(&second, "small")["memory_source"],
+        "learned from 1 run(s)"
+    );
+    let learned = job(&second, "small")["memory_bytes"].as_u64().unwrap();
+    assert!((32u64 << 20..512 << 20).contains(&learned), "{learned}");
+    assert_eq!(job(&second, "sized")["memory_source"], "explicit");
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        job(&v, "small")["memory_limit_bytes"].as_u64().unwrap(),
+        learned
+    );
+    assert_eq!(job(&v, "small")["memory_source"], "learned from 1 run(s)");
+    // --no-learn: the default again.
+    assert_eq!(
+        job(&graph(&["--no-learn"]), "small")["memory_source"],
+        "default"
+    );
+}
+
+#[test]
+fn a_job_killed_at_its_learned_limit_is_retried_once_with_more() {
+    // First run: the job needs ~20 MB, so the next one is admitted with the 32 MiB floor.
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "grow:\n  script: ['head -c \"${SIZE:-20000000}\" /dev/zero | tail > /dev/null']\n",
+    )]);
+    let (r, _) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Now it needs ~45 MB: killed at the learned limit, retried with twice its peak.
+    let (r, v) = run_json(d.path(), &["--var", "SIZE=45000000"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let j = job(&v, "grow");
+    assert_eq!(j["status"], "success", "{j:#}");
+    assert_eq!(j["attempts"], 2, "{j:#}");
+    assert!(
+        j["memory_limit_bytes"].as_u64().unwrap() > 32 << 20,
+        "{j:#}"
+    );
+    assert_eq!(
+        j["memory_source"],
+        "learned from 1 run(s), raised after an OOM kill"
+    );
+    assert!(r.stderr.contains("oom_killed"), "{}", r.stderr);
+    // An explicit limit is not raised: the OOM stands.
+    std::fs::write(
+        d.path().join(".gitlab-ci.yml"),
+        "grow:\n  variables: {RAVE_MEMORY: 32M}\n  script: ['head -c 45000000 /dev/zero | tail > /dev/null']\n",
+    )
+    .unwrap();
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 1);
+    assert_eq!(job(&v, "grow")["failure_reason"], "oom_killed");
+    assert_eq!(job(&v, "grow")["attempts"], 1);
+}

@@ -84,6 +84,14 @@ pub struct BudgetArgs {
     /// Accept a memory budget larger than this machine's memory.
     #[arg(long)]
     pub force_budget: bool,
+    /// Admit jobs that state no memory request with the profile's default, not with what
+    /// their earlier runs measured.
+    #[arg(long)]
+    pub no_learn: bool,
+    /// Where the project's persistent state lives: the snapshot mirror, the jobs' build
+    /// directories, `cache:` archives, learned requests (default: .rave in the project).
+    #[arg(long, value_name = "DIR", env = "RAVE_STATE_DIR", hide = true)]
+    pub state_dir: Option<PathBuf>,
 }
 
 pub struct Project {
@@ -513,7 +521,11 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
             rave_model::units::format_memory(total)
         );
     }
-    Ok(PlanOptions { budget, profile })
+    Ok(PlanOptions {
+        budget,
+        profile,
+        learned: Default::default(),
+    })
 }
 
 /// MemTotal from /proc/meminfo.
@@ -564,6 +576,13 @@ pub struct Planned {
 
 /// Load, build the trigger, plan. On a definition error the diagnostics are printed and the
 /// exit code (2) comes back as `Err`.
+/// The project's state directory (`--state-dir`, else `.rave` in the project).
+pub fn state_dir(project: &Project, b: &BudgetArgs) -> PathBuf {
+    b.state_dir
+        .clone()
+        .unwrap_or_else(|| project.root.join(".rave"))
+}
+
 pub fn plan_project(
     p: &PipelineArgs,
     t: &TriggerArgs,
@@ -574,7 +593,10 @@ pub fn plan_project(
         report(&project.loaded.sources, &project.loaded.diagnostics);
         return Ok(Err(2));
     };
-    let opts = plan_options(pipeline, b)?;
+    let mut opts = plan_options(pipeline, b)?;
+    if !b.no_learn {
+        opts.learned = rave_engine::learn::Peaks::load(&state_dir(&project, b)).all();
+    }
     let trigger = project.trigger(t)?;
     let (plan, diags) = rave_plan::plan(pipeline, &trigger, &opts);
     let warnings: Vec<_> = project

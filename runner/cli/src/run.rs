@@ -52,10 +52,6 @@ pub struct RunArgs {
     /// look inside; the job's next run takes it down.
     #[arg(long)]
     pub keep: bool,
-    /// Where the project's persistent state lives: the snapshot mirror, the jobs' build
-    /// directories and the `cache:` archives (default: .rave in the project).
-    #[arg(long, value_name = "DIR", env = "RAVE_STATE_DIR", hide = true)]
-    pub state_dir: Option<PathBuf>,
     /// After the run, push its job metrics (durations, peaks, limits, statuses, OOM kills) to
     /// this Prometheus Pushgateway, grouped by project and pipeline.
     #[arg(long, value_name = "URL", env = "RAVE_PUSH_METRICS")]
@@ -327,7 +323,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         Some(ts) => (ts.dir.clone(), ts.files.clone()),
         None => (project.root.clone(), files),
     };
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| data_dir.clone());
+    let state_dir = crate::project::state_dir(&project, &args.budget);
     let ignore: Box<dyn rave_engine::builds::IgnoreCheck> =
         match rave_repo::Repo::discover(&project.root) {
             Ok(r) => Box::new(workspace::RepoIgnores::new(r)),
@@ -573,6 +569,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_dir_all(run_dir.join("src"));
     }
     let records: Vec<&JobRecord> = result.records.iter().flatten().collect();
+    // What the jobs measured is what later runs admit them with (`--no-learn` only stops the
+    // use, not the measuring).
+    if let Err(e) = rave_engine::learn::Peaks::load(&state_dir).record(&records) {
+        eprintln!("rave: WARNING: measured peaks not kept: {e}");
+    }
     for name in &args.explain {
         explain(name, &records, &plan);
     }

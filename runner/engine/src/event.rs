@@ -24,6 +24,9 @@ pub struct JobRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_ms: Option<u64>,
     pub memory_limit_bytes: u64,
+    /// Where the memory request came from: `explicit`, `default`, `learned from N run(s)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_source: Option<String>,
     pub cpus: f64,
     pub attempts: u32,
     /// Why a job was skipped, or a one-line explanation of its failure.

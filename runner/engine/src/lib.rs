@@ -32,6 +32,7 @@ pub mod dispatch;
 pub mod docker;
 pub mod event;
 pub mod executor;
+pub mod learn;
 pub mod local;
 pub mod logs;
 pub mod mask;

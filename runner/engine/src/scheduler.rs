@@ -155,6 +155,8 @@ struct Run<'p, E: Executor> {
     artifacts_digest: Vec<Option<String>>,
     /// Some job opts into reuse (`RAVE_REUSE`): artifact digests are worth computing.
     reuse_wanted: bool,
+    /// A limit raised after an OOM kill at a learned request.
+    memory_raised: Vec<Option<u64>>,
     admission: Admission,
     canceled: bool,
 }
@@ -197,6 +199,7 @@ pub async fn run<E: Executor>(
         attempts: vec![0; n],
         dotenv: vec![HashMap::new(); n],
         artifacts_digest: vec![None; n],
+        memory_raised: vec![None; n],
         reuse_wanted: plan
             .jobs
             .iter()
@@ -286,6 +289,11 @@ impl<'p, E: Executor> Run<'p, E> {
         &self.plan.jobs[id]
     }
 
+    /// The job's memory limit now: its request, or more after an OOM kill at a learned one.
+    fn memory(&self, id: usize) -> u64 {
+        self.memory_raised[id].unwrap_or(self.job(id).memory_bytes)
+    }
+
     fn record(&self, id: usize, status: JobStatus, note: Option<String>) -> JobRecord {
         let j = self.job(id);
         JobRecord {
@@ -301,7 +309,11 @@ impl<'p, E: Executor> Run<'p, E> {
             setup_ms: None,
             reused_from: None,
             reuse: None,
-            memory_limit_bytes: j.memory_bytes,
+            memory_limit_bytes: self.memory(id),
+            memory_source: Some(match self.memory_raised[id] {
+                Some(_) => format!("{}, raised after an OOM kill", j.memory_source),
+                None => j.memory_source.to_string(),
+            }),
             cpus: j.cpus,
             attempts: self.attempts[id],
             note,
@@ -415,7 +427,7 @@ impl<'p, E: Executor> Run<'p, E> {
     fn request(&self, id: usize) -> Request {
         let j = self.job(id);
         Request {
-            memory_bytes: j.memory_bytes,
+            memory_bytes: self.memory(id),
             cpus: j.cpus,
         }
     }
@@ -528,7 +540,7 @@ impl<'p, E: Executor> Run<'p, E> {
             ));
         }
         let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let caps = caps::env(j.memory_bytes, j.cpus, &self.cfg.budget, &lookup);
+        let caps = caps::env(self.memory(id), j.cpus, &self.cfg.budget, &lookup);
         env.extend(finals.iter().cloned());
         env.extend(caps);
         env
@@ -599,7 +611,7 @@ impl<'p, E: Executor> Run<'p, E> {
             after_script: j.job.after_script.clone(),
             timeout: j.job.timeout.unwrap_or(self.cfg.default_timeout),
             after_script_timeout: self.cfg.after_script_timeout,
-            memory_bytes: j.memory_bytes,
+            memory_bytes: self.memory(id),
             cpus: j.cpus,
             image: j.job.image.as_ref().map(|i| i.name.clone()),
             pull_policy: j
@@ -614,7 +626,7 @@ impl<'p, E: Executor> Run<'p, E> {
         let _ = self.events.send(Event::JobStarted {
             id,
             attempt,
-            memory_bytes: j.memory_bytes,
+            memory_bytes: self.memory(id),
             cpus: j.cpus,
         });
         // Reuse (opt-in): the inputs are gathered in the job's task; what its artifacts
@@ -643,7 +655,7 @@ impl<'p, E: Executor> Run<'p, E> {
         let cancel = self.cancel.clone();
         let tx = self.tx.clone();
         let keep = self.cfg.keep_workdirs;
-        let (j_memory, spec_name) = (j.memory_bytes, j.name.clone());
+        let (j_memory, spec_name) = (self.memory(id), j.name.clone());
         tokio::spawn(async move {
             let started_at = SystemTime::now();
             let started = Instant::now();
@@ -868,6 +880,26 @@ impl<'p, E: Executor> Run<'p, E> {
             self.state[id] = State::Ready { overtaken: 0 };
             return;
         }
+        // Killed at a learned limit (its runs so far needed less): once, with twice its peak
+        // (within the budget), as GitLab retries, and the learned value rises with the peak.
+        if reason == Some(FailureReason::OomKilled)
+            && matches!(j.memory_source, rave_plan::RequestSource::Learned { .. })
+            && self.memory_raised[id].is_none()
+            && !self.canceled
+        {
+            let peak = f.outcome.peak_memory_bytes.unwrap_or(j.memory_bytes);
+            let raised = (peak.max(j.memory_bytes) * 2).min(self.cfg.budget.memory_bytes);
+            if raised > j.memory_bytes {
+                self.memory_raised[id] = Some(raised);
+                let _ = self.events.send(Event::JobRetrying {
+                    id,
+                    attempt: f.attempt + 1,
+                    reason: FailureReason::OomKilled,
+                });
+                self.state[id] = State::Ready { overtaken: 0 };
+                return;
+            }
+        }
         let status = match reason {
             None => JobStatus::Success,
             Some(FailureReason::Canceled) => JobStatus::Canceled,
@@ -876,7 +908,7 @@ impl<'p, E: Executor> Run<'p, E> {
         };
         let note = match reason {
             Some(FailureReason::OomKilled) => {
-                Some(oom_message(j.memory_bytes, f.outcome.peak_memory_bytes))
+                Some(oom_message(self.memory(id), f.outcome.peak_memory_bytes))
             }
             Some(FailureReason::Timeout) => Some(format!(
                 "exceeded its timeout of {}",

@@ -54,8 +54,38 @@ pub struct JobInstance {
     /// [`dag::weighted_priorities`], in expected milliseconds).
     pub priority: u64,
     pub memory_bytes: u64,
+    /// Where `memory_bytes` came from.
+    pub memory_source: RequestSource,
     pub cpus: f64,
     pub job: Job,
+}
+
+/// Where a job's memory request came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RequestSource {
+    /// `RAVE_MEMORY` or `resources:`.
+    Explicit,
+    /// The profile's default (or, for a trigger job, the whole budget).
+    #[default]
+    Default,
+    /// A high percentile of the job's measured peaks in this many earlier runs.
+    Learned { runs: usize },
+}
+
+impl std::fmt::Display for RequestSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestSource::Explicit => f.write_str("explicit"),
+            RequestSource::Default => f.write_str("default"),
+            RequestSource::Learned { runs } => write!(f, "learned from {runs} run(s)"),
+        }
+    }
+}
+
+impl serde::Serialize for RequestSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// The planned pipeline.
@@ -90,6 +120,9 @@ impl Plan {
 pub struct PlanOptions {
     pub budget: Budget,
     pub profile: String,
+    /// Memory requests learned from earlier runs, by instance name: (bytes, runs). Used for
+    /// jobs that state no request, never above the default.
+    pub learned: std::collections::HashMap<String, (u64, usize)>,
 }
 
 impl Default for PlanOptions {
@@ -97,6 +130,7 @@ impl Default for PlanOptions {
         PlanOptions {
             budget: Budget::SAFE,
             profile: "safe".into(),
+            learned: Default::default(),
         }
     }
 }
@@ -271,6 +305,7 @@ pub fn plan(
                 matrix: inst.variables,
                 priority: 0,
                 memory_bytes: 0,
+                memory_source: RequestSource::Default,
                 cpus: 0.0,
                 job,
             });

@@ -38,10 +38,18 @@ pub fn assign(
             )
         };
         let mut memory = j.job.resources.memory_bytes.unwrap_or(default_memory);
+        let mut source = if j.job.resources.memory_bytes.is_some() {
+            crate::RequestSource::Explicit
+        } else {
+            crate::RequestSource::Default
+        };
         let mut cpus = j.job.resources.cpus.unwrap_or(default_cpus);
         if let Some(m) = j.variables.get("RAVE_MEMORY").filter(|m| !m.is_empty()) {
             match parse_memory(m) {
-                Ok(b) => memory = b,
+                Ok(b) => {
+                    memory = b;
+                    source = crate::RequestSource::Explicit;
+                }
                 Err(e) => diags.push(
                     Diagnostic::error(
                         format!("job `{}`: RAVE_MEMORY: {e}", j.name),
@@ -91,7 +99,17 @@ pub fn assign(
                 .with_help("lower RAVE_CPUS, or raise the budget with --cpus or --profile full"),
             );
         }
+        // Measured peaks beat the flat default, and never raise it: a job that needs more
+        // than the default says so, or is retried with more after an OOM kill.
+        if source == crate::RequestSource::Default
+            && j.job.trigger.is_none()
+            && let Some(&(learned, runs)) = opts.learned.get(&j.name)
+        {
+            memory = learned.min(default_memory);
+            source = crate::RequestSource::Learned { runs };
+        }
         j.memory_bytes = memory;
+        j.memory_source = source;
         j.cpus = cpus;
     }
 }
