@@ -121,24 +121,55 @@ fn used_names(text: &str) -> HashSet<String> {
 fn rules_and_the_dashboard_use_only_metrics_rave_exports() {
     let exported = exported_names();
     let rules = std::fs::read_to_string(repo().join("docs/prometheus/rave-alerts.yml")).unwrap();
-    let dashboard = std::fs::read_to_string(repo().join("docs/grafana-dashboard.json")).unwrap();
-    let dash: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
-    let exprs: String = dash["panels"]
-        .as_array()
+    // The three dashboards: project health, runner, system.
+    let mut exprs = String::new();
+    let mut uids = HashSet::new();
+    let mut boards = 0;
+    for e in std::fs::read_dir(repo().join("docs/grafana"))
         .unwrap()
-        .iter()
-        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter_map(|t| t["expr"].as_str().map(String::from))
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(!exprs.is_empty(), "the dashboard has queries");
+        .flatten()
+    {
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap())
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+        assert!(
+            uids.insert(dash["uid"].as_str().unwrap().to_string()),
+            "uids differ"
+        );
+        let panels = dash["panels"].as_array().unwrap();
+        assert!(!panels.is_empty(), "{}", e.path().display());
+        for t in panels
+            .iter()
+            .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        {
+            exprs.push_str(t["expr"].as_str().unwrap());
+            exprs.push('\n');
+        }
+        boards += 1;
+    }
+    assert_eq!(boards, 3);
+    assert!(!exprs.is_empty(), "the dashboards have queries");
+    // Every query is valid PromQL: promtool checks them as recording rules (Grafana's
+    // `$project` variable stands for any project).
+    let dir = tempfile::tempdir().unwrap();
+    let mut dash_rules = String::from("groups:\n  - name: dashboards\n    rules:\n");
+    for (i, e) in exprs.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let e = e.replace("$project", ".*");
+        dash_rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    std::fs::write(dir.path().join("dashboards.yml"), dash_rules).unwrap();
+    let (ok, out) = promtool(&["check", "rules", "dashboards.yml"], dir.path());
+    assert!(ok, "a dashboard query is not valid PromQL: {out}");
     // Only the expressions of the rules: names in annotations are prose.
     let rule_exprs: String = rules
         .lines()
         .filter_map(|l| l.trim().strip_prefix("expr:"))
         .collect::<Vec<_>>()
         .join("\n");
-    for (what, text) in [("alert rules", rule_exprs), ("dashboard", exprs)] {
+    for (what, text) in [("alert rules", rule_exprs), ("dashboards", exprs)] {
         let used = used_names(&text);
         assert!(!used.is_empty(), "{what} use rave's metrics");
         let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();

@@ -431,7 +431,7 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
         "webhook_requests_total{forge=\"github\",code=\"202\"} 1",
         "webhook_requests_total{forge=\"github\",code=\"401\"} 1",
         "webhook_deduplicated_total 1",
-        "rave_pipelines{status=\"success\"} 3",
+        "rave_pipelines{project=\"team/app\",status=\"success\"} 3",
         "rave_queue_depth 0",
     ] {
         assert!(metrics.contains(line), "no `{line}` in\n{metrics}");

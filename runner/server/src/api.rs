@@ -878,7 +878,16 @@ async fn metrics(St(state): St<Shared>, headers: HeaderMap) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&counts, state.memory_budget),
+        state.metrics.render(
+            &counts,
+            state.memory_budget,
+            &state
+                .cfg
+                .projects
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+        ),
     )
         .into_response()
 }

@@ -153,8 +153,10 @@ pub trait PipelineStore: Send + Sync {
 
 #[derive(Clone, Debug, Default)]
 pub struct Counts {
-    pub pipelines: Vec<(String, i64)>,
-    pub jobs: Vec<(String, i64)>,
+    /// (project, status, count)
+    pub pipelines: Vec<(String, String, i64)>,
+    /// (project, status, count)
+    pub jobs: Vec<(String, String, i64)>,
     pub queued: i64,
     pub running_memory_bytes: i64,
 }
@@ -565,17 +567,22 @@ impl PipelineStore for SqliteStore {
 
     fn counts(&self) -> Result<Counts> {
         let c = self.lock();
-        let group = |sql: &str| -> Result<Vec<(String, i64)>> {
+        let group = |sql: &str| -> Result<Vec<(String, String, i64)>> {
             let mut st = c.prepare(sql)?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         };
-        let pipelines = group("SELECT status, COUNT(*) FROM pipelines GROUP BY status")?;
-        let jobs = group("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+        let pipelines =
+            group("SELECT project, status, COUNT(*) FROM pipelines GROUP BY project, status")?;
+        let jobs = group(
+            "SELECT p.project, j.status, COUNT(*) FROM jobs j JOIN pipelines p ON p.id = j.pipeline_id
+             GROUP BY p.project, j.status",
+        )?;
         let queued = pipelines
             .iter()
-            .find(|(s, _)| s == "queued")
-            .map_or(0, |(_, n)| *n);
+            .filter(|(_, s, _)| s == "queued")
+            .map(|(_, _, n)| *n)
+            .sum();
         let running_memory_bytes = c.query_row(
             "SELECT COALESCE(SUM(memory_limit_bytes), 0) FROM jobs WHERE status = 'running'",
             [],

@@ -166,6 +166,8 @@ struct ErrorLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
+    /// A project of the server's config, or `other`: never a value from a request.
+    project: String,
     status: StatusLabel,
 }
 
@@ -217,9 +219,13 @@ impl Default for Metrics {
             webhook_duration.clone(),
         );
         let pipelines = Family::<StatusLabels, Gauge>::default();
-        registry.register("rave_pipelines", "Pipelines by status", pipelines.clone());
+        registry.register(
+            "rave_pipelines",
+            "Pipelines by project and status",
+            pipelines.clone(),
+        );
         let jobs = Family::<StatusLabels, Gauge>::default();
-        registry.register("rave_jobs", "Jobs by status", jobs.clone());
+        registry.register("rave_jobs", "Jobs by project and status", jobs.clone());
         let job_duration = Histogram::new([
             1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
         ]);
@@ -310,20 +316,29 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, counts: &Counts, budget_bytes: Option<u64>) -> String {
+    pub fn render(&self, counts: &Counts, budget_bytes: Option<u64>, projects: &[&str]) -> String {
         let _guard = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let project = |p: &str| {
+            if projects.contains(&p) {
+                p.to_string()
+            } else {
+                "other".to_string()
+            }
+        };
         self.pipelines.clear();
-        for (s, n) in &counts.pipelines {
+        for (p, s, n) in &counts.pipelines {
             self.pipelines
                 .get_or_create(&StatusLabels {
+                    project: project(p),
                     status: StatusLabel::parse(s),
                 })
                 .inc_by(*n);
         }
         self.jobs.clear();
-        for (s, n) in &counts.jobs {
+        for (p, s, n) in &counts.jobs {
             self.jobs
                 .get_or_create(&StatusLabels {
+                    project: project(p),
                     status: StatusLabel::parse(s),
                 })
                 .inc_by(*n);
@@ -353,12 +368,17 @@ mod tests {
         m.webhook("github", 202, Duration::ZERO, None);
         let out = m.render(
             &Counts {
-                pipelines: vec![("success".into(), 3), ("evil\"status".into(), 1)],
+                pipelines: vec![
+                    ("team/app".into(), "success".into(), 3),
+                    ("team/app".into(), "evil\"status".into(), 1),
+                    ("evil\"} 1\nproject".into(), "success".into(), 2),
+                ],
                 jobs: vec![],
                 queued: 0,
                 running_memory_bytes: 0,
             },
             None,
+            &["team/app"],
         );
         assert!(!out.contains("999"), "{out}");
         assert!(!out.contains("evil"), "{out}");
@@ -375,9 +395,17 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("rave_pipelines{status=\"success\"} 3"),
+            out.contains("rave_pipelines{project=\"team/app\",status=\"success\"} 3"),
             "{out}"
         );
-        assert!(out.contains("rave_pipelines{status=\"other\"} 1"), "{out}");
+        assert!(
+            out.contains("rave_pipelines{project=\"team/app\",status=\"other\"} 1"),
+            "{out}"
+        );
+        // A project not in the config (a row from before it was removed) is `other`.
+        assert!(
+            out.contains("rave_pipelines{project=\"other\",status=\"success\"} 2"),
+            "{out}"
+        );
     }
 }
