@@ -641,3 +641,46 @@ fn a_job_killed_at_its_learned_limit_is_retried_once_with_more() {
     assert_eq!(job(&v, "grow")["failure_reason"], "oom_killed");
     assert_eq!(job(&v, "grow")["attempts"], 1);
 }
+
+#[test]
+fn an_oom_report_names_the_biggest_process_and_an_outside_kill_is_not_an_oom() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "hog:\n  variables: {RAVE_MEMORY: 64M}\n  script:\n    - (for i in $(seq 1 100); do head -c 2000000 /dev/zero; sleep 0.05; done) | tail > /dev/null\nvictim:\n  script:\n    - echo $$ > \"$OUT/pid\"\n    - sleep 30\n",
+    )]);
+    let out = tempfile::tempdir().unwrap();
+    let out_s = out.path().to_str().unwrap().to_string();
+    let child = std::process::Command::new(rave_bin())
+        .args(["run", "--json"])
+        .current_dir(d.path())
+        .env("OUT", &out_s)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid_file = out.path().join("pid");
+    wait_until("the victim never started", 30, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
+    });
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    let hog = job(&v, "hog");
+    assert_eq!(hog["failure_reason"], "oom_killed", "{hog:#}");
+    let note = hog["note"].as_str().unwrap();
+    assert!(note.contains("largest process: tail"), "{note}");
+    let victim = job(&v, "victim");
+    assert_eq!(victim["failure_reason"], "script_failure", "{victim:#}");
+    let note = victim["note"].as_str().unwrap();
+    assert!(note.contains("SIGKILL from outside the job"), "{note}");
+}

@@ -289,6 +289,38 @@ fn remove_tree(dir: &Path) -> usize {
     killed
 }
 
+/// The biggest process listed in `dir/cgroup.procs`: (command, resident memory).
+pub fn largest_process_in(dir: &Path) -> Option<(String, u64)> {
+    pids_in(dir)
+        .into_iter()
+        .take(256)
+        .filter_map(|pid| {
+            let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((comm.trim().to_string(), pages * page_size()))
+        })
+        .max_by_key(|(_, rss)| *rss)
+}
+
+fn pids_in(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn page_size() -> u64 {
+    rustix::param::page_size() as u64
+}
+
+/// How many processes the kernel's OOM killer has killed on this host since boot (any cgroup
+/// or none): compared before and after a job, it tells a host-wide OOM from the job's own.
+pub fn host_oom_kills() -> Option<u64> {
+    read_key(Path::new("/proc/vmstat"), "oom_kill")
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -342,13 +374,20 @@ impl JobCgroup {
         Some(format!("/{}", rel.display()))
     }
 
+    /// The group's biggest process now: (command, resident memory). Reads at most 256
+    /// processes' `/proc/<pid>/statm`, so sampling costs little whatever the job runs.
+    pub fn largest_process(&self) -> Option<(String, u64)> {
+        largest_process_in(self.mem_dir())
+    }
+
+    /// The directory whose `cgroup.procs` lists the job's processes.
+    pub fn procs_dir(&self) -> PathBuf {
+        self.mem_dir().to_path_buf()
+    }
+
     /// Pids currently in the group.
     pub fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(self.mem_dir().join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        pids_in(self.mem_dir())
     }
 
     /// SIGKILL everything in the group until it is empty (processes may fork while we kill).

@@ -259,6 +259,26 @@ impl Executor for LocalExecutor {
             None => None,
         };
         let main = script_text(&spec.script, true);
+        // OOM forensics: the host's OOM-kill counter before, and the job's biggest process
+        // sampled while it runs (twice a second, a few hundred /proc reads at most).
+        let host_kills_before = crate::cgroup::host_oom_kills();
+        let largest = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sampler = cg.as_ref().map(|g| {
+            let dir = g.procs_dir();
+            let largest = largest.clone();
+            tokio::spawn(async move {
+                loop {
+                    let d = dir.clone();
+                    if let Ok(Some(top)) =
+                        tokio::task::spawn_blocking(move || crate::cgroup::largest_process_in(&d))
+                            .await
+                    {
+                        *largest.lock().unwrap_or_else(|p| p.into_inner()) = Some(top);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        });
         let shell = Shell {
             bash: &self.bash,
             spec: &spec,
@@ -275,8 +295,21 @@ impl Executor for LocalExecutor {
             Ok(Ended::Canceled) | Ok(Ended::Forced) => outcome.canceled = true,
             Err(e) => outcome.runner_error = Some(e),
         }
+        if let Some(s) = sampler {
+            s.abort();
+        }
+        outcome.largest_process = largest.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(cg) = &cg {
             outcome.oom_killed = cg.oom_killed();
+        }
+        // Killed (SIGKILL) without the job's own limit being hit, while the host's OOM killer
+        // was busy: the machine ran out of memory.
+        if !outcome.oom_killed
+            && outcome.signal == Some(9)
+            && let (Some(a), Some(b)) = (host_kills_before, crate::cgroup::host_oom_kills())
+            && b > a
+        {
+            outcome.host_oom_kill = true;
         }
         if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
             let status = outcome.ci_job_status();

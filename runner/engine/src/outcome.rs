@@ -89,6 +89,11 @@ pub struct ExecOutcome {
     pub canceled: bool,
     /// Highest memory use of the job's whole process tree, when measured.
     pub peak_memory_bytes: Option<u64>,
+    /// The job's biggest process at the last sample before it ended: (command, RSS).
+    pub largest_process: Option<(String, u64)>,
+    /// The host's OOM killer (not the job's own limit) killed a process of the job: the
+    /// machine ran out of memory.
+    pub host_oom_kill: bool,
     /// The runner itself failed (could not start the shell, …): never a script failure.
     pub runner_error: Option<String>,
     /// A `rave scan` in the job reported a failed gate.
@@ -122,7 +127,7 @@ impl ExecOutcome {
             Some(FailureReason::Canceled)
         } else if self.runner_error.is_some() {
             Some(FailureReason::RunnerError)
-        } else if self.oom_killed {
+        } else if self.oom_killed || self.host_oom_kill {
             Some(FailureReason::OomKilled)
         } else if self.timed_out {
             Some(FailureReason::Timeout)

@@ -834,7 +834,7 @@ impl<'p, E: Executor> Run<'p, E> {
             outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
             let children = crate::event::read_child_jobs(&scratch_dir.join("child.json"));
             if outcome.failure_reason() == Some(FailureReason::OomKilled) {
-                let msg = oom_message(j_memory, outcome.peak_memory_bytes);
+                let msg = oom_message(j_memory, &outcome);
                 log.system(&format!("{}: {msg}", spec_name)).await;
             }
             for n in notes {
@@ -908,7 +908,7 @@ impl<'p, E: Executor> Run<'p, E> {
         };
         let note = match reason {
             Some(FailureReason::OomKilled) => {
-                Some(oom_message(self.memory(id), f.outcome.peak_memory_bytes))
+                Some(oom_message(self.memory(id), &f.outcome))
             }
             Some(FailureReason::Timeout) => Some(format!(
                 "exceeded its timeout of {}",
@@ -917,6 +917,11 @@ impl<'p, E: Executor> Run<'p, E> {
             Some(FailureReason::RunnerError) => f.outcome.runner_error.clone(),
             Some(FailureReason::ScriptFailure) => match (f.outcome.exit_code, f.outcome.signal) {
                 (Some(c), _) => Some(format!("script exited with code {c}")),
+                // SIGKILL with no OOM kill recorded, by the job's cgroup or the host: someone
+                // (or something) killed it from outside.
+                (None, Some(9)) => Some(
+                    "script killed by SIGKILL from outside the job (no OOM kill was recorded, neither at its limit nor by the host)".into(),
+                ),
                 (None, Some(s)) => Some(format!("script killed by signal {s}")),
                 _ => None,
             },
@@ -964,11 +969,25 @@ impl<'p, E: Executor> Run<'p, E> {
     }
 }
 
-/// The message for an OOM kill, in the log and the summary.
-pub fn oom_message(limit: u64, peak: Option<u64>) -> String {
-    let peak = peak.map_or("unknown".to_string(), format_memory);
+/// The message for an OOM kill, in the log and the summary: whose limit was hit, the peak,
+/// and the job's biggest process at the last sample.
+pub fn oom_message(limit: u64, o: &ExecOutcome) -> String {
+    let peak = o
+        .peak_memory_bytes
+        .map_or("unknown".to_string(), format_memory);
+    let largest = o
+        .largest_process
+        .as_ref()
+        .map(|(comm, rss)| format!("; largest process: {comm} {}", format_memory(*rss)))
+        .unwrap_or_default();
+    if o.host_oom_kill && !o.oom_killed {
+        return format!(
+            "killed by the host's OOM killer: the machine ran out of memory, not the job's limit of {} (peak {peak}{largest}); lower the memory budget to what the host can give",
+            format_memory(limit)
+        );
+    }
     format!(
-        "killed: exceeded its memory limit of {} (peak {peak}); raise RAVE_MEMORY or lower its parallelism",
+        "killed: exceeded its memory limit of {} (peak {peak}{largest}); raise RAVE_MEMORY or lower its parallelism",
         format_memory(limit)
     )
 }
