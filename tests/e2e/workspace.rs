@@ -195,3 +195,35 @@ fn jobs_get_a_git_directory_at_the_pipeline_commit_over_an_overlay() {
 fn jobs_get_a_git_directory_at_the_pipeline_commit_in_a_copy() {
     jobs_get_a_git_directory(Some("copy"));
 }
+
+#[test]
+fn gc_prunes_unused_build_directories_and_cached_includes() {
+    let d = git_repo(&[(".gitlab-ci.yml", "fresh:\n  script: [true]\n")]);
+    let r = rave(d.path(), &["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    sh(
+        d.path(),
+        "mkdir -p .rave/builds/stale .rave/includes/remote .rave/includes/projects/old.git .rave/includes/projects/new.git \
+         && touch .rave/builds/stale/leftover .rave/includes/remote/old .rave/includes/remote/new \
+         && touch -d '40 days ago' .rave/builds/stale .rave/includes/remote/old .rave/includes/projects/old.git",
+    );
+    let r = rave(d.path(), &["gc"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("1 build directory unused"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("2 cached include(s) unused"),
+        "{}",
+        r.stdout
+    );
+    let rave_dir = d.path().join(".rave");
+    assert!(!rave_dir.join("builds/stale").exists());
+    assert!(rave_dir.join("builds/fresh").exists(), "used today: kept");
+    assert!(!rave_dir.join("includes/remote/old").exists());
+    assert!(rave_dir.join("includes/remote/new").exists());
+    assert!(!rave_dir.join("includes/projects/old.git").exists());
+    assert!(rave_dir.join("includes/projects/new.git").exists());
+}

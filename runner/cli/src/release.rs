@@ -506,6 +506,9 @@ pub struct GcArgs {
     /// copies included; a directory a running job holds is kept).
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub workspaces_older_than: std::time::Duration,
+    /// Also remove fetched includes (project mirrors, remote files) not used for this long.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub includes_older_than: std::time::Duration,
 }
 
 /// `rave gc`: drop expired artifacts; keep what live releases reference.
@@ -536,6 +539,12 @@ pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
         "{pruned} build director{} unused for {} removed",
         if pruned == 1 { "y" } else { "ies" },
         humantime::format_duration(args.workspaces_older_than)
+    );
+    let includes =
+        rave_includes::ForgeIncludes::prune(&root.join("includes"), args.includes_older_than);
+    println!(
+        "{includes} cached include(s) unused for {} removed",
+        humantime::format_duration(args.includes_older_than)
     );
     Ok(0)
 }

@@ -49,6 +49,50 @@ pub struct ForgeIncludes {
 }
 
 impl ForgeIncludes {
+    /// Remove cached mirrors and remote files not used for `older_than` (under `cache_dir`,
+    /// or under each project's cache when `cache_dir` holds several, as a server's does).
+    /// Returns how many were removed. A removed entry is fetched again when next needed;
+    /// `--offline` then cannot use it.
+    pub fn prune(cache_dir: &std::path::Path, older_than: std::time::Duration) -> usize {
+        let mut n = 0;
+        let mut roots = vec![cache_dir.to_path_buf()];
+        if let Ok(rd) = std::fs::read_dir(cache_dir) {
+            roots.extend(
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.join("projects").is_dir() || p.join("remote").is_dir()),
+            );
+        }
+        for root in roots {
+            for kind in ["projects", "remote"] {
+                let Ok(rd) = std::fs::read_dir(root.join(kind)) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    let old = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > older_than);
+                    if !old {
+                        continue;
+                    }
+                    let p = e.path();
+                    let gone = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                    if gone.is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
     pub fn new(server_url: Option<String>, cache_dir: PathBuf) -> ForgeIncludes {
         ForgeIncludes {
             server_url: server_url.map(|u| u.trim_end_matches('/').to_string()),
@@ -85,6 +129,7 @@ impl ForgeIncludes {
             .cache_dir
             .join("projects")
             .join(format!("{}.git", Self::safe(project)));
+        touch(&dir);
         if self.offline {
             if !dir.is_dir() {
                 return Err(format!(
@@ -167,6 +212,7 @@ impl ForgeIncludes {
             .cache_dir
             .join("remote")
             .join(hex::encode(Sha256::digest(url.as_bytes())));
+        touch(&cached);
         let text = if self.offline {
             std::fs::read_to_string(&cached).map_err(|_| {
                 format!("offline, and {url} was never fetched; run once without --offline")
@@ -439,5 +485,12 @@ mod tests {
             Some("https://gitlab.example.com")
         );
         assert_eq!(server_url_of("/srv/git/app.git"), None);
+    }
+}
+
+/// Mark a cache entry as used now (what `prune` goes by).
+fn touch(p: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(p) {
+        let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
