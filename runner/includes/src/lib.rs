@@ -462,6 +462,13 @@ pub fn server_url_of(remote: &str) -> Option<String> {
     Some(format!("https://{}", user_host.rsplit('@').next()?))
 }
 
+/// Mark a cache entry as used now (what `prune` goes by).
+fn touch(p: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(p) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,12 +492,5 @@ mod tests {
             Some("https://gitlab.example.com")
         );
         assert_eq!(server_url_of("/srv/git/app.git"), None);
-    }
-}
-
-/// Mark a cache entry as used now (what `prune` goes by).
-fn touch(p: &std::path::Path) {
-    if let Ok(f) = std::fs::File::open(p) {
-        let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
