@@ -271,3 +271,37 @@ fn a_run_pushes_its_metrics_to_a_real_pushgateway() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stderr.contains("metrics not pushed"), "{}", r.stderr);
 }
+
+#[test]
+fn the_server_pushes_each_pipelines_metrics() {
+    let pgw = pushgateway();
+    // The job also checks it sees the project's configured path, not the mirror's.
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "job: {script: ['test \"$CI_PROJECT_PATH\" = team/app', 'test \"$CI_PROJECT_NAME\" = app']}\n",
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        data.path(),
+        &origin,
+        &format!("push_metrics = \"{}\"", pgw.url),
+    );
+    let s = start(&data.path().join("data"), &cfg);
+    let id = api_pipeline(
+        &s,
+        serde_json::json!({"project": "team/app", "ref": "main"}),
+    );
+    assert_eq!(finished(&s, id)["pipeline"]["status"], "success");
+    let text = client()
+        .get(format!("{}/metrics", pgw.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("rave_job_success{") && l.contains("rave_job=\"job\""))
+        .unwrap_or_else(|| panic!("no rave_job_success in:\n{text}"));
+    assert!(line.contains(&format!("pipeline=\"{id}\"")), "{line}");
+    assert!(line.contains("project=\"team/app\""), "{line}");
+}

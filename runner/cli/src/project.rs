@@ -63,6 +63,11 @@ pub struct TriggerArgs {
     /// GitLab when there is nothing to compare with).
     #[arg(long, value_name = "REV")]
     pub compare_to: Option<String>,
+    /// The project's path on its forge (`group/name`: CI_PROJECT_PATH, CI_PROJECT_NAMESPACE,
+    /// CI_PROJECT_NAME), instead of the one read from the `origin` remote. `rave serve` passes
+    /// its configured name: its checkouts' origin is a local mirror.
+    #[arg(long, value_name = "GROUP/NAME", hide = true)]
+    pub project_path: Option<String>,
 }
 
 /// The resource budget.
@@ -317,7 +322,10 @@ impl Project {
             };
             trigger.ref_name = head.branch.unwrap_or_else(|| "HEAD".into());
             trigger.default_branch = repo.default_branch();
-            let (ns, name) = repo.project_path();
+            let (ns, name) = match t.project_path.as_deref().and_then(|p| p.rsplit_once('/')) {
+                Some((ns, name)) => (ns.to_string(), name.to_string()),
+                None => repo.project_path(),
+            };
             trigger.project_namespace = ns;
             trigger.project_name = name;
             if let Some((message, author, secs)) = repo.commit_meta(&trigger.sha) {

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// Where `include: template` files are: a directory, or a project on the forge.
     pub templates_dir: Option<PathBuf>,
     pub templates_project: Option<String>,
+    /// A Prometheus Pushgateway every pipeline pushes its job metrics to when it ends
+    /// (grouped by project and pipeline).
+    pub push_metrics: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             pass_env: Vec::new(),
             templates_dir: None,
             templates_project: None,
+            push_metrics: None,
         }
     }
 }

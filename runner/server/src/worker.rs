@@ -231,6 +231,11 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             )
             .display()
     ));
+    // Jobs see the project's configured path (the checkout's origin is a local mirror).
+    args.push(format!("--project-path={}", p.project));
+    if let Some(u) = &state.cfg.server.push_metrics {
+        args.push(format!("--push-metrics={u}"));
+    }
     if let Some(d) = &state.cfg.server.templates_dir {
         args.push(format!("--templates-dir={}", d.display()));
     } else if let Some(t) = &state.cfg.server.templates_project {
