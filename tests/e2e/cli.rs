@@ -47,6 +47,19 @@ fn a_budget_larger_than_the_host_is_refused_unless_forced() {
     );
     let r = rave(d.path(), &["graph", "--memory", "100T", "--force-budget"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // Nearly all of it is refused too: the system and rave need room.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let almost = format!("{}M", kb / 1024 - 100);
+    let r = rave(d.path(), &["graph", "--memory", &almost]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("for the system and rave"), "{}", r.stderr);
 }
 
 /// `rave release create` finds the key `rave keys generate` made, and `rave release list`

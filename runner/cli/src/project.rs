@@ -518,16 +518,29 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
         anyhow::ensure!(j >= 1, "--jobs must be at least 1");
         budget.jobs = j;
     }
-    // Admission by memory only protects the machine if the budget fits in it.
+    // Admission by memory only protects the machine if the budget fits in it, with room left
+    // for the system and rave itself (1 GiB, or an eighth of a small machine).
     if !b.force_budget
         && let Some(total) = host_memory_bytes()
-        && budget.memory_bytes > total
     {
-        anyhow::bail!(
-            "the memory budget ({}) is larger than this machine's memory ({}): jobs admitted under it could exhaust the host; lower --memory (or the profile's), or pass --force-budget",
-            rave_model::units::format_memory(budget.memory_bytes),
-            rave_model::units::format_memory(total)
-        );
+        let reserve = (1u64 << 30).min(total / 8);
+        let fmt = rave_model::units::format_memory;
+        if budget.memory_bytes > total {
+            anyhow::bail!(
+                "the memory budget ({}) is larger than this machine's memory ({}): jobs admitted under it could exhaust the host; lower --memory (or the profile's), or pass --force-budget",
+                fmt(budget.memory_bytes),
+                fmt(total)
+            );
+        }
+        if budget.memory_bytes > total - reserve {
+            anyhow::bail!(
+                "the memory budget ({}) leaves less than {} of this machine's {} for the system and rave: jobs admitted under it could make the host's OOM killer act; lower --memory to at most {}, or pass --force-budget",
+                fmt(budget.memory_bytes),
+                fmt(reserve),
+                fmt(total),
+                fmt(total - reserve)
+            );
+        }
     }
     Ok(PlanOptions {
         budget,
