@@ -202,6 +202,18 @@ fn the_web_ui_in_a_real_browser() {
         c.refresh().await.unwrap();
         let row = format!("tr[data-pipeline=\"{p1}\"]");
         assert!(!text_of(&c, &row).await.is_empty(), "pipeline {p1} listed");
+        // The budget bar: what the running job holds (the slow job runs for six seconds).
+        eventually(
+            "the budget bar never showed the running job",
+            20,
+            || async {
+                text_of(&c, "#budget")
+                    .await
+                    .contains("1 running job(s) hold 512 MiB")
+            },
+        )
+        .await;
+        assert!(text_of(&c, "#budget").await.contains("pipeline(s) queued"));
         shot(&c, "pipelines").await;
 
         // The job page follows a running job's log as it grows.

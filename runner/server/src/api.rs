@@ -34,6 +34,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/pipelines/{id}/cancel", post(cancel))
         .route("/api/projects/{*name}", get(project_variables))
         .route("/api/events", get(events))
+        .route("/api/budget", get(budget))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/play", post(play))
         .route("/api/jobs/{id}/log", get(job_log))
@@ -867,6 +868,42 @@ pub fn resolve_artifact(
     match (full.canonicalize(), root.canonicalize()) {
         (Ok(f), Ok(r)) if f.starts_with(&r) && f.is_file() => Ok(full),
         _ => Err(ArtifactPathError::NotFound),
+    }
+}
+
+/// What the running jobs hold of the memory budget, and what waits.
+#[derive(serde::Serialize)]
+pub(crate) struct BudgetView {
+    /// The server's memory budget (`[server] memory`); None: each pipeline's profile.
+    pub memory_budget_bytes: Option<u64>,
+    /// Memory limits of the jobs running now, across pipelines.
+    pub held_bytes: i64,
+    pub running_jobs: i64,
+    pub queued_pipelines: i64,
+}
+
+pub(crate) fn budget_view(state: &State) -> Result<BudgetView, crate::db::StoreError> {
+    let c = state.store.counts()?;
+    Ok(BudgetView {
+        memory_budget_bytes: state.memory_budget,
+        held_bytes: c.running_memory_bytes,
+        running_jobs: c
+            .jobs
+            .iter()
+            .filter(|(_, s, _)| s == "running")
+            .map(|(_, _, n)| *n)
+            .sum(),
+        queued_pipelines: c.queued,
+    })
+}
+
+async fn budget(St(state): St<Shared>, headers: HeaderMap) -> Response {
+    auth!(state, headers, Scope::Read);
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || budget_view(&s)).await {
+        Ok(Ok(b)) => axum::Json(b).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

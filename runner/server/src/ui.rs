@@ -322,13 +322,15 @@ async fn pipelines_page(
     let page = q.page.unwrap_or(1).max(1);
     let store = state.store.clone();
     let (p2, s2) = (project.clone(), status.clone());
+    let st = state.clone();
     let res = tokio::task::spawn_blocking(move || {
-        store.pipeline_page(p2.as_deref(), s2.as_deref(), (page - 1) * PAGE, PAGE)
+        let rows = store.pipeline_page(p2.as_deref(), s2.as_deref(), (page - 1) * PAGE, PAGE)?;
+        Ok::<_, crate::db::StoreError>((rows, crate::api::budget_view(&st)?))
     })
     .await;
     // The filter offers the configured projects (no scan of the history for them).
     let projects: Vec<String> = state.cfg.projects.iter().map(|p| p.name.clone()).collect();
-    let (rows, more) = match res {
+    let ((rows, more), budget) = match res {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -355,7 +357,21 @@ async fn pipelines_page(
             page => page,
             prev => (page > 1).then(|| query(page - 1)),
             next => more.then(|| query(page + 1)),
+            budget => budget_text(&budget),
         },
+    )
+}
+
+/// The budget bar's line: what running jobs hold, of what, and what waits.
+fn budget_text(b: &crate::api::BudgetView) -> String {
+    let held = mib(b.held_bytes);
+    let of = b
+        .memory_budget_bytes
+        .map(|m| format!(" of {}", rave_model::units::format_memory(m)))
+        .unwrap_or_default();
+    format!(
+        "{} running job(s) hold {held}{of} of memory · {} pipeline(s) queued",
+        b.running_jobs, b.queued_pipelines
     )
 }
 

@@ -62,7 +62,9 @@ function live() {
         // New jobs, buttons and durations: the page is cheap to render again when it ends.
         if (!["queued", "running"].includes(ev.status)) setTimeout(() => location.reload(), 300);
       }
+      refreshBudget();
     } else if (ev.kind === "job" && ev.job_id != null) {
+      refreshBudget();
       for (const el of document.querySelectorAll(`[data-job="${ev.job_id}"]`)) {
         setStatus(el.matches("[data-status]") ? el : el.querySelector("[data-status]"), ev.status);
       }
@@ -75,6 +77,22 @@ function live() {
   es.addEventListener("job", onEvent);
   // A browser allows six connections to a server: never leave streams open behind a page.
   window.addEventListener("pagehide", () => es.close());
+}
+
+// ---- the budget bar on the list: what running jobs hold, refreshed on status changes -----
+let budgetTimer = null;
+function refreshBudget() {
+  const el = document.getElementById("budget");
+  if (!el || budgetTimer) return;
+  budgetTimer = setTimeout(async () => {
+    budgetTimer = null;
+    const r = await fetch("/api/budget");
+    if (!r.ok) return;
+    const b = await r.json();
+    const mib = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` : `${Math.round(n / (1 << 20))} MiB`;
+    const of = b.memory_budget_bytes != null ? ` of ${mib(b.memory_budget_bytes)}` : "";
+    el.textContent = `${b.running_jobs} running job(s) hold ${mib(b.held_bytes)}${of} of memory · ${b.queued_pipelines} pipeline(s) queued`;
+  }, 250);
 }
 
 // ---- the pipeline graph's `needs` edges ------------------------------------------------
