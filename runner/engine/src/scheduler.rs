@@ -975,9 +975,15 @@ pub fn oom_message(limit: u64, o: &ExecOutcome) -> String {
     let peak = o
         .peak_memory_bytes
         .map_or("unknown".to_string(), format_memory);
+    // A sample taken before the job grew (it died within half a second) would name the
+    // wrong process: only one that held a good part of the peak is named.
     let largest = o
         .largest_process
         .as_ref()
+        .filter(|(_, rss)| {
+            o.peak_memory_bytes
+                .is_none_or(|p| rss.saturating_mul(4) >= p)
+        })
         .map(|(comm, rss)| format!("; largest process: {comm} {}", format_memory(*rss)))
         .unwrap_or_default();
     if o.host_oom_kill && !o.oom_killed {
