@@ -1360,3 +1360,70 @@ same:
         list.stdout
     );
 }
+
+/// `rave retry`, `rave play` and `rave cancel` against a real server.
+#[test]
+fn retry_play_and_cancel_from_the_command_line() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "flaky:\n  script: ['test \"$CI_PIPELINE_ID\" != 1']\ndeploy:\n  when: manual\n  script: [echo deployed]\nwait:\n  when: manual\n  script: [sleep 30]\n",
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--server", &s.url, "--token", ADMIN]);
+        rave(data.path(), &all)
+    };
+    let p1 = api_pipeline(&s, json!({"project": "team/app", "ref": "main"}));
+    let v = finished(&s, p1);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let r = cli(&["retry", &p1.to_string()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("(rerun of #{p1})")),
+        "{}",
+        r.stdout
+    );
+    let p2: i64 = r
+        .stdout
+        .split('#')
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(finished(&s, p2)["pipeline"]["status"], "success");
+    let deploy = job(&v, "deploy")["id"].as_i64().unwrap();
+    let r = cli(&["play", &deploy.to_string()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let p3: i64 = r
+        .stdout
+        .split('#')
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let v3 = finished(&s, p3);
+    assert_eq!(job(&v3, "deploy")["status"], "success", "{v3:#}");
+    // A running pipeline is canceled; a finished one says why not.
+    let p4 = api_pipeline(
+        &s,
+        json!({"project": "team/app", "ref": "main", "jobs": ["wait"]}),
+    );
+    wait_until("never started", 30, || {
+        get(&s, &format!("/api/pipelines/{p4}"), READER)["pipeline"]["status"] == "running"
+    });
+    let r = cli(&["cancel", &p4.to_string()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(finished(&s, p4)["pipeline"]["status"], "canceled");
+    let r = cli(&["cancel", &p1.to_string()]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("the server answered 409"), "{}", r.stderr);
+}

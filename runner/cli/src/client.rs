@@ -51,6 +51,36 @@ pub struct RerunArgs {
     pub job: Option<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The pipeline whose failed (or canceled) jobs to run again, with what they need.
+    #[arg(value_name = "PIPELINE_ID")]
+    pub id: i64,
+    /// Only this job instead.
+    #[arg(long, value_name = "NAME")]
+    pub job: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct JobIdArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The manual job to play (its id, see `rave pipelines ID`).
+    #[arg(value_name = "JOB_ID")]
+    pub id: i64,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The pipeline to cancel (queued: at once; running: as with Ctrl-C, after_script runs).
+    #[arg(value_name = "PIPELINE_ID")]
+    pub id: i64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ArtifactsCommand {
     /// Download a job's artifacts: all of them as a tar, or one file.
@@ -188,6 +218,47 @@ pub fn rerun(a: &RerunArgs) -> anyhow::Result<i32> {
     )?
     .json()?;
     println!("pipeline #{} queued (rerun of #{})", v["pipeline_id"], a.id);
+    Ok(0)
+}
+
+/// `rave retry`: the failed jobs of a pipeline (or one job) again, at the same commit.
+pub fn retry(a: &RetryArgs) -> anyhow::Result<i32> {
+    rerun(&RerunArgs {
+        server: a.server.clone(),
+        id: a.id,
+        failed: a.job.is_none(),
+        job: a.job.clone(),
+    })
+}
+
+/// `rave play`: run a manual job (with what it needs).
+pub fn play(a: &JobIdArgs) -> anyhow::Result<i32> {
+    let v: Value = send(
+        client()?
+            .post(url(&a.server, &format!("/api/jobs/{}/play", a.id)))
+            .bearer_auth(&a.server.token),
+    )?
+    .json()?;
+    println!(
+        "pipeline #{} queued (playing job {})",
+        v["pipeline_id"], a.id
+    );
+    Ok(0)
+}
+
+/// `rave cancel`: stop a pipeline.
+pub fn cancel(a: &CancelArgs) -> anyhow::Result<i32> {
+    let v: Value = send(
+        client()?
+            .post(url(&a.server, &format!("/api/pipelines/{}/cancel", a.id)))
+            .bearer_auth(&a.server.token),
+    )?
+    .json()?;
+    println!(
+        "pipeline #{}: {}",
+        a.id,
+        v["status"].as_str().unwrap_or("cancel requested")
+    );
     Ok(0)
 }
 

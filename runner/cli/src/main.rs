@@ -63,6 +63,12 @@ enum Command {
     Pipelines(client::PipelinesArgs),
     /// Run a server's pipeline again (all, `--failed`, or `--job NAME`).
     Rerun(client::RerunArgs),
+    /// Run a server pipeline's failed jobs again (or `--job NAME`), at the same commit.
+    Retry(client::RetryArgs),
+    /// Play a manual job on a server.
+    Play(client::JobIdArgs),
+    /// Cancel a server's pipeline.
+    Cancel(client::CancelArgs),
     /// Download artifacts from a server.
     #[command(subcommand)]
     Artifacts(client::ArtifactsCommand),
@@ -117,6 +123,9 @@ fn main() {
         Command::Image(c) => image::run(c),
         Command::Pipelines(a) => client::pipelines(a),
         Command::Rerun(a) => client::rerun(a),
+        Command::Retry(a) => client::retry(a),
+        Command::Play(a) => client::play(a),
+        Command::Cancel(a) => client::cancel(a),
         Command::Artifacts(c) => client::artifacts(c),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "rave", &mut std::io::stdout());
