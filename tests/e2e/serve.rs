@@ -1361,7 +1361,7 @@ same:
     );
 }
 
-/// `rave retry`, `rave play` and `rave cancel` against a real server.
+/// `rave pipelines new`, `rave retry`, `rave play` and `rave cancel` against a real server.
 #[test]
 fn retry_play_and_cancel_from_the_command_line() {
     let origin = Origin::new(&[(
@@ -1376,9 +1376,21 @@ fn retry_play_and_cancel_from_the_command_line() {
         all.extend(["--server", &s.url, "--token", ADMIN]);
         rave(data.path(), &all)
     };
-    let p1 = api_pipeline(&s, json!({"project": "team/app", "ref": "main"}));
+    let r = cli(&["pipelines", "new", "--project", "team/app", "--ref", "main"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let p1: i64 = r
+        .stdout
+        .split('#')
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let v = finished(&s, p1);
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    assert_eq!(v["pipeline"]["source"], "api");
     let r = cli(&["retry", &p1.to_string()]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
@@ -1417,12 +1429,27 @@ fn retry_play_and_cancel_from_the_command_line() {
         &s,
         json!({"project": "team/app", "ref": "main", "jobs": ["wait"]}),
     );
-    wait_until("never started", 30, || {
-        get(&s, &format!("/api/pipelines/{p4}"), READER)["pipeline"]["status"] == "running"
+    // Cancel once its job runs (a pipeline still checking out is a different path).
+    wait_until("the job never started", 30, || {
+        get(&s, &format!("/api/pipelines/{p4}"), READER)["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["status"] == "running"))
     });
     let r = cli(&["cancel", &p4.to_string()]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert_eq!(finished(&s, p4)["pipeline"]["status"], "canceled");
+    // Canceled as soon as it runs (checking out, or `rave run` still starting): canceled too,
+    // never failed.
+    let p5 = api_pipeline(
+        &s,
+        json!({"project": "team/app", "ref": "main", "jobs": ["wait"]}),
+    );
+    wait_until("never running", 30, || {
+        get(&s, &format!("/api/pipelines/{p5}"), READER)["pipeline"]["status"] == "running"
+    });
+    let r = cli(&["cancel", &p5.to_string()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(finished(&s, p5)["pipeline"]["status"], "canceled");
     let r = cli(&["cancel", &p1.to_string()]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("the server answered 409"), "{}", r.stderr);

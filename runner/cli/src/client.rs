@@ -19,9 +19,12 @@ pub struct ServerArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct PipelinesArgs {
+    #[command(subcommand)]
+    pub new: Option<PipelinesCommand>,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub server: Option<ServerArgs>,
     /// Show one pipeline with its jobs.
     #[arg(value_name = "ID")]
     pub id: Option<i64>,
@@ -34,6 +37,30 @@ pub struct PipelinesArgs {
     /// Print the server's JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PipelinesCommand {
+    /// Start a pipeline for a ref (or a tag) of a project, now.
+    New(NewPipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NewPipelineArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The project, as the server's config names it.
+    #[arg(long, value_name = "NAME")]
+    pub project: String,
+    /// The branch to run (resolved to its commit now).
+    #[arg(long = "ref", value_name = "BRANCH", conflicts_with = "tag")]
+    pub ref_name: Option<String>,
+    /// The tag to run (a release pipeline).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+    /// A value for the pipeline file's `spec: inputs` (repeatable).
+    #[arg(long = "input", value_name = "NAME=VALUE")]
+    pub inputs: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +156,12 @@ fn url(s: &ServerArgs, path: &str) -> String {
 }
 
 pub fn pipelines(a: &PipelinesArgs) -> anyhow::Result<i32> {
+    if let Some(PipelinesCommand::New(n)) = &a.new {
+        return new_pipeline(n);
+    }
+    let server = a.server.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("say which server: --server URL --token TOKEN (or RAVE_SERVER, RAVE_TOKEN)")
+    })?;
     let c = client()?;
     let path = match a.id {
         Some(id) => format!("/api/pipelines/{id}"),
@@ -140,7 +173,7 @@ pub fn pipelines(a: &PipelinesArgs) -> anyhow::Result<i32> {
             p
         }
     };
-    let v: Value = send(c.get(url(&a.server, &path)).bearer_auth(&a.server.token))?.json()?;
+    let v: Value = send(c.get(url(server, &path)).bearer_auth(&server.token))?.json()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -218,6 +251,32 @@ pub fn rerun(a: &RerunArgs) -> anyhow::Result<i32> {
     )?
     .json()?;
     println!("pipeline #{} queued (rerun of #{})", v["pipeline_id"], a.id);
+    Ok(0)
+}
+
+/// `rave pipelines new`: a pipeline for a ref or tag, with inputs.
+pub fn new_pipeline(a: &NewPipelineArgs) -> anyhow::Result<i32> {
+    let mut inputs = serde_json::Map::new();
+    for kv in &a.inputs {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--input `{kv}` must look like NAME=VALUE"))?;
+        inputs.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let mut body = serde_json::json!({"project": a.project, "inputs": inputs});
+    match (&a.ref_name, &a.tag) {
+        (_, Some(t)) => body["tag"] = Value::String(t.clone()),
+        (Some(r), None) => body["ref"] = Value::String(r.clone()),
+        (None, None) => anyhow::bail!("say what to run: --ref BRANCH or --tag TAG"),
+    }
+    let v: Value = send(
+        client()?
+            .post(url(&a.server, "/api/pipelines"))
+            .bearer_auth(&a.server.token)
+            .json(&body),
+    )?
+    .json()?;
+    println!("pipeline #{} queued", v["pipeline_id"]);
     Ok(0)
 }
 

@@ -348,7 +348,16 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     let code = loop {
         tail.read(state);
         tokio::select! {
-            st = child.wait() => break st.ok().and_then(|s| s.code()),
+            st = child.wait() => break st.ok().and_then(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                // A cancel that reached `rave run` before it could handle Ctrl-C ended it by
+                // the signal itself: still a cancel, as exit code 130 is.
+                if s.signal() == Some(rustix::process::Signal::INT.as_raw()) {
+                    Some(130)
+                } else {
+                    s.code()
+                }
+            }),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     };
