@@ -5,14 +5,6 @@
 
 use crate::support::*;
 
-fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
 const PIPELINE: &str = r#"
 stages: [first, second]
 variables:

@@ -31,14 +31,6 @@ deploy:
   script: ['echo ran >> "$OUT/deploy"']
 "#;
 
-fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
 #[test]
 fn unchanged_jobs_are_reused_and_a_miss_names_what_changed() {
     let d = git_repo(&[

@@ -70,6 +70,15 @@ pub fn git_repo(files: &[(&str, &str)]) -> tempfile::TempDir {
     d
 }
 
+/// The lines of a file jobs append to (none when it does not exist yet).
+pub fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}):\n{s}"))
 }

@@ -43,14 +43,6 @@ par:
     - echo "$CI_PROJECT_DIR" >> "$OUT/par"
 "#;
 
-fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
 fn workspaces_behave_like_gitlab_build_directories(mode: Option<&str>) {
     let d = git_repo(&[
         (".gitlab-ci.yml", PIPELINE),

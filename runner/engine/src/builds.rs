@@ -244,10 +244,23 @@ pub struct Builds {
     overlay: AtomicU8,
 }
 
-/// Take a lock on `path` (created), waiting for it when `wait`; `None` when it is held and
-/// not waiting.
+/// Take an exclusive lock on `path` (created), waiting for it when `wait`; `None` when it is
+/// held and not waiting.
 pub fn lock_file(path: &Path, wait: bool) -> Result<Option<std::fs::File>, String> {
-    use rustix::fs::{FlockOperation, flock};
+    let op = if wait {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    };
+    lock_with(path, op)
+}
+
+/// Take a lock on `path` (created) with `op`; `None` when a non-blocking `op` finds it held.
+pub fn lock_with(
+    path: &Path,
+    op: rustix::fs::FlockOperation,
+) -> Result<Option<std::fs::File>, String> {
+    use rustix::fs::flock;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -258,14 +271,9 @@ pub fn lock_file(path: &Path, wait: bool) -> Result<Option<std::fs::File>, Strin
         .write(true)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let op = if wait {
-        FlockOperation::LockExclusive
-    } else {
-        FlockOperation::NonBlockingLockExclusive
-    };
     match flock(&f, op) {
         Ok(()) => Ok(Some(f)),
-        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }

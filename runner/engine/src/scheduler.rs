@@ -1110,7 +1110,7 @@ fn reuse_outputs(
         let dest = ws.artifacts_dir(slug);
         std::fs::create_dir_all(&dest)
             .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-        copy_tree_linked(src, &dest).map_err(|e| {
+        workspace::copy_dir(src, &dest, true).map_err(|e| {
             format!(
                 "cannot copy the artifacts of pipeline {}: {e}",
                 rec.pipeline_id
@@ -1126,26 +1126,6 @@ fn reuse_outputs(
         }
     }
     Ok((rec.dotenv.clone(), rec.artifacts_digest.clone(), notes))
-}
-
-/// Copy a directory tree, hard-linking files where the file system allows (artifacts are
-/// never written in place, so sharing them is safe).
-fn copy_tree_linked(src: &Path, dest: &Path) -> std::io::Result<()> {
-    for e in std::fs::read_dir(src)? {
-        let e = e?;
-        let to = dest.join(e.file_name());
-        let ft = e.file_type()?;
-        if ft.is_dir() {
-            std::fs::create_dir_all(&to)?;
-            copy_tree_linked(&e.path(), &to)?;
-        } else if ft.is_symlink() {
-            let _ = std::fs::remove_file(&to);
-            std::os::unix::fs::symlink(std::fs::read_link(e.path())?, &to)?;
-        } else if std::fs::hard_link(e.path(), &to).is_err() {
-            std::fs::copy(e.path(), &to)?;
-        }
-    }
-    Ok(())
 }
 
 fn service_spec(s: &rave_model::pipeline::Service) -> crate::executor::ServiceSpec {

@@ -252,15 +252,8 @@ pub fn take(
 }
 
 fn lock_shared(path: &Path) -> Result<std::fs::File, String> {
-    let f = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockShared)
-        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
-    Ok(f)
+    crate::builds::lock_with(path, rustix::fs::FlockOperation::LockShared)?
+        .ok_or_else(|| format!("cannot lock {}", path.display()))
 }
 
 /// Bring the mirror up to date with `source`, no run reading it.

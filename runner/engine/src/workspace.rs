@@ -297,7 +297,7 @@ impl Workspace {
         for d in deps {
             let src = self.artifacts_dir(d);
             if src.is_dir() {
-                copy_dir(&src, &claim.dir)
+                copy_dir(&src, &claim.dir, false)
                     .map_err(|e| format!("cannot copy artifacts of {d}: {e}"))?;
             }
         }
@@ -344,18 +344,20 @@ impl Workspace {
     }
 }
 
-fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
+/// Copy a directory tree over `dest`, symlinks as symlinks. With `link`, files are hard
+/// links where the file system allows (only for files never written in place: artifacts).
+pub(crate) fn copy_dir(src: &Path, dest: &Path, link: bool) -> std::io::Result<()> {
     for entry in std::fs::read_dir(src)? {
         let entry = entry?;
         let ft = entry.file_type()?;
         let to = dest.join(entry.file_name());
         if ft.is_dir() {
             std::fs::create_dir_all(&to)?;
-            copy_dir(&entry.path(), &to)?;
+            copy_dir(&entry.path(), &to, link)?;
         } else if ft.is_symlink() {
             let _ = std::fs::remove_file(&to);
             std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &to)?;
-        } else {
+        } else if !(link && std::fs::hard_link(entry.path(), &to).is_ok()) {
             std::fs::copy(entry.path(), &to)?;
         }
     }
