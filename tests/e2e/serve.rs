@@ -450,7 +450,8 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
     let a = origin.head();
     let b = origin.commit(&[], &["slow"]);
     let data = tempfile::tempdir().unwrap();
-    let cfg = config(data.path(), &origin, "");
+    // One pipeline at a time: the second delivery is still queued when the server dies.
+    let cfg = config(data.path(), &origin, "max_pipelines = 1");
     let dd = data.path().join("data");
     let s = start(&dd, &cfg);
     let r = github_push(&s, "k-1", "refs/heads/main", &a);
@@ -820,7 +821,8 @@ fn a_stopped_server_cancels_its_running_pipeline_and_keeps_the_queue() {
     )]);
     let a = origin.head();
     let data = tempfile::tempdir().unwrap();
-    let cfg = config(data.path(), &origin, "");
+    // One pipeline at a time, so the second stays queued.
+    let cfg = config(data.path(), &origin, "max_pipelines = 1");
     let dd = data.path().join("data");
     let mut s = start(&dd, &cfg);
     let first = github_push(&s, "stop-1", "refs/heads/main", &a)
@@ -1453,4 +1455,154 @@ fn retry_play_and_cancel_from_the_command_line() {
     let r = cli(&["cancel", &p1.to_string()]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("the server answered 409"), "{}", r.stderr);
+}
+
+/// Three pushes at once under one host budget of 1 GiB, each a pipeline whose job needs
+/// 384 MiB: two run together (one pipeline at a time would run one), the third waits for
+/// room though `max_pipelines` would let its pipeline start, and the budget view says so.
+/// When the first two end, the third runs; all three succeed.
+#[test]
+fn pipelines_run_at_once_and_share_one_host_budget() {
+    let gate = tempfile::tempdir().unwrap();
+    let open = gate.path().join("open");
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "hold:\n  variables: {{RAVE_MEMORY: 384M}}\n  script:\n    - echo holding\n    - while [ ! -e {} ]; do sleep 0.1; done\n",
+            open.display()
+        ),
+    )]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        data.path(),
+        &origin,
+        "memory = \"1G\"\ncpus = \"2\"\njobs = 4\nmax_pipelines = 4",
+    );
+    let s = start(&data.path().join("data"), &cfg);
+    let ids: Vec<i64> = (0..3)
+        .map(|i| {
+            github_push(&s, &format!("share-{i}"), "refs/heads/main", &a)
+                .json::<Value>()
+                .unwrap()["pipeline_id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let running_jobs = || {
+        ids.iter()
+            .filter(|id| {
+                job(&get(&s, &format!("/api/pipelines/{id}"), READER), "hold")["status"]
+                    == "running"
+            })
+            .count()
+    };
+    wait_until("two jobs never ran together", 120, || {
+        let b = get(&s, "/api/budget", READER);
+        b["running_jobs"] == 2 && b["waiting_jobs"] == 1
+    });
+    let b = get(&s, "/api/budget", READER);
+    assert_eq!(b["held_bytes"], 768 * 1024 * 1024, "{b:#}");
+    assert_eq!(b["memory_budget_bytes"], 1024 * 1024 * 1024, "{b:#}");
+    assert_eq!(
+        b["share"]["pipelines"].as_array().unwrap().len(),
+        3,
+        "{b:#}"
+    );
+    for id in &ids {
+        assert_eq!(
+            get(&s, &format!("/api/pipelines/{id}"), READER)["pipeline"]["status"],
+            "running",
+            "every pipeline has started: {id}"
+        );
+    }
+    // A while later, still two: the third waits for room, not for its turn.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(running_jobs(), 2);
+    std::fs::write(&open, "").unwrap();
+    for id in &ids {
+        let v = finished(&s, *id);
+        assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    }
+    let b = get(&s, "/api/budget", READER);
+    assert_eq!(b["held_bytes"], 0, "{b:#}");
+    assert_eq!(b["running_jobs"], 0, "{b:#}");
+}
+
+/// A job larger than the whole host budget fails with why, instead of waiting forever.
+#[test]
+fn a_job_larger_than_the_host_budget_fails_with_why() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        // The pipeline's own profile allows 6 GiB; the server's budget (the safe profile,
+        // 3 GiB) cannot hold a 4 GiB job.
+        ".rave:\n  profile: big\n  profiles:\n    big: {memory: 6G, cpus: 2, jobs: 2, nix_cores: 2, nix_max_jobs: 1}\nbig:\n  variables: {RAVE_MEMORY: 4G}\n  script: [echo never]\n",
+    )]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let id = github_push(&s, "too-big", "refs/heads/main", &a)
+        .json::<Value>()
+        .unwrap()["pipeline_id"]
+        .as_i64()
+        .unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let note = job(&v, "big")["note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(note.contains("server's whole budget"), "{v:#}");
+}
+
+/// `kill -9` while two pipelines run at once: after the restart (`on_restart = "requeue"`)
+/// both run again from the start and succeed, and no job of the killed runs is left.
+#[test]
+fn kill_9_with_pipelines_running_at_once_requeues_them_all() {
+    let gate = tempfile::tempdir().unwrap();
+    let open = gate.path().join("open");
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "hold:\n  variables: {{RAVE_MEMORY: 256M}}\n  script:\n    - while [ ! -e {} ]; do sleep 0.1; done; echo done-6064\n",
+            open.display()
+        ),
+    )]);
+    let a = origin.head();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "on_restart = \"requeue\"");
+    let dd = data.path().join("data");
+    let s = start(&dd, &cfg);
+    let ids: Vec<i64> = (0..2)
+        .map(|i| {
+            github_push(&s, &format!("k9-{i}"), "refs/heads/main", &a)
+                .json::<Value>()
+                .unwrap()["pipeline_id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    wait_until("the two jobs never ran together", 120, || {
+        get(&s, "/api/budget", READER)["running_jobs"] == 2
+    });
+    let mut s = s;
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    drop(s);
+    let s = start(&dd, &cfg);
+    let left = Command::new("pgrep")
+        .args(["-f", &open.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "a job outlived the restart: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    std::fs::write(&open, "").unwrap();
+    for id in ids {
+        let v = finished(&s, id);
+        assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    }
 }

@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// run in Docker when an engine answers.
     #[arg(long, value_name = "NAME")]
     pub executor: Option<String>,
+    /// Share a host budget with other runs: start jobs when the budget server on this Unix
+    /// socket grants them (`rave serve` runs every pipeline this way).
+    #[arg(long, value_name = "SOCKET", hide = true)]
+    pub budget_socket: Option<PathBuf>,
 }
 
 /// `--explain JOB`: the reuse decision of each instance of JOB, on stderr.
@@ -420,6 +424,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             HostEnv::Inherit
         },
         keep_workdirs: args.keep,
+        lease: None,
     };
     // Masked variables, as GitLab masks them in job logs: the ones RAVE_MASKED_VARIABLES names
     // (from `--var` or the environment), and always the release signing key.
@@ -497,6 +502,25 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let mut cfg = cfg;
+    if let Some(socket) = &args.budget_socket {
+        let hello = rave_engine::lease::ToBroker::Hello {
+            pipeline: pipeline_id,
+            project: format!("{}/{}", trigger.project_namespace, trigger.project_name),
+            cap: rave_engine::lease::Cap {
+                memory_bytes: plan.budget.memory_bytes,
+                cpus: plan.budget.cpus,
+                jobs: plan.budget.jobs,
+            },
+        };
+        match rt.block_on(rave_engine::lease::Client::connect(socket, hello)) {
+            Ok(c) => cfg.lease = Some(Arc::new(c)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(2);
+            }
+        }
+    }
     let result = rt.block_on(async {
         let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
         let (log_tx, log_rx) = tokio::sync::mpsc::channel(256);

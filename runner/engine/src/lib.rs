@@ -33,12 +33,14 @@ pub mod docker;
 pub mod event;
 pub mod executor;
 pub mod learn;
+pub mod lease;
 pub mod local;
 pub mod logs;
 pub mod mask;
 pub mod outcome;
 pub mod reuse;
 pub mod scheduler;
+pub mod share;
 pub mod snapshot;
 pub mod workspace;
 

@@ -44,6 +44,9 @@ pub struct RunConfig {
     pub host_env: HostEnv,
     /// Keep job working copies after they end (for debugging).
     pub keep_workdirs: bool,
+    /// A budget shared with other runs (`rave serve`): jobs start when the server grants
+    /// them, not when this run's own admission says so.
+    pub lease: Option<Arc<crate::lease::Client>>,
 }
 
 /// What of rave's own environment reaches jobs.
@@ -158,6 +161,9 @@ struct Run<'p, E: Executor> {
     /// A limit raised after an OOM kill at a learned request.
     memory_raised: Vec<Option<u64>>,
     admission: Admission,
+    /// The shared budget's lease, and the ready set it was last told.
+    lease: Option<Arc<crate::lease::Client>>,
+    wanted: Vec<crate::lease::Wanted>,
     canceled: bool,
 }
 
@@ -183,6 +189,8 @@ pub async fn run<E: Executor>(
         exec,
         ws,
         admission: Admission::new(cfg.budget),
+        lease: cfg.lease.clone(),
+        wanted: Vec::new(),
         cfg,
         events,
         logs,
@@ -206,6 +214,7 @@ pub async fn run<E: Executor>(
             .any(|j| crate::reuse::mode(&j.variables) != crate::reuse::Mode::Off),
         canceled: false,
     };
+    let mut grants = r.lease.as_ref().and_then(|l| l.take_incoming());
     loop {
         r.settle();
         if !r.canceled {
@@ -229,6 +238,15 @@ pub async fn run<E: Executor>(
                 None => break,
             },
             _ = graceful.cancelled(), if !r.canceled => r.cancel_pending(),
+            m = async { grants.as_mut()?.recv().await }, if grants.is_some() => match m {
+                Some(crate::lease::FromBroker::Grant { job }) => r.granted(job),
+                Some(crate::lease::FromBroker::Refuse { job, reason }) => r.refused(job, reason),
+                None => {
+                    grants = None;
+                    eprintln!("rave: the server's budget went away; the pipeline is canceled");
+                    r.cancel_pending();
+                }
+            },
         }
     }
     let blocked = r.blocked.iter().any(Option::is_some)
@@ -447,10 +465,31 @@ impl<'p, E: Executor> Run<'p, E> {
                 _ => None,
             })
             .collect();
+        ready.sort_by_key(|c| (std::cmp::Reverse(self.job(c.id).priority), c.id));
+        if let Some(lease) = &self.lease {
+            // The server decides; tell it what is ready whenever that changes.
+            let wanted: Vec<crate::lease::Wanted> = ready
+                .iter()
+                .map(|c| crate::lease::Wanted {
+                    job: c.id,
+                    name: self.job(c.id).name.clone(),
+                    memory_bytes: c.request.memory_bytes,
+                    cpus: c.request.cpus,
+                    priority: self.job(c.id).priority,
+                    resource_group: c.resource_group.clone(),
+                })
+                .collect();
+            if wanted != self.wanted {
+                lease.send(crate::lease::ToBroker::Want {
+                    jobs: wanted.clone(),
+                });
+                self.wanted = wanted;
+            }
+            return;
+        }
         if ready.is_empty() {
             return;
         }
-        ready.sort_by_key(|c| (std::cmp::Reverse(self.job(c.id).priority), c.id));
         let started = self.admission.select(&mut ready);
         for c in &ready {
             if let State::Ready { overtaken } = &mut self.state[c.id] {
@@ -855,10 +894,34 @@ impl<'p, E: Executor> Run<'p, E> {
         });
     }
 
+    /// The shared budget granted a job room: start it, unless it is no longer waiting.
+    fn granted(&mut self, id: usize) {
+        if id < self.state.len() && matches!(self.state[id], State::Ready { .. }) && !self.canceled
+        {
+            self.start(id);
+        } else if let Some(lease) = &self.lease {
+            lease.send(crate::lease::ToBroker::Release { job: id });
+        }
+    }
+
+    /// The shared budget can never hold this job.
+    fn refused(&mut self, id: usize, reason: String) {
+        if id >= self.state.len() || !matches!(self.state[id], State::Ready { .. }) {
+            return;
+        }
+        let mut r = self.record(id, JobStatus::Failed, Some(reason));
+        r.failure_reason = Some(FailureReason::RunnerError);
+        self.done(id, r);
+    }
+
     fn finish(&mut self, mut f: Finished) {
         let id = f.id;
-        self.admission
-            .give_back(self.request(id), self.job(id).job.resource_group.as_deref());
+        match &self.lease {
+            Some(lease) => lease.send(crate::lease::ToBroker::Release { job: id }),
+            None => self
+                .admission
+                .give_back(self.request(id), self.job(id).job.resource_group.as_deref()),
+        }
         let j = self.job(id);
         let reason = f.outcome.failure_reason();
         // Retry as GitLab does: up to `max` more attempts, for the listed failure kinds.
@@ -953,6 +1016,10 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn cancel_pending(&mut self) {
         self.canceled = true;
+        if let Some(lease) = &self.lease {
+            lease.send(crate::lease::ToBroker::Want { jobs: Vec::new() });
+            self.wanted.clear();
+        }
         for id in 0..self.state.len() {
             if matches!(
                 self.state[id],

@@ -871,29 +871,31 @@ pub fn resolve_artifact(
     }
 }
 
-/// What the running jobs hold of the memory budget, and what waits.
-#[derive(serde::Serialize)]
-pub(crate) struct BudgetView {
-    /// The server's memory budget (`[server] memory`); None: each pipeline's profile.
+/// What the running jobs of all pipelines hold of the host budget, and what waits.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct BudgetView {
+    /// The host budget every running pipeline's jobs share.
     pub memory_budget_bytes: Option<u64>,
-    /// Memory limits of the jobs running now, across pipelines.
+    /// Memory granted to the jobs running now, across pipelines.
     pub held_bytes: i64,
     pub running_jobs: i64,
+    /// Ready jobs waiting for room, across pipelines.
+    pub waiting_jobs: i64,
     pub queued_pipelines: i64,
+    /// The budget in full: CPUs and slots too, and what each running pipeline holds.
+    pub share: rave_engine::share::ShareView,
 }
 
 pub(crate) fn budget_view(state: &State) -> Result<BudgetView, crate::db::StoreError> {
     let c = state.store.counts()?;
+    let share = state.broker.view();
     Ok(BudgetView {
-        memory_budget_bytes: state.memory_budget,
-        held_bytes: c.running_memory_bytes,
-        running_jobs: c
-            .jobs
-            .iter()
-            .filter(|(_, s, _)| s == "running")
-            .map(|(_, _, n)| *n)
-            .sum(),
+        memory_budget_bytes: Some(share.memory_bytes),
+        held_bytes: i64::try_from(share.used_memory_bytes).unwrap_or(i64::MAX),
+        running_jobs: i64::from(share.running),
+        waiting_jobs: i64::from(share.waiting),
         queued_pipelines: c.queued,
+        share,
     })
 }
 
@@ -917,7 +919,7 @@ async fn metrics(St(state): St<Shared>, headers: HeaderMap) -> Response {
         )],
         state.metrics.render(
             &counts,
-            state.memory_budget,
+            Some(state.broker.view().memory_bytes),
             &state
                 .cfg
                 .projects

@@ -7,7 +7,10 @@
 //! max_body_bytes = 1048576      # webhook bodies above this get 413
 //! rate_limit_per_sec = 100      # per source address; 429 past it
 //! on_restart = "fail"           # or "requeue": what happens to pipelines a crash interrupted
-//! memory = "6G"                 # passed to each pipeline as --memory (default: the profile)
+//! memory = "6G"                 # the host budget every running pipeline's jobs share
+//! cpus = "4"                    #   (default: the profile's; profile = "full" is the machine)
+//! jobs = 4                      # at most this many jobs at once, of all pipelines
+//! max_pipelines = 4             # pipelines running at once (their jobs share the budget)
 //!
 //! [[projects]]
 //! name = "group/app"            # matched against the forge's project path
@@ -67,6 +70,10 @@ pub struct ServerConfig {
     /// A Prometheus Pushgateway every pipeline pushes its job metrics to when it ends
     /// (grouped by project and pipeline).
     pub push_metrics: Option<String>,
+    /// Job slots of the host budget, shared by all pipelines (default: the profile's).
+    pub jobs: Option<u32>,
+    /// How many pipelines run at once; their jobs share one budget.
+    pub max_pipelines: u32,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +92,8 @@ impl Default for ServerConfig {
             templates_dir: None,
             templates_project: None,
             push_metrics: None,
+            jobs: None,
+            max_pipelines: 4,
         }
     }
 }

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod db;
 pub mod events;
@@ -54,7 +55,8 @@ pub struct State {
     pub rave_exe: PathBuf,
     /// One fetch at a time per server: libgit2 and a mirror do not like concurrent writers.
     pub fetch_lock: Arc<Mutex<()>>,
-    pub memory_budget: Option<u64>,
+    /// The host budget the jobs of every running pipeline share.
+    pub broker: Arc<budget::Broker>,
     /// Status changes, for `GET /api/events`.
     pub events: tokio::sync::broadcast::Sender<events::ServerEvent>,
     /// Signed-in browsers of the web UI (in memory: a restart signs everyone out).
@@ -107,12 +109,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     if cfg.projects.is_empty() {
         warn!("no [[projects]] in the config: every webhook is refused");
     }
-    let memory_budget = match cfg.server.memory.as_deref() {
-        Some(m) => {
-            Some(rave_model::units::parse_memory(m).map_err(|e| format!("[server] memory: {e}"))?)
-        }
-        None => None,
-    };
+    let broker = budget::Broker::new(
+        budget::host_budget(&cfg.server)?,
+        budget::socket_path(&data_dir),
+    );
     let requeue = cfg.server.on_restart == OnRestart::Requeue;
     let state = Arc::new(State {
         store: Arc::new(store),
@@ -127,7 +127,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         tokens,
         rave_exe: opts.rave_exe,
         fetch_lock: Arc::new(Mutex::new(())),
-        memory_budget,
+        broker,
         events: events::channel(),
         sessions: Mutex::new(HashMap::new()),
     });
@@ -146,6 +146,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
             );
         }
         worker::clean_up_after_crash(&interrupted).await;
+        let broker = state.broker.clone().listen().await?;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -176,8 +177,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
             .await
             .is_err()
         {
-            warn!("the running pipeline did not stop within 60 s; the next start fails it");
+            warn!("the running pipelines did not stop within 60 s; the next start fails them");
         }
+        broker.abort();
+        let _ = std::fs::remove_file(&state.broker.socket);
         served
     })
 }

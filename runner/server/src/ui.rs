@@ -369,9 +369,10 @@ fn budget_text(b: &crate::api::BudgetView) -> String {
         .memory_budget_bytes
         .map(|m| format!(" of {}", rave_model::units::format_memory(m)))
         .unwrap_or_default();
+    let pipelines = b.share.pipelines.len();
     format!(
-        "{} running job(s) hold {held}{of} of memory · {} pipeline(s) queued",
-        b.running_jobs, b.queued_pipelines
+        "{} running job(s) of {pipelines} pipeline(s) hold {held}{of} of memory · {} job(s) waiting for room · {} pipeline(s) queued",
+        b.running_jobs, b.waiting_jobs, b.queued_pipelines
     )
 }
 

@@ -1,6 +1,7 @@
-//! The queue: one pipeline at a time (the machine's memory budget is shared by its jobs, and
-//! `rave run` admits them within it), each in a checkout of exactly its commit, run by a child
-//! `rave run --events`, whose event lines become job rows as they come.
+//! The queue: up to `max_pipelines` pipelines at once, each in a checkout of exactly its
+//! commit, run by a child `rave run --events` whose event lines become job rows as they come.
+//! Their jobs share one host budget: each child asks the server's budget socket for room
+//! before it starts a job (see [`crate::budget`]).
 //!
 //! The child runs in its own process group: a server crash does not stop it at once, and the
 //! restart kills it and sweeps what its jobs left (cgroups, containers) before anything else.
@@ -18,45 +19,59 @@ use crate::State;
 use crate::db::{Job, Pipeline};
 
 pub async fn run_queue(state: Arc<State>) {
+    let max = state.cfg.server.max_pipelines.max(1) as usize;
+    let mut running = tokio::task::JoinSet::new();
     loop {
         if state.stopping.is_cancelled() {
-            return;
+            break;
         }
-        match state.store.claim_next() {
-            Ok(Some(p)) => {
-                let id = p.id;
-                info!(pipeline = id, project = %p.project, sha = %p.sha, "pipeline started");
-                let _ = state.events.send(crate::events::ServerEvent {
-                    kind: crate::events::EventKind::Pipeline,
-                    pipeline_id: id,
-                    project: p.project.clone(),
-                    job_id: None,
-                    job: None,
-                    status: "running".into(),
-                });
-                let project = p.project.clone();
-                let (status, err) = run_pipeline(&state, p).await;
-                record_end(&state, id, &project, &status, err.as_deref()).await;
-                state
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                info!(pipeline = id, %status, error = err.as_deref().unwrap_or(""), "pipeline finished");
-            }
-            Ok(None) => {
-                tokio::select! {
-                    _ = state.stopping.cancelled() => {}
-                    _ = state.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        while running.try_join_next().is_some() {}
+        if running.len() < max {
+            match state.store.claim_next() {
+                Ok(Some(p)) => {
+                    running.spawn(run_one(state.clone(), p));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    error!("cannot read the queue: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             }
-            Err(e) => {
-                error!("cannot read the queue: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        }
+        tokio::select! {
+            _ = state.stopping.cancelled() => {}
+            _ = state.wake.notified() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+    // Stopping: the running pipelines were asked to cancel; their ends are still recorded.
+    while running.join_next().await.is_some() {}
+}
+
+/// Run one claimed pipeline to its end and record it.
+async fn run_one(state: Arc<State>, p: Pipeline) {
+    let id = p.id;
+    info!(pipeline = id, project = %p.project, sha = %p.sha, "pipeline started");
+    let _ = state.events.send(crate::events::ServerEvent {
+        kind: crate::events::EventKind::Pipeline,
+        pipeline_id: id,
+        project: p.project.clone(),
+        job_id: None,
+        job: None,
+        status: "running".into(),
+    });
+    let project = p.project.clone();
+    let (status, err) = run_pipeline(&state, p).await;
+    record_end(&state, id, &project, &status, err.as_deref()).await;
+    state
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    info!(pipeline = id, %status, error = err.as_deref().unwrap_or(""), "pipeline finished");
 }
 
 /// Record a pipeline's end. A store that cannot write (a full disk) is tried again, a bounded
@@ -177,6 +192,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     ];
     args.push("--source".into());
     args.push(p.source.clone());
+    args.push(format!("--budget-socket={}", state.broker.socket.display()));
     // `--ref=NAME`: a ref that starts with `-` is a value, never a flag.
     match &p.tag {
         Some(t) => args.push(format!("--tag={t}")),
