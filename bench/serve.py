@@ -11,6 +11,9 @@ intake   N GitHub push deliveries (HMAC-signed), every K-th one a re-send of an 
 latency  P pushes one after another, each waited for: time from sending the webhook to the
          first job's start (as the job's own started_at records it), p50 / p99, and to the
          pipeline's end.
+together two pushes of a pipeline whose jobs (a chain of three, 2 s each) each need a third
+         of the server's budget: the time until both end, against one push alone, with
+         pipelines at once (the default) and with `max_pipelines = 1` (one at a time).
 history  100,000 pipelines in the store (and one with 500 jobs): p50 / p99 of the pipelines
          API, the web UI's list pages (first page, a filtered deep page) and the 500-job
          pipeline page, rendered by the server.
@@ -44,10 +47,10 @@ def sh(cmd, cwd=None):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def setup(tmp):
+def setup(tmp, pipeline="build:\n  script: [echo built]\n", server=""):
     work, bare = tmp / "work", tmp / "origin.git"
     work.mkdir()
-    (work / ".gitlab-ci.yml").write_text("build:\n  script: [echo built]\n")
+    (work / ".gitlab-ci.yml").write_text(pipeline)
     sh("git init -q --bare origin.git", cwd=tmp)
     sh("git init -q -b main . && git add -A && git -c user.name=b -c user.email=b@b commit -qm init "
        "&& git push -q ../origin.git main", cwd=work)
@@ -56,6 +59,7 @@ def setup(tmp):
     cfg = tmp / "rave.toml"
     cfg.write_text(f"""[server]
 rate_limit_per_sec = 1000000
+{server}
 [[projects]]
 name = "bench/app"
 clone_url = "{bare}"
@@ -235,6 +239,48 @@ def history(rave, args):
             proc.wait()
 
 
+# A chain of three jobs, each a third of the safe profile's 3 GiB and one of its two CPUs.
+CHAIN = "".join(
+    f"{name}:\n  stage: {stage}\n  variables: {{RAVE_MEMORY: 1G, RAVE_CPUS: '1'}}\n"
+    f"  script: [sleep 2]\n"
+    for name, stage in [("build", "build"), ("test", "test"), ("deploy", "deploy")])
+
+
+def together(rave, args):
+    def timed(pushes, server):
+        with tempfile.TemporaryDirectory() as t:
+            tmp = Path(t)
+            cfg, sha = setup(tmp, CHAIN, server)
+            proc, host, port = start(rave, tmp / "data", cfg)
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                t0 = time.time()
+                ids = []
+                for i in range(pushes):
+                    code, v = send(conn, body_for(sha), f"together-{i}")
+                    assert code == 202, (code, v)
+                    ids.append(v["pipeline_id"])
+                for pid in ids:
+                    while True:
+                        conn.request("GET", f"/api/pipelines/{pid}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+                        p = json.loads(conn.getresponse().read())
+                        if p["pipeline"]["status"] not in ("queued", "running"):
+                            assert p["pipeline"]["status"] == "success", p
+                            break
+                        time.sleep(0.01)
+                return time.time() - t0
+            finally:
+                proc.kill()
+                proc.wait()
+
+    one = timed(1, "")
+    both = timed(2, "")
+    serial = timed(2, "max_pipelines = 1")
+    print(f"together: one push {one:.2f} s; two pushes at once {both:.2f} s = {both / one:.2f}x "
+          f"one; one pipeline at a time {serial:.2f} s = {serial / one:.2f}x one")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
@@ -243,12 +289,13 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--pushes", type=int, default=30)
     ap.add_argument("--history", type=int, default=100_000)
-    ap.add_argument("--only", choices=["intake", "latency", "history"])
+    ap.add_argument("--only", choices=["intake", "latency", "together", "history"])
     args = ap.parse_args()
     if not os.path.exists(args.rave):
         print("building rave (release) ...")
         subprocess.run("cargo build --release -q -p rave", shell=True, cwd=ROOT, check=True)
-    for name, f in [("intake", intake), ("latency", latency), ("history", history)]:
+    for name, f in [("intake", intake), ("latency", latency), ("together", together),
+                    ("history", history)]:
         if args.only in (None, name):
             f(args.rave, args)
 
