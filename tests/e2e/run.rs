@@ -689,3 +689,88 @@ fn an_oom_report_names_the_biggest_process_and_an_outside_kill_is_not_an_oom() {
     let note = victim["note"].as_str().unwrap();
     assert!(note.contains("SIGKILL from outside the job"), "{note}");
 }
+
+/// GitLab's retry inside the pipeline, locally: `rave run --continue N JOB` runs the failed job
+/// again (its next attempt) and the job that was skipped because of it; the job before it is
+/// not rebuilt (the same artifact and dotenv value reach the jobs after it); a manual job named
+/// the same way is played; the pipeline id stays the same.
+#[test]
+fn continue_retries_a_job_inside_its_pipeline_and_plays_a_manual_one() {
+    let flag = tempfile::tempdir().unwrap();
+    let pass = flag.path().join("pass");
+    let dir = git_repo(&[(
+        ".gitlab-ci.yml",
+        &format!(
+            "build:\n  stage: build\n  script:\n    - echo \"built $RANDOM$RANDOM\" > out.txt\n    - echo \"BUILD_ID=$RANDOM$RANDOM\" > build.env\n  artifacts:\n    paths: [out.txt]\n    reports: {{dotenv: build.env}}\ntest:\n  stage: test\n  script: [test -e {}]\ndeploy:\n  stage: deploy\n  script: [cat out.txt, 'echo \"id=$BUILD_ID\"']\nrelease:\n  stage: deploy\n  when: manual\n  script: [echo released]\n",
+            pass.display()
+        ),
+    )]);
+    let first = rave(dir.path(), &["run", "--json"]);
+    assert_eq!(first.code, 1, "{}", first.stderr);
+    let v = json(&first.stdout);
+    assert_eq!(job(&v, "test")["status"], "failed");
+    assert_eq!(job(&v, "deploy")["status"], "skipped");
+    let id = v["pipeline"]["id"].as_u64().unwrap();
+    let build_log = |run: &str| {
+        std::fs::read_to_string(
+            dir.path()
+                .join(format!(".rave/runs/{run}/artifacts/000-build/out.txt")),
+        )
+        .unwrap_or_default()
+    };
+    let built = build_log("1");
+    assert!(built.starts_with("built "), "{built}");
+
+    std::fs::write(&pass, "").unwrap();
+    let again = rave(dir.path(), &["run", "--json", "--continue", "1", "test"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let v = json(&again.stdout);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(
+        v["pipeline"]["id"].as_u64(),
+        Some(id),
+        "a retry stays in its pipeline"
+    );
+    assert_eq!(job(&v, "test")["attempts"], 2, "{v:#}");
+    assert_eq!(job(&v, "test")["status"], "success");
+    assert_eq!(job(&v, "deploy")["status"], "success");
+    assert_eq!(job(&v, "release")["status"], "manual");
+    // build kept its result and artifacts: not run again.
+    assert!(
+        !again.stderr.contains("build  > started"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(build_log("2"), built, "the artifact is the first run's");
+    let deploy = std::fs::read_to_string(dir.path().join(".rave/runs/2/logs/002-deploy.log"))
+        .unwrap_or_default();
+    assert!(deploy.contains(built.trim()), "{deploy}");
+    let first_id = std::fs::read_to_string(
+        dir.path()
+            .join(".rave/runs/1/artifacts/000-build/build.env"),
+    )
+    .unwrap();
+    assert!(
+        deploy.contains(&format!(
+            "id={}",
+            first_id.trim().trim_start_matches("BUILD_ID=")
+        )),
+        "{deploy}"
+    );
+
+    // Play the manual job in the same pipeline.
+    let play = rave(dir.path(), &["run", "--json", "--continue", "2", "release"]);
+    assert_eq!(play.code, 0, "{}", play.stderr);
+    let v = json(&play.stdout);
+    assert_eq!(job(&v, "release")["status"], "success", "{v:#}");
+    assert_eq!(job(&v, "deploy")["status"], "success");
+
+    // A run that never ended, or a job that was not part of it, is refused with why.
+    let bad = rave(dir.path(), &["run", "--continue", "9", "test"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("only a run that ended"),
+        "{}",
+        bad.stderr
+    );
+}

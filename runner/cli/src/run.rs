@@ -77,6 +77,12 @@ pub struct RunArgs {
     /// socket grants them (`rave serve` runs every pipeline this way).
     #[arg(long, value_name = "SOCKET", hide = true)]
     pub budget_socket: Option<PathBuf>,
+    /// Go on with an earlier run of this pipeline (its number, or its directory) as GitLab
+    /// retries a job inside its pipeline: the JOBs named run again, and so does what did not
+    /// run because of them; every other job keeps its result and artifacts. A manual JOB named
+    /// here is played.
+    #[arg(long = "continue", value_name = "RUN", requires = "job_names")]
+    pub continue_run: Option<String>,
 }
 
 /// `--explain JOB`: the reuse decision of each instance of JOB, on stderr.
@@ -278,11 +284,39 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     };
     let (local_id, run_dir) = next_run_dir(&project.root)?;
+    let mut selected = selected;
+    let mut continued: Option<(PathBuf, rave_engine::resume::Continuation)> = None;
+    if let Some(prev) = &args.continue_run {
+        let prev_dir = if prev.bytes().all(|b| b.is_ascii_digit()) {
+            project.root.join(".rave").join("runs").join(prev)
+        } else {
+            PathBuf::from(prev)
+        };
+        let named = selected.clone().unwrap_or_default();
+        match rave_engine::resume::continue_run(&plan, &prev_dir, &named, &run_dir) {
+            Ok(c) => {
+                eprintln!(
+                    "rave: going on with run {}: {} run again, the other jobs keep their results",
+                    prev_dir.display(),
+                    c.again.join(", ")
+                );
+                selected = Some(c.active.clone());
+                continued = Some((prev_dir, c));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                eprintln!("error: {e}");
+                return Ok(2);
+            }
+        }
+    }
     // Under `rave serve` every pipeline is a fresh checkout whose first run is 1 locally: jobs
-    // see the server's pipeline id, unique as GitLab's `CI_PIPELINE_ID` is.
+    // see the server's pipeline id, unique as GitLab's `CI_PIPELINE_ID` is. A continued run
+    // stays in its pipeline.
     let pipeline_id = std::env::var("RAVE_SERVER_PIPELINE_ID")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
+        .or(continued.as_ref().map(|(_, c)| c.pipeline_id))
         .unwrap_or(local_id);
     // What was included from outside the repository, pinned: the release's provenance lists it.
     let _ = std::fs::write(
@@ -425,6 +459,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         },
         keep_workdirs: args.keep,
         lease: None,
+        resume: continued.as_ref().map(|(_, c)| c.resume.clone()),
     };
     // Masked variables, as GitLab masks them in job logs: the ones RAVE_MASKED_VARIABLES names
     // (from `--var` or the environment), and always the release signing key.
@@ -481,9 +516,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 .iter()
                 .map(|j| {
                     let slug = workspace::slug(j.id, &j.name);
+                    // A job carried over from the run this one goes on with keeps its row.
+                    let carried = continued
+                        .as_ref()
+                        .is_some_and(|(_, c)| c.resume.carried[j.id].is_some());
                     json!({
                         "index": j.id, "name": j.name, "stage": j.job.stage.value,
                         "selected": cfg.selected.as_ref().is_none_or(|s| s.contains(&j.id)),
+                        "carried": carried,
                         "log": ws.log_path(&slug), "artifacts": ws.artifacts_dir(&slug),
                         "needs": if j.uses_needs { j.deps.clone() } else { Vec::new() },
                     })
@@ -602,19 +642,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         explain(name, &records, &plan);
     }
     let utilisation = budget_utilisation(&records, plan.budget.memory_bytes, result.duration);
-    let doc = json!({
-        "pipeline": {
-            "id": pipeline_id,
-            "status": result.status,
-            "duration_ms": result.duration.as_millis() as u64,
-            "ref": trigger.ref_name,
-            "sha": trigger.sha,
-            "profile": plan.profile,
-            "budget": {"memory_bytes": plan.budget.memory_bytes, "cpus": plan.budget.cpus, "jobs": plan.budget.jobs},
-            "budget_utilisation": utilisation,
+    let doc = rave_engine::event::RunSummary {
+        pipeline: rave_engine::event::PipelineSummary {
+            id: pipeline_id,
+            status: result.status,
+            duration_ms: result.duration.as_millis() as u64,
+            ref_name: trigger.ref_name.clone(),
+            sha: trigger.sha.clone(),
+            profile: plan.profile.clone(),
+            budget: rave_engine::event::BudgetSummary {
+                memory_bytes: plan.budget.memory_bytes,
+                cpus: plan.budget.cpus,
+                jobs: plan.budget.jobs,
+            },
+            budget_utilisation: utilisation,
         },
-        "jobs": records,
-    });
+        jobs: records.iter().map(|r| (*r).clone()).collect(),
+    };
     let text = serde_json::to_string_pretty(&doc)?;
     let _ = std::fs::write(run_dir.join("summary.json"), &text);
     if let Some(path) = &args.events {

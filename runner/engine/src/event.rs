@@ -7,21 +7,21 @@ use serde::{Deserialize, Serialize};
 use crate::outcome::{FailureReason, JobStatus};
 
 /// The recorded result of one job instance.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobRecord {
     pub name: String,
     pub stage: String,
     pub status: JobStatus,
     pub failure_reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time", default)]
     pub started_at: Option<SystemTime>,
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time", default)]
     pub finished_at: Option<SystemTime>,
     pub duration_ms: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     /// Time spent preparing the job's working directory (snapshot → build dir, artifacts in).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_ms: Option<u64>,
     pub memory_limit_bytes: u64,
     /// Where the memory request came from: `explicit`, `default`, `learned from N run(s)`.
@@ -32,14 +32,50 @@ pub struct JobRecord {
     /// Why a job was skipped, or a one-line explanation of its failure.
     pub note: Option<String>,
     /// The pipeline whose result this job reused instead of running (`RAVE_REUSE`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<u64>,
     /// For a job that opts into reuse: its input digest, and why it was not reused.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reuse: Option<crate::reuse::Decision>,
     /// For a `trigger:` job: the jobs of the child pipeline it ran.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<ChildJob>,
+}
+
+/// What `rave run --json` prints and keeps as `summary.json` in the run directory: read back
+/// by `rave run --continue`, `rave history` and the server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub pipeline: PipelineSummary,
+    pub jobs: Vec<JobRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PipelineSummary {
+    pub id: u64,
+    pub status: crate::scheduler::PipelineStatus,
+    pub duration_ms: u64,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub sha: String,
+    pub profile: String,
+    pub budget: BudgetSummary,
+    pub budget_utilisation: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct BudgetSummary {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub jobs: u32,
+}
+
+impl RunSummary {
+    pub fn read(path: &std::path::Path) -> Result<RunSummary, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 /// A job of a child pipeline, as its own run reported it (`rave run --json`).
@@ -93,6 +129,15 @@ fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok,
     match t {
         Some(t) => s.serialize_str(&rfc3339_millis(*t)),
         None => s.serialize_none(),
+    }
+}
+
+fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        Some(s) => humantime::parse_rfc3339(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        None => Ok(None),
     }
 }
 

@@ -38,6 +38,7 @@ pub mod local;
 pub mod logs;
 pub mod mask;
 pub mod outcome;
+pub mod resume;
 pub mod reuse;
 pub mod scheduler;
 pub mod share;

@@ -47,6 +47,21 @@ pub struct RunConfig {
     /// A budget shared with other runs (`rave serve`): jobs start when the server grants
     /// them, not when this run's own admission says so.
     pub lease: Option<Arc<crate::lease::Client>>,
+    /// Go on with an earlier run of this pipeline instead of starting afresh.
+    pub resume: Option<Resume>,
+}
+
+/// Going on with an earlier run of the same pipeline, as GitLab retries a job or plays a
+/// manual one inside its pipeline: the jobs carried over keep their result (and dotenv; their
+/// artifacts are in place), the named jobs run again, and so does what waited on them.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// Per plan instance: the earlier record of a job that keeps it, with its dotenv report.
+    pub carried: Vec<Option<(JobRecord, HashMap<String, String>)>>,
+    /// Jobs to start even when manual: the ones retried or played.
+    pub named: HashSet<usize>,
+    /// Per plan instance: attempts made before (a retry is the next attempt).
+    pub attempts: Vec<u32>,
 }
 
 /// What of rave's own environment reaches jobs.
@@ -84,7 +99,7 @@ impl HostEnv {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PipelineStatus {
     Success,
@@ -164,6 +179,8 @@ struct Run<'p, E: Executor> {
     /// The shared budget's lease, and the ready set it was last told.
     lease: Option<Arc<crate::lease::Client>>,
     wanted: Vec<crate::lease::Wanted>,
+    /// Jobs retried or played in a resumed run: started even when manual.
+    named: HashSet<usize>,
     canceled: bool,
 }
 
@@ -191,6 +208,7 @@ pub async fn run<E: Executor>(
         admission: Admission::new(cfg.budget),
         lease: cfg.lease.clone(),
         wanted: Vec::new(),
+        named: HashSet::new(),
         cfg,
         events,
         logs,
@@ -214,6 +232,9 @@ pub async fn run<E: Executor>(
             .any(|j| crate::reuse::mode(&j.variables) != crate::reuse::Mode::Off),
         canceled: false,
     };
+    if let Some(resume) = r.cfg.resume.clone() {
+        r.carry(resume);
+    }
     let mut grants = r.lease.as_ref().and_then(|l| l.take_incoming());
     loop {
         r.settle();
@@ -350,6 +371,62 @@ impl<'p, E: Executor> Run<'p, E> {
         });
     }
 
+    /// Take over the results of an earlier run: carried jobs are done (without new events:
+    /// they were told when they ended), failures and manual blocks propagate as they did.
+    fn carry(&mut self, resume: Resume) {
+        for (id, c) in resume.carried.into_iter().enumerate() {
+            if let Some((record, dotenv)) = c
+                && id < self.state.len()
+                && !matches!(self.state[id], State::Inactive)
+            {
+                self.upstream_failed[id] =
+                    matches!(record.status, JobStatus::Failed | JobStatus::Canceled);
+                self.attempts[id] = record.attempts;
+                self.records[id] = Some(record);
+                self.dotenv[id] = dotenv;
+                self.state[id] = State::Done;
+            }
+        }
+        for (id, n) in resume.attempts.into_iter().enumerate() {
+            if id < self.attempts.len() && self.records[id].is_none() {
+                self.attempts[id] = n;
+            }
+        }
+        // Failures and blocks flow down through carried jobs (any order of definition).
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for id in 0..self.state.len() {
+                let Some(rec) = &self.records[id] else {
+                    continue;
+                };
+                let failed = self.deps[id].iter().any(|&d| self.upstream_failed[d]);
+                if failed && !self.upstream_failed[id] {
+                    self.upstream_failed[id] = true;
+                    changed = true;
+                }
+                if rec.status == JobStatus::Skipped && self.blocked[id].is_none() {
+                    let j = self.job(id);
+                    let b = self.deps[id]
+                        .iter()
+                        .copied()
+                        .find(|&d| {
+                            self.records[d]
+                                .as_ref()
+                                .is_some_and(|r| r.status == JobStatus::Manual)
+                                && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
+                        })
+                        .or_else(|| self.deps[id].iter().find_map(|&d| self.blocked[d]));
+                    if b.is_some() {
+                        self.blocked[id] = b;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        self.named = resume.named;
+    }
+
     /// Decide every waiting job whose dependencies are all done.
     fn settle(&mut self) {
         let mut progress = true;
@@ -388,7 +465,13 @@ impl<'p, E: Executor> Run<'p, E> {
                     && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
             })
             .or_else(|| self.deps[id].iter().find_map(|&d| self.blocked[d]));
-        let named = self.cfg.selected.as_ref().is_some_and(|s| s.contains(&id));
+        // Named on the command line; in a resumed run `selected` is every job taking part, and
+        // only the retried or played ones count as named.
+        let named = if self.cfg.resume.is_some() {
+            self.named.contains(&id)
+        } else {
+            self.cfg.selected.as_ref().is_some_and(|s| s.contains(&id))
+        };
         if self.canceled {
             let r = self.record(
                 id,

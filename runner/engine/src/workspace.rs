@@ -346,7 +346,7 @@ impl Workspace {
 
 /// Copy a directory tree over `dest`, symlinks as symlinks. With `link`, files are hard
 /// links where the file system allows (only for files never written in place: artifacts).
-pub(crate) fn copy_dir(src: &Path, dest: &Path, link: bool) -> std::io::Result<()> {
+pub fn copy_dir(src: &Path, dest: &Path, link: bool) -> std::io::Result<()> {
     for entry in std::fs::read_dir(src)? {
         let entry = entry?;
         let ft = entry.file_type()?;
