@@ -374,7 +374,15 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
     assert_eq!(r.status(), 401);
     let (code, _) = post(&s, &format!("/api/pipelines/{id}/rerun?job=test"), READER);
     assert_eq!(code, 403);
+    // One job retried inside its pipeline: its next attempt.
     let (code, v) = post(&s, &format!("/api/pipelines/{id}/rerun?job=test"), ADMIN);
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["pipeline_id"], id);
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    assert_eq!(job(&v, "test")["attempts"], 2, "{v:#}");
+    // The whole pipeline again: a new pipeline at the same commit.
+    let (code, v) = post(&s, &format!("/api/pipelines/{id}/rerun"), ADMIN);
     assert_eq!(code, 201, "{v}");
     let rerun = v["pipeline_id"].as_i64().unwrap();
     let v = finished(&s, rerun);
@@ -764,12 +772,20 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     let deploy = job(&v, "deploy");
     assert_eq!(deploy["status"], "manual", "{v:#}");
 
-    // Play the manual job: it runs, at the same commit.
+    // Play the manual job inside its pipeline (as GitLab does): it runs, at the same commit;
+    // nothing else runs again.
     let (code, p) = post(&s, &format!("/api/jobs/{}/play", deploy["id"]), ADMIN);
-    assert_eq!(code, 201, "{p}");
-    let played = finished(&s, p["pipeline_id"].as_i64().unwrap());
+    assert_eq!(code, 202, "{p}");
+    assert_eq!(p["pipeline_id"], id, "played inside its pipeline");
+    let played = finished(&s, id);
     assert_eq!(job(&played, "deploy")["status"], "success", "{played:#}");
-    assert_eq!(played["pipeline"]["rerun_of"], id);
+    assert_eq!(job(&played, "deploy")["id"], deploy["id"], "the same job");
+    assert_eq!(
+        job(&played, "build")["started_at"],
+        job(&v, "build")["started_at"]
+    );
+    assert_eq!(job(&played, "flaky")["status"], "failed");
+    assert_eq!(played["pipeline"]["status"], "failed", "flaky still failed");
     let (code, _) = post(
         &s,
         &format!("/api/jobs/{}/play", job(&v, "build")["id"]),
@@ -777,19 +793,24 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     );
     assert_eq!(code, 409, "only manual jobs are played");
 
-    // Rerun the failed jobs only.
+    // Retry the failed jobs inside the pipeline: flaky's next attempt; the rest keep theirs.
     let (code, r) = post(&s, &format!("/api/pipelines/{id}/rerun?failed=1"), ADMIN);
-    assert_eq!(code, 201, "{r}");
+    assert_eq!(code, 202, "{r}");
     assert_eq!(r["jobs"], json!(["flaky"]));
-    let again = finished(&s, r["pipeline_id"].as_i64().unwrap());
+    assert_eq!(r["pipeline_id"], id);
+    let again = finished(&s, id);
     assert_eq!(job(&again, "flaky")["exit_code"], 3);
+    assert_eq!(job(&again, "flaky")["attempts"], 2, "{again:#}");
+    assert_eq!(job(&again, "build")["status"], "success", "{again:#}");
+    assert_eq!(
+        job(&again, "build")["started_at"],
+        job(&v, "build")["started_at"]
+    );
+    assert_eq!(job(&again, "deploy")["status"], "success", "{again:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", job(&again, "build")["id"]));
     assert!(
-        again["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|j| j["name"] != "build" || j["status"] == "skipped"),
-        "{again:#}"
+        log.contains("built"),
+        "the carried job's log is still served: {log}"
     );
 
     // Cancel a running pipeline: its job is stopped, nothing keeps running.
@@ -1366,9 +1387,14 @@ same:
 /// `rave pipelines new`, `rave retry`, `rave play` and `rave cancel` against a real server.
 #[test]
 fn retry_play_and_cancel_from_the_command_line() {
+    let flag = tempfile::tempdir().unwrap();
+    let pass = flag.path().join("pass");
     let origin = Origin::new(&[(
         ".gitlab-ci.yml",
-        "flaky:\n  script: ['test \"$CI_PIPELINE_ID\" != 1']\ndeploy:\n  when: manual\n  script: [echo deployed]\nwait:\n  when: manual\n  script: [sleep 30]\n",
+        &format!(
+            "flaky:\n  script: ['test -e {}']\ndeploy:\n  when: manual\n  script: [echo deployed]\nwait:\n  when: manual\n  script: [sleep 30]\n",
+            pass.display()
+        ),
     )]);
     let data = tempfile::tempdir().unwrap();
     let cfg = config(data.path(), &origin, "");
@@ -1393,39 +1419,30 @@ fn retry_play_and_cancel_from_the_command_line() {
     let v = finished(&s, p1);
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
     assert_eq!(v["pipeline"]["source"], "api");
+    std::fs::write(&pass, "").unwrap();
     let r = cli(&["retry", &p1.to_string()]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
-        r.stdout.contains(&format!("(rerun of #{p1})")),
+        r.stdout.contains(&format!(
+            "pipeline #{p1} queued again to run flaky inside it"
+        )),
         "{}",
         r.stdout
     );
-    let p2: i64 = r
-        .stdout
-        .split('#')
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(finished(&s, p2)["pipeline"]["status"], "success");
+    let v2 = finished(&s, p1);
+    assert_eq!(v2["pipeline"]["status"], "success", "{v2:#}");
+    assert_eq!(job(&v2, "flaky")["attempts"], 2);
     let deploy = job(&v, "deploy")["id"].as_i64().unwrap();
     let r = cli(&["play", &deploy.to_string()]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    let p3: i64 = r
-        .stdout
-        .split('#')
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let v3 = finished(&s, p3);
+    assert!(
+        r.stdout.contains(&format!("pipeline #{p1} ")),
+        "{}",
+        r.stdout
+    );
+    let v3 = finished(&s, p1);
     assert_eq!(job(&v3, "deploy")["status"], "success", "{v3:#}");
+    assert_eq!(job(&v3, "flaky")["attempts"], 2, "not run again");
     // A running pipeline is canceled; a finished one says why not.
     let p4 = api_pipeline(
         &s,

@@ -144,7 +144,7 @@ flaky:
   stage: test
   needs: [build]
   script:
-    - test "$CI_PIPELINE_ID" != 1 || { echo "failing on purpose"; exit 1; }
+    - test -e FLAG || { echo "failing on purpose"; exit 1; }
 deploy:
   stage: test
   needs: [build]
@@ -164,7 +164,11 @@ fn job_id(v: &serde_json::Value, name: &str) -> i64 {
 
 #[test]
 fn the_web_ui_in_a_real_browser() {
-    let origin = Origin::new(&[(".gitlab-ci.yml", PIPELINE)]);
+    // flaky fails until this file exists: then its retry passes.
+    let flag = tempfile::tempdir().unwrap();
+    let pass = flag.path().join("pass");
+    let pipeline = PIPELINE.replace("FLAG", &pass.display().to_string());
+    let origin = Origin::new(&[(".gitlab-ci.yml", &pipeline)]);
     let data = tempfile::tempdir().unwrap();
     let cfg = config(data.path(), &origin, "");
     let s: Server = start(&data.path().join("data"), &cfg);
@@ -299,61 +303,75 @@ fn the_web_ui_in_a_real_browser() {
         sign_in(&c, &base, ADMIN, true).await;
         c.goto(&format!("{base}/ui/pipelines/{p1}")).await.unwrap();
         shot(&c, "pipeline-admin").await;
+        std::fs::write(&pass, "").unwrap();
         c.find(Locator::Id("retry-failed"))
             .await
             .unwrap()
             .click()
             .await
             .unwrap();
-        eventually("retrying never opened the new pipeline", 20, || async {
-            c.current_url()
-                .await
-                .map(|u| u.path() != format!("/ui/pipelines/{p1}"))
-                .unwrap_or(false)
-        })
-        .await;
-        let p2: i64 = c
-            .current_url()
-            .await
-            .unwrap()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        // GitLab's retry: inside the same pipeline, which turns success live.
         eventually("the retried pipeline never showed success", 60, || async {
             text_of(&c, "#pipeline-status").await == "success"
         })
         .await;
         assert_eq!(
-            blocking(|| finished(&s, p2))["pipeline"]["status"],
-            "success"
+            c.current_url().await.unwrap().path(),
+            format!("/ui/pipelines/{p1}"),
+            "retried inside its pipeline"
         );
+        let retried = blocking(|| finished(&s, p1));
+        assert_eq!(retried["pipeline"]["status"], "success", "{retried:#}");
+        assert_eq!(job(&retried, "flaky")["attempts"], 2, "{retried:#}");
+        assert_eq!(
+            job(&retried, "build")["started_at"],
+            job(&v, "build")["started_at"],
+            "build is not run again"
+        );
+        // Rendered again now that it has ended (its "Run again" button is back).
+        eventually(
+            "the ended pipeline was never rendered again",
+            20,
+            || async { c.find(Locator::Id("rerun")).await.is_ok() },
+        )
+        .await;
         shot(&c, "pipeline-retried").await;
 
-        c.goto(&format!("{base}/ui/pipelines/{p1}")).await.unwrap();
         let deploy_index = job(&v, "deploy")["index"].as_i64().unwrap();
+        // The page renders again once the pipeline has ended; then the manual job's button.
+        eventually("the play button never came back", 20, || async {
+            c.find(Locator::Id(&format!("play-{deploy_index}")))
+                .await
+                .is_ok()
+        })
+        .await;
         c.find(Locator::Id(&format!("play-{deploy_index}")))
             .await
             .unwrap()
             .click()
             .await
             .unwrap();
-        eventually("playing never opened a pipeline", 20, || async {
-            c.current_url()
-                .await
-                .map(|u| u.path() != format!("/ui/pipelines/{p1}"))
-                .unwrap_or(false)
-        })
-        .await;
         eventually("the played job never succeeded", 60, || async {
-            c.find_all(Locator::Css(".job.status-success"))
-                .await
-                .map(|v| !v.is_empty())
-                .unwrap_or(false)
+            c.find_all(Locator::Css(&format!(
+                ".job.status-success[data-index=\"{deploy_index}\"]"
+            )))
+            .await
+            .map(|v| !v.is_empty())
+            .unwrap_or(false)
                 && text_of(&c, "#pipeline-status").await == "success"
         })
+        .await;
+        assert_eq!(
+            c.current_url().await.unwrap().path(),
+            format!("/ui/pipelines/{p1}"),
+            "played inside its pipeline"
+        );
+        // Rendered again now that it has ended (its "Run again" button is back).
+        eventually(
+            "the ended pipeline was never rendered again",
+            20,
+            || async { c.find(Locator::Id("rerun")).await.is_ok() },
+        )
         .await;
         shot(&c, "pipeline-played").await;
         c.close().await.unwrap();

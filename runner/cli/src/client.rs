@@ -70,10 +70,11 @@ pub struct RerunArgs {
     /// The pipeline to run again (same commit).
     #[arg(value_name = "ID")]
     pub id: i64,
-    /// Only its failed and canceled jobs (with what they need).
+    /// Only its failed and canceled jobs, inside the pipeline (what was skipped because of
+    /// them runs too).
     #[arg(long, conflicts_with = "job")]
     pub failed: bool,
-    /// Only this job (with what it needs).
+    /// Only this job, inside the pipeline.
     #[arg(long, value_name = "NAME")]
     pub job: Option<String>,
 }
@@ -82,7 +83,8 @@ pub struct RerunArgs {
 pub struct RetryArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// The pipeline whose failed (or canceled) jobs to run again, with what they need.
+    /// The pipeline whose failed (or canceled) jobs to run again inside it, as GitLab retries:
+    /// each job's next attempt, and what was skipped because of it; the rest keep their results.
     #[arg(value_name = "PIPELINE_ID")]
     pub id: i64,
     /// Only this job instead.
@@ -244,13 +246,21 @@ pub fn rerun(a: &RerunArgs) -> anyhow::Result<i32> {
     } else if let Some(j) = &a.job {
         path.push_str(&format!("?job={}", encode(j)));
     }
-    let v: Value = send(
+    let v: rave_server::api::Rerun = send(
         client()?
             .post(url(&a.server, &path))
             .bearer_auth(&a.server.token),
     )?
     .json()?;
-    println!("pipeline #{} queued (rerun of #{})", v["pipeline_id"], a.id);
+    if v.pipeline_id == a.id {
+        println!(
+            "pipeline #{} queued again to run {} inside it",
+            v.pipeline_id,
+            v.jobs.join(", ")
+        );
+    } else {
+        println!("pipeline #{} queued (rerun of #{})", v.pipeline_id, a.id);
+    }
     Ok(0)
 }
 
@@ -280,7 +290,7 @@ pub fn new_pipeline(a: &NewPipelineArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `rave retry`: the failed jobs of a pipeline (or one job) again, at the same commit.
+/// `rave retry`: the failed jobs of a pipeline (or one job) again, inside the pipeline.
 pub fn retry(a: &RetryArgs) -> anyhow::Result<i32> {
     rerun(&RerunArgs {
         server: a.server.clone(),
@@ -290,17 +300,19 @@ pub fn retry(a: &RetryArgs) -> anyhow::Result<i32> {
     })
 }
 
-/// `rave play`: run a manual job (with what it needs).
+/// `rave play`: run a manual job inside its pipeline (then what waited for it).
 pub fn play(a: &JobIdArgs) -> anyhow::Result<i32> {
-    let v: Value = send(
+    let v: rave_server::api::Rerun = send(
         client()?
             .post(url(&a.server, &format!("/api/jobs/{}/play", a.id)))
             .bearer_auth(&a.server.token),
     )?
     .json()?;
     println!(
-        "pipeline #{} queued (playing job {})",
-        v["pipeline_id"], a.id
+        "pipeline #{} queued again to play job {} ({}) inside it",
+        v.pipeline_id,
+        a.id,
+        v.jobs.join(", ")
     );
     Ok(0)
 }

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::State;
 use crate::config::Scope;
-use crate::db::{Delivery, NewPipeline};
+use crate::db::{Delivery, NewPipeline, Pipeline};
 use crate::hooks::{self, Action, Forge};
 
 pub(crate) type Shared = Arc<State>;
@@ -31,6 +31,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/pipelines", get(list_pipelines).post(create_pipeline))
         .route("/api/pipelines/{id}", get(show_pipeline))
         .route("/api/pipelines/{id}/rerun", post(rerun))
+        .route("/api/jobs/{id}/retry", post(retry_job))
         .route("/api/pipelines/{id}/cancel", post(cancel))
         .route("/api/projects/{*name}", get(project_variables))
         .route("/api/events", get(events))
@@ -527,7 +528,7 @@ async fn rerun(
         return error(StatusCode::NOT_FOUND, format!("no pipeline {id}"));
     };
     let jobs = store!(state.store.jobs(id));
-    let filter: Vec<String> = if let Some(name) = q.job {
+    let again: Vec<String> = if let Some(name) = q.job {
         if !jobs.iter().any(|j| j.name == name) {
             return error(
                 StatusCode::NOT_FOUND,
@@ -538,7 +539,9 @@ async fn rerun(
     } else if q.failed.is_some() {
         let failed: Vec<String> = jobs
             .iter()
-            .filter(|j| matches!(j.status.as_str(), "failed" | "canceled"))
+            .filter(|j| {
+                matches!(j.status.as_str(), "failed" | "canceled") && !j.name.contains(" » ")
+            })
             .map(|j| j.name.clone())
             .collect();
         if failed.is_empty() {
@@ -549,18 +552,65 @@ async fn rerun(
         }
         failed
     } else {
-        p.jobs_filter.clone()
+        // The whole pipeline again: a new pipeline at the same commit, as GitLab's "Run
+        // pipeline"; `rerun_of` says it is one.
+        let new = store!(queue(
+            &state,
+            &NewPipeline::again(&p, &p.source, p.jobs_filter.clone())
+        ));
+        return (
+            StatusCode::CREATED,
+            axum::Json(Rerun {
+                pipeline_id: new,
+                jobs: p.jobs_filter,
+            }),
+        )
+            .into_response();
     };
-    // GitLab keeps the source on a retry; `rerun_of` says it is one.
-    let new = store!(queue(
-        &state,
-        &NewPipeline::again(&p, &p.source, filter.clone())
-    ));
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({"pipeline_id": new, "jobs": filter})),
-    )
-        .into_response()
+    reopen(&state, &p, again)
+}
+
+/// The answer to a rerun, retry or play: the pipeline that runs them (the same one for a
+/// retry or play inside it; a new one for a whole rerun) and the jobs named.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct Rerun {
+    pub pipeline_id: i64,
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+/// Retry or play jobs inside their finished pipeline (as GitLab does): it is queued again and
+/// its next run goes on with the last one.
+fn reopen(state: &State, p: &Pipeline, jobs: Vec<String>) -> Response {
+    match state.store.reopen(p.id, &jobs) {
+        Ok(true) => {
+            let _ = state.events.send(crate::events::ServerEvent {
+                kind: crate::events::EventKind::Pipeline,
+                pipeline_id: p.id,
+                project: p.project.clone(),
+                job_id: None,
+                job: None,
+                status: "queued".into(),
+            });
+            state.wake.notify_one();
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(Rerun {
+                    pipeline_id: p.id,
+                    jobs,
+                }),
+            )
+                .into_response()
+        }
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "pipeline {} is {}: retry or play its jobs once it has finished",
+                p.id, p.status
+            ),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn play(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
@@ -580,10 +630,29 @@ async fn play(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) ->
     let Some(p) = store!(state.store.pipeline(j.pipeline_id)) else {
         return error(StatusCode::NOT_FOUND, "its pipeline is gone");
     };
-    // The manual job runs with what it needs, at the same commit, as a new pipeline linked to
-    // the first (rave's pipelines are immutable once finished).
-    let new = store!(queue(&state, &NewPipeline::again(&p, "web", vec![j.name])));
-    (StatusCode::CREATED, axum::Json(json!({"pipeline_id": new}))).into_response()
+    // The manual job runs inside its pipeline, and then what waited for it.
+    reopen(&state, &p, vec![j.name])
+}
+
+/// `POST /api/jobs/{id}/retry`: that job again, inside its pipeline.
+async fn retry_job(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+    auth!(state, headers, Scope::Admin);
+    let Some(j) = store!(state.store.job(id)) else {
+        return error(StatusCode::NOT_FOUND, format!("no job {id}"));
+    };
+    if j.name.contains(" » ") {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "job {id} (`{}`) is a job of a child pipeline: retry its trigger job",
+                j.name
+            ),
+        );
+    }
+    let Some(p) = store!(state.store.pipeline(j.pipeline_id)) else {
+        return error(StatusCode::NOT_FOUND, "its pipeline is gone");
+    };
+    reopen(&state, &p, vec![j.name])
 }
 
 async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {

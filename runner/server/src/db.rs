@@ -70,6 +70,9 @@ pub struct Pipeline {
     pub rerun_of: Option<i64>,
     /// Values given for the pipeline file's `spec: inputs`.
     pub inputs: std::collections::BTreeMap<String, String>,
+    /// Jobs retried or played inside this pipeline, waiting for the queue to run them (its
+    /// next run goes on with the last one); empty for a pipeline's first run.
+    pub resume: Vec<String>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -142,6 +145,9 @@ pub trait PipelineStore: Send + Sync {
     ) -> Result<(Vec<Pipeline>, bool)>;
     fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()>;
     fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()>;
+    /// Queue a finished pipeline again to run `jobs` inside it (a retry or a play); false when
+    /// it has not finished.
+    fn reopen(&self, id: i64, jobs: &[String]) -> Result<bool>;
     fn jobs(&self, pipeline_id: i64) -> Result<Vec<Job>>;
     fn job(&self, id: i64) -> Result<Option<Job>>;
     /// Insert or update a job row; returns its id.
@@ -234,6 +240,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';",
     // 5: a project's pipelines, newest first, without scanning everyone's (the UI's filter).
     "CREATE INDEX pipelines_project ON pipelines (project, id);",
+    // 6: jobs retried or played inside a finished pipeline, for its next run.
+    "ALTER TABLE pipelines ADD COLUMN resume TEXT NOT NULL DEFAULT '[]';",
 ];
 
 pub fn now() -> String {
@@ -272,7 +280,7 @@ impl SqliteStore {
     }
 }
 
-const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs";
+const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs, resume";
 
 fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
     let filter: String = r.get(7)?;
@@ -293,6 +301,7 @@ fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
         dir: r.get(13)?,
         pid: r.get(14)?,
         inputs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
+        resume: serde_json::from_str(&r.get::<_, String>(16)?).unwrap_or_default(),
     })
 }
 
@@ -391,7 +400,7 @@ impl PipelineStore for SqliteStore {
             .optional()?;
         if let Some(p) = &p {
             tx.execute(
-                "UPDATE pipelines SET status = 'running', started_at = ?2 WHERE id = ?1",
+                "UPDATE pipelines SET status = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1",
                 params![p.id, now()],
             )?;
         }
@@ -448,6 +457,16 @@ impl PipelineStore for SqliteStore {
             params![id, dir, pid],
         )?;
         Ok(())
+    }
+
+    fn reopen(&self, id: i64, jobs: &[String]) -> Result<bool> {
+        let c = self.lock();
+        let n = c.execute(
+            "UPDATE pipelines SET status = 'queued', resume = ?2, finished_at = NULL, error = NULL, pid = NULL
+             WHERE id = ?1 AND status IN ('success', 'failed', 'canceled', 'manual', 'skipped')",
+            params![id, serde_json::to_string(jobs).unwrap_or_else(|_| "[]".into())],
+        )?;
+        Ok(n == 1)
     }
 
     fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()> {
@@ -548,7 +567,10 @@ impl PipelineStore for SqliteStore {
                          error = 'requeued: rave serve stopped while it ran' WHERE id = ?1",
                     [p.id],
                 )?;
-                tx.execute("DELETE FROM jobs WHERE pipeline_id = ?1", [p.id])?;
+                // A pipeline's first run starts over; a retry inside it keeps what came before.
+                if p.resume.is_empty() {
+                    tx.execute("DELETE FROM jobs WHERE pipeline_id = ?1", [p.id])?;
+                }
             } else {
                 tx.execute(
                     "UPDATE jobs SET status = 'skipped' WHERE pipeline_id = ?1 AND status = 'created'",

@@ -152,8 +152,30 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     };
     let dir = state.data_dir.join("pipelines").join(p.id.to_string());
     let src = dir.join("src");
-    // A requeued pipeline starts over from a fresh checkout.
-    let _ = std::fs::remove_dir_all(&dir);
+    // A retry or play inside the pipeline goes on with its last run: keep `.rave` (runs,
+    // logs, artifacts) aside while the commit is checked out again. A requeued pipeline
+    // starts over from a fresh checkout.
+    let kept = dir.join("rave-kept");
+    let mut previous_run = None;
+    if p.resume.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = std::fs::remove_dir_all(&kept);
+        if std::fs::rename(src.join(".rave"), &kept).is_ok() {
+            previous_run = last_run(&kept.join("runs"));
+        }
+        let _ = std::fs::remove_dir_all(&src);
+        let _ = std::fs::remove_file(dir.join("events.jsonl"));
+        if previous_run.is_none() {
+            return (
+                "failed".into(),
+                Some(format!(
+                    "pipeline {} has no finished run to go on with; start a new pipeline instead",
+                    p.id
+                )),
+            );
+        }
+    }
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return (
             "failed".into(),
@@ -181,7 +203,20 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         // A partial checkout is of no use, and on a full disk it holds the space the store
         // needs to record the failure.
         let _ = std::fs::remove_dir_all(&src);
+        if kept.exists() {
+            let _ = std::fs::create_dir_all(&src);
+            let _ = std::fs::rename(&kept, src.join(".rave"));
+        }
         return ("failed".into(), Some(e));
+    }
+    if kept.exists() {
+        let _ = std::fs::remove_dir_all(src.join(".rave"));
+        if let Err(e) = std::fs::rename(&kept, src.join(".rave")) {
+            return (
+                "failed".into(),
+                Some(format!("cannot restore the pipeline's earlier runs: {e}")),
+            );
+        }
     }
     let events = dir.join("events.jsonl");
     let mut args: Vec<String> = vec![
@@ -280,7 +315,13 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     for (k, v) in &p.inputs {
         args.push(format!("--input={k}={v}"));
     }
-    if !p.jobs_filter.is_empty() {
+    if let Some(run) = &previous_run {
+        // The run directory's path inside the new checkout (same place, moved back).
+        let run = src.join(".rave").join("runs").join(run);
+        args.push(format!("--continue={}", run.display()));
+        args.push("--".into());
+        args.extend(p.resume.iter().cloned());
+    } else if !p.jobs_filter.is_empty() {
         // Job names come from the API: after `--`, none can be taken for a flag.
         args.push("--needs".into());
         args.push("--".into());
@@ -406,6 +447,19 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             )
         }
     }
+}
+
+/// The newest run under `runs` that ended (wrote its summary): its directory's name.
+fn last_run(runs: &Path) -> Option<String> {
+    std::fs::read_dir(runs)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let n: u64 = e.file_name().to_str()?.parse().ok()?;
+            e.path().join("summary.json").is_file().then_some(n)
+        })
+        .max()
+        .map(|n| n.to_string())
 }
 
 /// Write the project's CI/CD variables for this pipeline into `secrets/` (owner-only): the
@@ -552,8 +606,10 @@ impl Tail {
         let index = v["index"].as_u64().unwrap_or(0) as usize;
         match v["event"].as_str() {
             Some("pipeline") => {
+                let mut carried = Vec::new();
                 for j in v["jobs"].as_array().into_iter().flatten() {
                     let selected = j["selected"].as_bool().unwrap_or(true);
+                    carried.push(j["carried"].as_bool().unwrap_or(false));
                     self.jobs.push(Job {
                         pipeline_id: self.pipeline,
                         index: j["index"].as_i64().unwrap_or(0),
@@ -569,8 +625,11 @@ impl Tail {
                         ..Job::default()
                     });
                 }
-                for j in &self.jobs {
-                    self.save(state, j);
+                // Jobs carried over from the run this one goes on with keep their rows.
+                for (j, carried) in self.jobs.iter().zip(carried) {
+                    if !carried {
+                        self.save(state, j);
+                    }
                 }
             }
             Some("job_started") => {
