@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
+use rave_engine::event::RunEvent;
 use rave_engine::logs::LogFiles;
 use rave_engine::mask::{Masker, Pending};
 use rave_engine::{Event, JobRecord, JobStatus, LogChunk, Stream};
@@ -76,21 +77,29 @@ impl Console {
                 attempt,
                 memory_bytes,
                 cpus,
-            } => serde_json::json!({
-                "event": "job_started", "index": id, "attempt": attempt,
-                "memory_limit_bytes": memory_bytes, "cpus": cpus,
-                "at": rave_engine::event::rfc3339_millis(std::time::SystemTime::now()),
-            }),
+            } => RunEvent::JobStarted {
+                index: *id,
+                attempt: *attempt,
+                memory_limit_bytes: *memory_bytes,
+                cpus: *cpus,
+                at: rave_engine::event::rfc3339_millis(std::time::SystemTime::now()),
+            },
             Event::JobRetrying {
                 id,
                 attempt,
                 reason,
-            } => serde_json::json!({
-                "event": "job_retrying", "index": id, "attempt": attempt, "reason": reason.as_str(),
-            }),
-            Event::JobFinished { id, record } => serde_json::json!({
-                "event": "job_finished", "index": id, "record": record,
-            }),
+            } => RunEvent::JobRetrying {
+                index: *id,
+                attempt: *attempt,
+                reason: *reason,
+            },
+            Event::JobFinished { id, record } => RunEvent::JobFinished {
+                index: *id,
+                record: record.clone(),
+            },
+        };
+        let Ok(v) = serde_json::to_string(&v) else {
+            return;
         };
         // One write per line: a reader never sees half a line it would take for whole.
         let _ = f.write_all(format!("{v}\n").as_bytes());

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::Value;
+use rave_engine::event::RunSummary;
 
 use crate::console;
 use crate::project::PipelineArgs;
@@ -50,21 +50,15 @@ fn runs_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
         .join("runs"))
 }
 
-/// (id, summary) of every finished run, newest first. Runs without a summary (still running,
-/// or interrupted hard) are listed with status `unknown`.
-pub fn runs(dir: &Path) -> Vec<(u64, Value)> {
-    let mut out: Vec<(u64, Value)> = std::fs::read_dir(dir)
+/// (id, summary) of every run, newest first. Runs without a summary (still running, or
+/// interrupted hard) have none.
+pub fn runs(dir: &Path) -> Vec<(u64, Option<RunSummary>)> {
+    let mut out: Vec<(u64, Option<RunSummary>)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| {
                     let id: u64 = e.file_name().to_str()?.parse().ok()?;
-                    let summary = std::fs::read_to_string(e.path().join("summary.json"))
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
-                        .unwrap_or_else(
-                            || serde_json::json!({"pipeline": {"status": "unknown"}, "jobs": []}),
-                        );
-                    Some((id, summary))
+                    Some((id, RunSummary::read(&e.path().join("summary.json")).ok()))
                 })
                 .collect()
         })
@@ -77,7 +71,8 @@ pub fn list(args: &RunsArgs) -> anyhow::Result<i32> {
     let dir = runs_dir(args.pipeline.dir.as_deref())?;
     let all = runs(&dir);
     if args.json {
-        let docs: Vec<&Value> = all.iter().map(|(_, v)| v).collect();
+        // Runs without a summary are left out: nothing is known of them.
+        let docs: Vec<&RunSummary> = all.iter().filter_map(|(_, v)| v.as_ref()).collect();
         println!("{}", serde_json::to_string_pretty(&docs)?);
         return Ok(0);
     }
@@ -93,17 +88,22 @@ pub fn list(args: &RunsArgs) -> anyhow::Result<i32> {
         "RUN", "STATUS", "DURATION", "JOBS", "REF"
     );
     for (id, v) in &all {
-        let p = &v["pipeline"];
-        let sha = p["sha"].as_str().unwrap_or("");
-        println!(
-            "{:<5} {:<9} {:>9} {:>5}  {:<20} {}",
-            id,
-            p["status"].as_str().unwrap_or("unknown"),
-            console::duration(p["duration_ms"].as_u64()),
-            v["jobs"].as_array().map_or(0, Vec::len),
-            p["ref"].as_str().unwrap_or(""),
-            &sha[..sha.len().min(8)],
-        );
+        match v {
+            Some(v) => {
+                let p = &v.pipeline;
+                let status = p.status.as_str();
+                println!(
+                    "{:<5} {:<9} {:>9} {:>5}  {:<20} {}",
+                    id,
+                    status,
+                    console::duration(Some(p.duration_ms)),
+                    v.jobs.len(),
+                    p.ref_name,
+                    &p.sha[..p.sha.len().min(8)],
+                );
+            }
+            None => println!("{id:<5} {:<9} {:>9} {:>5}", "unknown", "-", "-"),
+        }
     }
     Ok(0)
 }
@@ -142,12 +142,8 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
         .unwrap_or_default();
     files.sort();
     let Some(job) = &args.job else {
-        for j in summary["jobs"].as_array().into_iter().flatten() {
-            println!(
-                "{:<9} {}",
-                j["status"].as_str().unwrap_or(""),
-                j["name"].as_str().unwrap_or("")
-            );
+        for j in summary.iter().flat_map(|s| &s.jobs) {
+            println!("{:<9} {}", j.status.as_str(), j.name);
         }
         return Ok(0);
     };
@@ -179,9 +175,9 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
 pub fn last_durations(root: &Path) -> std::collections::HashMap<String, u64> {
     let mut out = std::collections::HashMap::new();
     for (_, v) in runs(&root.join(".rave").join("runs")).into_iter().take(10) {
-        for j in v["jobs"].as_array().into_iter().flatten() {
-            if let (Some(name), Some(ms)) = (j["name"].as_str(), j["duration_ms"].as_u64()) {
-                out.entry(name.to_string()).or_insert(ms);
+        for j in v.into_iter().flat_map(|s| s.jobs) {
+            if let Some(ms) = j.duration_ms {
+                out.entry(j.name).or_insert(ms);
             }
         }
     }

@@ -19,7 +19,6 @@ use rave_engine::workspace::{self, Workspace};
 use rave_engine::{Cancel, JobRecord};
 use rave_model::diag::did_you_mean;
 use rave_plan::Plan;
-use serde_json::json;
 
 use crate::console::{self, Console};
 use crate::project::{BudgetArgs, PipelineArgs, Planned, TriggerArgs, plan_project, report};
@@ -511,26 +510,35 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 .append(true)
                 .open(path)
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-            let jobs: Vec<_> = plan
+            let jobs: Vec<rave_engine::event::EventJob> = plan
                 .jobs
                 .iter()
                 .map(|j| {
                     let slug = workspace::slug(j.id, &j.name);
-                    // A job carried over from the run this one goes on with keeps its row.
-                    let carried = continued
-                        .as_ref()
-                        .is_some_and(|(_, c)| c.resume.carried[j.id].is_some());
-                    json!({
-                        "index": j.id, "name": j.name, "stage": j.job.stage.value,
-                        "selected": cfg.selected.as_ref().is_none_or(|s| s.contains(&j.id)),
-                        "carried": carried,
-                        "log": ws.log_path(&slug), "artifacts": ws.artifacts_dir(&slug),
-                        "needs": if j.uses_needs { j.deps.clone() } else { Vec::new() },
-                    })
+                    rave_engine::event::EventJob {
+                        index: j.id,
+                        name: j.name.clone(),
+                        stage: j.job.stage.value.clone(),
+                        selected: cfg.selected.as_ref().is_none_or(|s| s.contains(&j.id)),
+                        // A job carried over from the run this one goes on with keeps its row.
+                        carried: continued
+                            .as_ref()
+                            .is_some_and(|(_, c)| c.resume.carried[j.id].is_some()),
+                        log: ws.log_path(&slug),
+                        artifacts: ws.artifacts_dir(&slug),
+                        needs: if j.uses_needs {
+                            j.deps.clone()
+                        } else {
+                            Vec::new()
+                        },
+                    }
                 })
                 .collect();
-            let head =
-                json!({"event": "pipeline", "id": pipeline_id, "run_dir": run_dir, "jobs": jobs});
+            let head = serde_json::to_string(&rave_engine::event::RunEvent::Pipeline {
+                id: pipeline_id,
+                run_dir: run_dir.clone(),
+                jobs,
+            })?;
             let mut f = f;
             use std::io::Write;
             f.write_all(format!("{head}\n").as_bytes())?;
@@ -662,7 +670,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let text = serde_json::to_string_pretty(&doc)?;
     let _ = std::fs::write(run_dir.join("summary.json"), &text);
     if let Some(path) = &args.events {
-        let line = json!({"event": "pipeline_finished", "status": result.status, "duration_ms": result.duration.as_millis() as u64});
+        let line = serde_json::to_string(&rave_engine::event::RunEvent::PipelineFinished {
+            status: result.status,
+            duration_ms: result.duration.as_millis() as u64,
+        })?;
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
             use std::io::Write;
             let _ = f.write_all(format!("{line}\n").as_bytes());
@@ -670,11 +681,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     }
     if let Some(base) = &args.push_metrics {
         let project = format!("{}/{}", trigger.project_namespace, trigger.project_name);
-        let status = serde_json::to_value(result.status)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        let body = crate::push::body(&records, &status, result.duration);
+        let body = crate::push::body(&records, result.status.as_str(), result.duration);
         if let Err(e) = crate::push::push(base, &project, pipeline_id, body) {
             eprintln!("rave: WARNING: metrics not pushed: {e}");
         }

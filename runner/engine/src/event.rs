@@ -42,6 +42,57 @@ pub struct JobRecord {
     pub children: Vec<ChildJob>,
 }
 
+/// One line of `rave run --events FILE`: what `rave serve` (and any dashboard) follows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RunEvent {
+    /// The first line: the run's jobs and where their logs and artifacts go.
+    Pipeline {
+        id: u64,
+        run_dir: std::path::PathBuf,
+        jobs: Vec<EventJob>,
+    },
+    JobStarted {
+        index: usize,
+        attempt: u32,
+        memory_limit_bytes: u64,
+        cpus: f64,
+        /// RFC 3339 with milliseconds.
+        at: String,
+    },
+    JobRetrying {
+        index: usize,
+        attempt: u32,
+        reason: FailureReason,
+    },
+    JobFinished {
+        index: usize,
+        record: Box<JobRecord>,
+    },
+    PipelineFinished {
+        status: crate::scheduler::PipelineStatus,
+        duration_ms: u64,
+    },
+}
+
+/// A job as the run's first event lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventJob {
+    pub index: usize,
+    pub name: String,
+    pub stage: String,
+    /// Taking part in this run (else skipped: not named, or not needed by what was).
+    pub selected: bool,
+    /// Carried over, result and all, from the run this one goes on with (`--continue`).
+    #[serde(default)]
+    pub carried: bool,
+    pub log: std::path::PathBuf,
+    pub artifacts: std::path::PathBuf,
+    /// Indices of the jobs it `needs:` (empty for a job ordered by stages).
+    #[serde(default)]
+    pub needs: Vec<usize>,
+}
+
 /// What `rave run --json` prints and keeps as `summary.json` in the run directory: read back
 /// by `rave run --continue`, `rave history` and the server.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -163,4 +214,59 @@ pub enum Event {
         id: usize,
         record: Box<JobRecord>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `rave run` writes, the server and `rave run --continue` read back: every field
+    /// survives the round trip, times to the millisecond.
+    #[test]
+    fn events_and_records_read_back_as_written() {
+        let t = humantime::parse_rfc3339("2026-11-30T07:00:00.123Z").unwrap();
+        let record = JobRecord {
+            name: "test 1/2".into(),
+            stage: "test".into(),
+            status: JobStatus::Failed,
+            failure_reason: Some(FailureReason::OomKilled),
+            exit_code: None,
+            started_at: Some(t),
+            finished_at: Some(t),
+            duration_ms: Some(12),
+            peak_memory_bytes: Some(1 << 20),
+            setup_ms: Some(3),
+            memory_limit_bytes: 1 << 20,
+            memory_source: Some("explicit".into()),
+            cpus: 1.5,
+            attempts: 2,
+            note: Some("killed".into()),
+            reused_from: None,
+            reuse: None,
+            children: vec![],
+        };
+        let line = serde_json::to_string(&RunEvent::JobFinished {
+            index: 4,
+            record: Box::new(record.clone()),
+        })
+        .unwrap();
+        assert!(
+            line.starts_with(r#"{"event":"job_finished","index":4,"#),
+            "{line}"
+        );
+        let RunEvent::JobFinished {
+            index,
+            record: back,
+        } = serde_json::from_str(&line).unwrap()
+        else {
+            panic!("not a job_finished: {line}");
+        };
+        assert_eq!(index, 4);
+        assert_eq!(
+            serde_json::to_value(&*back).unwrap(),
+            serde_json::to_value(&record).unwrap()
+        );
+        assert_eq!(back.started_at, Some(t));
+        assert_eq!(back.status, JobStatus::Failed);
+    }
 }

@@ -111,6 +111,18 @@ pub enum PipelineStatus {
     Manual,
 }
 
+impl PipelineStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineStatus::Success => "success",
+            PipelineStatus::Failed => "failed",
+            PipelineStatus::Canceled => "canceled",
+            PipelineStatus::Skipped => "skipped",
+            PipelineStatus::Manual => "manual",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RunResult {
     pub status: PipelineStatus,

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use rave_engine::event::RunEvent;
 use tracing::{error, info, warn};
 
 use crate::State;
@@ -593,35 +593,32 @@ impl Tail {
                         continue;
                     }
                     let whole = std::mem::take(&mut self.partial) + &line;
-                    if let Ok(v) = serde_json::from_str::<Value>(&whole) {
-                        self.apply(state, &v);
+                    match serde_json::from_str::<RunEvent>(&whole) {
+                        Ok(e) => self.apply(state, e),
+                        Err(e) => warn!(pipeline = self.pipeline, "ignored an event line ({e})"),
                     }
                 }
             }
         }
     }
 
-    fn apply(&mut self, state: &State, v: &Value) {
-        let s = |v: &Value| v.as_str().map(str::to_string);
-        let index = v["index"].as_u64().unwrap_or(0) as usize;
-        match v["event"].as_str() {
-            Some("pipeline") => {
+    fn apply(&mut self, state: &State, e: RunEvent) {
+        let at = |t: Option<std::time::SystemTime>| t.map(rave_engine::event::rfc3339_millis);
+        let int = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+        match e {
+            RunEvent::Pipeline { jobs, .. } => {
                 let mut carried = Vec::new();
-                for j in v["jobs"].as_array().into_iter().flatten() {
-                    let selected = j["selected"].as_bool().unwrap_or(true);
-                    carried.push(j["carried"].as_bool().unwrap_or(false));
+                for j in jobs {
+                    carried.push(j.carried);
                     self.jobs.push(Job {
                         pipeline_id: self.pipeline,
-                        index: j["index"].as_i64().unwrap_or(0),
-                        name: s(&j["name"]).unwrap_or_default(),
-                        stage: s(&j["stage"]).unwrap_or_default(),
-                        status: if selected { "created" } else { "skipped" }.into(),
-                        log_path: s(&j["log"]),
-                        artifacts_dir: s(&j["artifacts"]),
-                        needs: j["needs"]
-                            .as_array()
-                            .map(|a| a.iter().filter_map(|n| n.as_i64()).collect())
-                            .unwrap_or_default(),
+                        index: j.index as i64,
+                        name: j.name,
+                        stage: j.stage,
+                        status: if j.selected { "created" } else { "skipped" }.into(),
+                        log_path: Some(j.log.to_string_lossy().into_owned()),
+                        artifacts_dir: Some(j.artifacts.to_string_lossy().into_owned()),
+                        needs: j.needs.into_iter().map(|n| n as i64).collect(),
                         ..Job::default()
                     });
                 }
@@ -632,53 +629,56 @@ impl Tail {
                     }
                 }
             }
-            Some("job_started") => {
+            RunEvent::JobStarted {
+                index,
+                attempt,
+                memory_limit_bytes,
+                at: started,
+                ..
+            } => {
                 if let Some(j) = self.jobs.get_mut(index) {
                     j.status = "running".into();
-                    j.started_at = s(&v["at"]);
+                    j.started_at = Some(started);
                     j.finished_at = None;
-                    j.memory_limit_bytes = v["memory_limit_bytes"].as_i64();
-                    j.attempts = v["attempt"].as_i64();
+                    j.memory_limit_bytes = int(Some(memory_limit_bytes));
+                    j.attempts = Some(i64::from(attempt));
                     let j = j.clone();
                     info!(pipeline = self.pipeline, job = %j.name, "job started");
                     self.save(state, &j);
                 }
             }
-            Some("job_finished") => {
-                let r = &v["record"];
+            RunEvent::JobRetrying { .. } => {}
+            RunEvent::JobFinished { index, record: r } => {
                 if let Some(j) = self.jobs.get_mut(index) {
-                    j.status = s(&r["status"]).unwrap_or_else(|| "failed".into());
-                    j.started_at = s(&r["started_at"]).or(j.started_at.take());
-                    j.finished_at = s(&r["finished_at"]);
-                    j.duration_ms = r["duration_ms"].as_i64();
-                    j.exit_code = r["exit_code"].as_i64();
-                    j.failure_reason = s(&r["failure_reason"]);
-                    j.peak_memory_bytes = r["peak_memory_bytes"].as_i64();
-                    j.memory_limit_bytes =
-                        r["memory_limit_bytes"].as_i64().or(j.memory_limit_bytes);
-                    j.attempts = r["attempts"].as_i64();
-                    j.note = s(&r["note"]);
+                    j.status = r.status.as_str().into();
+                    j.started_at = at(r.started_at).or(j.started_at.take());
+                    j.finished_at = at(r.finished_at);
+                    j.duration_ms = int(r.duration_ms);
+                    j.exit_code = r.exit_code.map(i64::from);
+                    j.failure_reason = r.failure_reason.map(|f| f.as_str().to_string());
+                    j.peak_memory_bytes = int(r.peak_memory_bytes);
+                    j.memory_limit_bytes = int(Some(r.memory_limit_bytes)).or(j.memory_limit_bytes);
+                    j.attempts = Some(i64::from(r.attempts));
+                    j.note = r.note.clone();
                     let j = j.clone();
                     if j.started_at.is_some() {
                         state.metrics.job_finished(
                             j.duration_ms,
-                            j.failure_reason.as_deref() == Some("oom_killed"),
+                            r.failure_reason == Some(rave_engine::FailureReason::OomKilled),
                         );
                     }
                     info!(pipeline = self.pipeline, job = %j.name, status = %j.status, "job finished");
                     self.save(state, &j);
                     // A trigger job's child pipeline: its jobs as rows named `trigger » job`,
                     // numbered after every job of the parent.
-                    let children: Vec<rave_engine::event::ChildJob> =
-                        serde_json::from_value(r["children"].clone()).unwrap_or_default();
-                    for (k, c) in children.into_iter().enumerate() {
+                    for (k, c) in r.children.into_iter().enumerate() {
                         let row = Job {
                             pipeline_id: self.pipeline,
                             index: 100_000 * (index as i64 + 1) + k as i64,
                             name: format!("{} » {}", j.name, c.name),
                             stage: c.stage,
                             status: c.status,
-                            duration_ms: c.duration_ms.map(|d| d as i64),
+                            duration_ms: int(c.duration_ms),
                             exit_code: c.exit_code.map(i64::from),
                             failure_reason: c.failure_reason,
                             finished_at: j.finished_at.clone(),
@@ -688,11 +688,19 @@ impl Tail {
                     }
                 }
             }
-            Some("pipeline_finished") => {
-                self.finished =
-                    s(&v["status"]).map(|s| if s == "skipped" { "success".into() } else { s });
+            RunEvent::PipelineFinished { status, .. } => {
+                use rave_engine::scheduler::PipelineStatus as S;
+                self.finished = Some(
+                    match status {
+                        // Nothing to run is a success on the server, as in GitLab.
+                        S::Success | S::Skipped => "success",
+                        S::Failed => "failed",
+                        S::Canceled => "canceled",
+                        S::Manual => "manual",
+                    }
+                    .into(),
+                );
             }
-            _ => {}
         }
     }
 
