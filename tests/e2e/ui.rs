@@ -213,7 +213,7 @@ fn the_web_ui_in_a_real_browser() {
             || async {
                 text_of(&c, "#budget")
                     .await
-                    .contains("1 running job(s) hold 512 MiB")
+                    .contains("1 running job(s) of 1 pipeline(s) hold 512 MiB of 3 GiB of memory and 1 of 2 CPU(s)")
             },
         )
         .await;

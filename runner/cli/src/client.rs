@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use rave_server::body;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
@@ -148,8 +148,9 @@ fn send(req: reqwest::blocking::RequestBuilder) -> anyhow::Result<reqwest::block
         return Ok(r);
     }
     let code = r.status();
-    let body: Value = r.json().unwrap_or(Value::Null);
-    let msg = body["error"].as_str().unwrap_or("no details").to_string();
+    let msg = r
+        .json::<body::ApiError>()
+        .map_or_else(|_| "no details".to_string(), |b| b.error);
     anyhow::bail!("the server answered {code}: {msg}")
 }
 
@@ -175,24 +176,24 @@ pub fn pipelines(a: &PipelinesArgs) -> anyhow::Result<i32> {
             p
         }
     };
-    let v: Value = send(c.get(url(server, &path)).bearer_auth(&server.token))?.json()?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(0);
-    }
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let r = send(c.get(url(server, &path)).bearer_auth(&server.token))?;
     match a.id {
         Some(_) => {
-            let p = &v["pipeline"];
+            let v: body::PipelineDetail = r.json()?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let p = &v.pipeline;
             println!(
                 "pipeline #{} {} {} {} ({}){}",
-                p["id"],
-                s(&p["project"]),
-                s(&p["ref"]),
-                &s(&p["sha"])[..s(&p["sha"]).len().min(12)],
-                s(&p["status"]),
-                p["error"]
-                    .as_str()
+                p.id,
+                p.project,
+                p.ref_name,
+                &p.sha[..p.sha.len().min(12)],
+                p.status,
+                p.error
+                    .as_deref()
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             );
@@ -200,38 +201,40 @@ pub fn pipelines(a: &PipelinesArgs) -> anyhow::Result<i32> {
                 "{:>6}  {:<24} {:<10} {:<10} {:>8}  NOTE",
                 "JOB", "NAME", "STAGE", "STATUS", "EXIT"
             );
-            for j in v["jobs"].as_array().into_iter().flatten() {
+            for j in &v.jobs {
                 println!(
                     "{:>6}  {:<24} {:<10} {:<10} {:>8}  {}",
-                    j["id"],
-                    s(&j["name"]),
-                    s(&j["stage"]),
-                    s(&j["status"]),
-                    j["exit_code"]
-                        .as_i64()
-                        .map_or("-".into(), |c| c.to_string()),
-                    j["failure_reason"]
-                        .as_str()
-                        .or(j["note"].as_str())
+                    j.id,
+                    j.name,
+                    j.stage,
+                    j.status,
+                    j.exit_code.map_or("-".into(), |c| c.to_string()),
+                    j.failure_reason
+                        .as_deref()
+                        .or(j.note.as_deref())
                         .unwrap_or("")
                 );
             }
         }
         None => {
+            let v: body::PipelineList = r.json()?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             println!(
                 "{:>6}  {:<20} {:<20} {:<12} {:<9} CREATED",
                 "ID", "PROJECT", "REF", "SHA", "STATUS"
             );
-            for p in v["pipelines"].as_array().into_iter().flatten() {
-                let sha = s(&p["sha"]);
+            for p in &v.pipelines {
                 println!(
                     "{:>6}  {:<20} {:<20} {:<12} {:<9} {}",
-                    p["id"],
-                    s(&p["project"]),
-                    s(&p["ref"]),
-                    &sha[..sha.len().min(12)],
-                    s(&p["status"]),
-                    s(&p["created_at"])
+                    p.id,
+                    p.project,
+                    p.ref_name,
+                    &p.sha[..p.sha.len().min(12)],
+                    p.status,
+                    p.created_at
                 );
             }
         }
@@ -246,7 +249,7 @@ pub fn rerun(a: &RerunArgs) -> anyhow::Result<i32> {
     } else if let Some(j) = &a.job {
         path.push_str(&format!("?job={}", encode(j)));
     }
-    let v: rave_server::api::Rerun = send(
+    let v: body::Rerun = send(
         client()?
             .post(url(&a.server, &path))
             .bearer_auth(&a.server.token),
@@ -266,27 +269,32 @@ pub fn rerun(a: &RerunArgs) -> anyhow::Result<i32> {
 
 /// `rave pipelines new`: a pipeline for a ref or tag, with inputs.
 pub fn new_pipeline(a: &NewPipelineArgs) -> anyhow::Result<i32> {
-    let mut inputs = serde_json::Map::new();
+    let mut req = body::CreatePipeline {
+        project: a.project.clone(),
+        ..body::CreatePipeline::default()
+    };
     for kv in &a.inputs {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("--input `{kv}` must look like NAME=VALUE"))?;
-        inputs.insert(k.to_string(), Value::String(v.to_string()));
+        req.inputs.insert(k.to_string(), v.to_string());
     }
-    let mut body = serde_json::json!({"project": a.project, "inputs": inputs});
     match (&a.ref_name, &a.tag) {
-        (_, Some(t)) => body["tag"] = Value::String(t.clone()),
-        (Some(r), None) => body["ref"] = Value::String(r.clone()),
+        (_, Some(t)) => req.tag = Some(t.clone()),
+        (Some(r), None) => req.ref_name = Some(r.clone()),
         (None, None) => anyhow::bail!("say what to run: --ref BRANCH or --tag TAG"),
     }
-    let v: Value = send(
+    let v: body::Queued = send(
         client()?
             .post(url(&a.server, "/api/pipelines"))
             .bearer_auth(&a.server.token)
-            .json(&body),
+            .json(&req),
     )?
     .json()?;
-    println!("pipeline #{} queued", v["pipeline_id"]);
+    match v.pipeline_id {
+        Some(id) => println!("pipeline #{id} queued"),
+        None => println!("no pipeline: {}", v.message.unwrap_or_default()),
+    }
     Ok(0)
 }
 
@@ -302,7 +310,7 @@ pub fn retry(a: &RetryArgs) -> anyhow::Result<i32> {
 
 /// `rave play`: run a manual job inside its pipeline (then what waited for it).
 pub fn play(a: &JobIdArgs) -> anyhow::Result<i32> {
-    let v: rave_server::api::Rerun = send(
+    let v: body::Rerun = send(
         client()?
             .post(url(&a.server, &format!("/api/jobs/{}/play", a.id)))
             .bearer_auth(&a.server.token),
@@ -319,17 +327,13 @@ pub fn play(a: &JobIdArgs) -> anyhow::Result<i32> {
 
 /// `rave cancel`: stop a pipeline.
 pub fn cancel(a: &CancelArgs) -> anyhow::Result<i32> {
-    let v: Value = send(
+    let v: body::Cancel = send(
         client()?
             .post(url(&a.server, &format!("/api/pipelines/{}/cancel", a.id)))
             .bearer_auth(&a.server.token),
     )?
     .json()?;
-    println!(
-        "pipeline #{}: {}",
-        a.id,
-        v["status"].as_str().unwrap_or("cancel requested")
-    );
+    println!("pipeline #{}: {}", v.pipeline_id, v.status);
     Ok(0)
 }
 
@@ -387,11 +391,10 @@ pub fn artifacts(c: &ArtifactsCommand) -> anyhow::Result<i32> {
         r
     } else {
         let code = r.status();
-        let body: Value = r.json().unwrap_or(Value::Null);
-        anyhow::bail!(
-            "the server answered {code}: {}",
-            body["error"].as_str().unwrap_or("no details")
-        );
+        let msg = r
+            .json::<body::ApiError>()
+            .map_or_else(|_| "no details".to_string(), |b| b.error);
+        anyhow::bail!("the server answered {code}: {msg}");
     };
     let append = r.status() == reqwest::StatusCode::PARTIAL_CONTENT;
     let mut f = std::fs::OpenOptions::new()

@@ -13,11 +13,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use serde_json::json;
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
 use crate::State;
+use crate::body::{
+    ApiError, BudgetView, Cancel, CreatePipeline, JobDetail, PipelineDetail, PipelineList,
+    ProjectVariables, Queued, Rerun, VariableInfo,
+};
 use crate::config::Scope;
 use crate::db::{Delivery, NewPipeline, Pipeline};
 use crate::hooks::{self, Action, Forge};
@@ -50,7 +53,7 @@ pub fn router(state: Shared) -> Router {
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, axum::Json(json!({"error": msg.into()}))).into_response()
+    (code, axum::Json(ApiError { error: msg.into() })).into_response()
 }
 
 /// A token bucket per source address: `rate_limit_per_sec` requests a second, bursts up to
@@ -240,7 +243,14 @@ fn handle_webhook(
             (
                 StatusCode::ACCEPTED,
                 None,
-                (StatusCode::ACCEPTED, axum::Json(json!({"pipeline_id": id}))).into_response(),
+                (
+                    StatusCode::ACCEPTED,
+                    axum::Json(Queued {
+                        pipeline_id: Some(id),
+                        ..Queued::default()
+                    }),
+                )
+                    .into_response(),
             )
         }
         Ok(Delivery::New(None)) => {
@@ -251,7 +261,11 @@ fn handle_webhook(
             (
                 StatusCode::OK,
                 None,
-                axum::Json(json!({"pipeline_id": null, "message": why})).into_response(),
+                axum::Json(Queued {
+                    message: Some(why.to_string()),
+                    ..Queued::default()
+                })
+                .into_response(),
             )
         }
         Ok(Delivery::Duplicate(id)) => {
@@ -259,7 +273,12 @@ fn handle_webhook(
             (
                 StatusCode::OK,
                 None,
-                axum::Json(json!({"pipeline_id": id, "duplicate": true})).into_response(),
+                axum::Json(Queued {
+                    pipeline_id: id,
+                    duplicate: true,
+                    message: None,
+                })
+                .into_response(),
             )
         }
         Err(e) => fail(
@@ -354,17 +373,7 @@ async fn list_pipelines(
             .store
             .pipelines(q.project.as_deref(), q.limit.unwrap_or(50).clamp(1, 1000))
     );
-    axum::Json(json!({"pipelines": list})).into_response()
-}
-
-/// A project's CI/CD variable as the API lists it: its name and flags, never its value.
-#[derive(serde::Serialize)]
-struct VariableInfo<'a> {
-    name: &'a str,
-    masked: bool,
-    protected: bool,
-    file: bool,
-    raw: bool,
+    axum::Json(PipelineList { pipelines: list }).into_response()
 }
 
 /// `GET /api/projects/{group/name}/variables` (admin): the project's CI/CD variables, listed
@@ -384,18 +393,22 @@ async fn project_variables(
             format!("no such project or path: {name}"),
         );
     };
-    let vars: Vec<VariableInfo> = project
+    let variables = project
         .variables
         .iter()
         .map(|v| VariableInfo {
-            name: &v.name,
+            name: v.name.clone(),
             masked: v.masked,
             protected: v.protected,
             file: v.file,
             raw: v.raw,
         })
         .collect();
-    axum::Json(json!({"project": project.name, "variables": vars})).into_response()
+    axum::Json(ProjectVariables {
+        project: project.name.clone(),
+        variables,
+    })
+    .into_response()
 }
 
 /// `GET /api/events`: status changes of pipelines and jobs as Server-Sent Events (`event:
@@ -432,35 +445,21 @@ async fn show_pipeline(St(state): St<Shared>, headers: HeaderMap, Path(id): Path
         return error(StatusCode::NOT_FOUND, format!("no pipeline {id}"));
     };
     let jobs = store!(state.store.jobs(id));
-    axum::Json(json!({"pipeline": p, "jobs": jobs})).into_response()
+    axum::Json(PipelineDetail { pipeline: p, jobs }).into_response()
 }
 
 async fn show_job(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
     auth!(state, headers, Scope::Read);
     match store!(state.store.job(id)) {
-        Some(j) => axum::Json(json!({"job": j})).into_response(),
+        Some(j) => axum::Json(JobDetail { job: j }).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no job {id}")),
     }
-}
-
-#[derive(Deserialize)]
-struct CreateBody {
-    project: String,
-    #[serde(rename = "ref")]
-    ref_name: Option<String>,
-    tag: Option<String>,
-    sha: Option<String>,
-    #[serde(default)]
-    jobs: Vec<String>,
-    /// Values for the pipeline file's `spec: inputs`.
-    #[serde(default)]
-    inputs: std::collections::BTreeMap<String, String>,
 }
 
 async fn create_pipeline(
     St(state): St<Shared>,
     headers: HeaderMap,
-    axum::Json(b): axum::Json<CreateBody>,
+    axum::Json(b): axum::Json<CreatePipeline>,
 ) -> Response {
     auth!(state, headers, Scope::Admin);
     let (name, is_tag) = match (&b.ref_name, &b.tag) {
@@ -501,7 +500,14 @@ async fn create_pipeline(
             inputs: b.inputs,
         }
     ));
-    (StatusCode::CREATED, axum::Json(json!({"pipeline_id": id}))).into_response()
+    (
+        StatusCode::CREATED,
+        axum::Json(Queued {
+            pipeline_id: Some(id),
+            ..Queued::default()
+        }),
+    )
+        .into_response()
 }
 
 /// Store a new pipeline and wake the queue for it.
@@ -568,15 +574,6 @@ async fn rerun(
             .into_response();
     };
     reopen(&state, &p, again)
-}
-
-/// The answer to a rerun, retry or play: the pipeline that runs them (the same one for a
-/// retry or play inside it; a new one for a whole rerun) and the jobs named.
-#[derive(serde::Serialize, serde::Deserialize, Debug)]
-pub struct Rerun {
-    pub pipeline_id: i64,
-    #[serde(default)]
-    pub jobs: Vec<String>,
 }
 
 /// Retry or play jobs inside their finished pipeline (as GitLab does): it is queued again and
@@ -663,7 +660,11 @@ async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) 
     match p.status.as_str() {
         "queued" => {
             store!(state.store.finish_pipeline(id, "canceled", None));
-            axum::Json(json!({"pipeline_id": id, "status": "canceled"})).into_response()
+            axum::Json(Cancel {
+                pipeline_id: id,
+                status: "canceled".into(),
+            })
+            .into_response()
         }
         "running" => {
             // Under the `running` lock, so the queue, which registers the pid under it and
@@ -689,7 +690,10 @@ async fn cancel(St(state): St<Shared>, headers: HeaderMap, Path(id): Path<i64>) 
             drop(running);
             (
                 StatusCode::ACCEPTED,
-                axum::Json(json!({"pipeline_id": id, "status": "canceling"})),
+                axum::Json(Cancel {
+                    pipeline_id: id,
+                    status: "canceling".into(),
+                }),
             )
                 .into_response()
         }
@@ -938,21 +942,6 @@ pub fn resolve_artifact(
         (Ok(f), Ok(r)) if f.starts_with(&r) && f.is_file() => Ok(full),
         _ => Err(ArtifactPathError::NotFound),
     }
-}
-
-/// What the running jobs of all pipelines hold of the host budget, and what waits.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct BudgetView {
-    /// The host budget every running pipeline's jobs share.
-    pub memory_budget_bytes: Option<u64>,
-    /// Memory granted to the jobs running now, across pipelines.
-    pub held_bytes: i64,
-    pub running_jobs: i64,
-    /// Ready jobs waiting for room, across pipelines.
-    pub waiting_jobs: i64,
-    pub queued_pipelines: i64,
-    /// The budget in full: CPUs and slots too, and what each running pipeline holds.
-    pub share: rave_engine::share::ShareView,
 }
 
 pub(crate) fn budget_view(state: &State) -> Result<BudgetView, crate::db::StoreError> {

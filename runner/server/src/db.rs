@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -56,7 +56,7 @@ impl NewPipeline {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pipeline {
     pub id: i64,
     pub project: String,
@@ -83,7 +83,7 @@ pub struct Pipeline {
     pub pid: Option<i64>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Job {
     pub id: i64,
     pub pipeline_id: i64,

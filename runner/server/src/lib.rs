@@ -13,6 +13,7 @@
 //! ```
 
 pub mod api;
+pub mod body;
 pub mod budget;
 pub mod config;
 pub mod db;

@@ -363,7 +363,7 @@ async fn pipelines_page(
 }
 
 /// The budget bar's line: what running jobs hold, of what, and what waits.
-fn budget_text(b: &crate::api::BudgetView) -> String {
+fn budget_text(b: &crate::body::BudgetView) -> String {
     let held = mib(b.held_bytes);
     let of = b
         .memory_budget_bytes
@@ -371,8 +371,12 @@ fn budget_text(b: &crate::api::BudgetView) -> String {
         .unwrap_or_default();
     let pipelines = b.share.pipelines.len();
     format!(
-        "{} running job(s) of {pipelines} pipeline(s) hold {held}{of} of memory · {} job(s) waiting for room · {} pipeline(s) queued",
-        b.running_jobs, b.waiting_jobs, b.queued_pipelines
+        "{} running job(s) of {pipelines} pipeline(s) hold {held}{of} of memory and {} of {} CPU(s) · {} job(s) waiting for room · {} pipeline(s) queued",
+        b.running_jobs,
+        rave_engine::caps::format_cpus(b.share.used_cpus),
+        rave_engine::caps::format_cpus(b.share.cpus),
+        b.waiting_jobs,
+        b.queued_pipelines
     )
 }
 

@@ -89,9 +89,17 @@ function refreshBudget() {
     const r = await fetch("/api/budget");
     if (!r.ok) return;
     const b = await r.json();
-    const mib = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` : `${Math.round(n / (1 << 20))} MiB`;
+    // As rave_model::units::format_memory writes it.
+    const mib = (n) => {
+      const m = n / (1 << 20);
+      if (n >= 1 << 30 && n % (1 << 30) === 0) return `${n / (1 << 30)} GiB`;
+      if (n >= 1 << 20) return Math.abs(m - Math.round(m)) < 0.05 ? `${Math.round(m)} MiB` : `${m.toFixed(1)} MiB`;
+      return `${Math.ceil(n / 1024)} KiB`;
+    };
     const of = b.memory_budget_bytes != null ? ` of ${mib(b.memory_budget_bytes)}` : "";
-    el.textContent = `${b.running_jobs} running job(s) hold ${mib(b.held_bytes)}${of} of memory · ${b.queued_pipelines} pipeline(s) queued`;
+    // The same words as the server renders (ui.rs, budget_text).
+    const cpus = (n) => Math.abs(n - Math.round(n)) < 1e-9 ? String(Math.round(n)) : n.toFixed(2);
+    el.textContent = `${b.running_jobs} running job(s) of ${b.share.pipelines.length} pipeline(s) hold ${mib(b.held_bytes)}${of} of memory and ${cpus(b.share.used_cpus)} of ${cpus(b.share.cpus)} CPU(s) · ${b.waiting_jobs} job(s) waiting for room · ${b.queued_pipelines} pipeline(s) queued`;
   }, 250);
 }
 
