@@ -32,6 +32,8 @@ pub mod dispatch;
 pub mod docker;
 pub mod event;
 pub mod executor;
+#[cfg(test)]
+mod fake;
 pub mod learn;
 pub mod lease;
 pub mod local;
