@@ -8,22 +8,23 @@
 //! back over a channel; the scheduler never waits on a job directly.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rave_model::units::format_memory;
-use rave_model::{ArtifactsWhen, Budget, When};
+use rave_model::{Budget, When};
 use rave_plan::{JobInstance, Plan};
 use tokio::sync::mpsc;
 
 use crate::admission::{Admission, Candidate, Request};
 use crate::builds::{CleanFlags, GitStrategy};
-use crate::caps;
 use crate::event::{Event, JobRecord};
 use crate::executor::{Cancel, Executor, JobSpec, LogChunk, LogSink};
 use crate::outcome::{ExecOutcome, FailureReason, JobStatus};
 use crate::workspace::{self, Workspace};
+
+mod env;
+mod task;
 
 /// GitLab's default job timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -163,6 +164,26 @@ enum Msg {
     DelayOver(usize),
 }
 
+/// Everything the scheduler knows of one job instance.
+struct JobState {
+    phase: State,
+    /// The jobs it waits for, among those taking part.
+    deps: Vec<usize>,
+    /// How it ended (None until then, or when it does not take part).
+    record: Option<JobRecord>,
+    /// A failed (not allowed) or canceled job at or above this one.
+    upstream_failed: bool,
+    /// The blocking manual job it waits for, directly or through the jobs it waits for.
+    blocked: Option<usize>,
+    attempts: u32,
+    /// Its dotenv report, for the jobs that get its artifacts.
+    dotenv: HashMap<String, String>,
+    /// The digest of the artifacts it saved (an input of the jobs that opt into reuse).
+    artifacts_digest: Option<String>,
+    /// A limit raised after an OOM kill at a learned request.
+    memory_raised: Option<u64>,
+}
+
 struct Run<'p, E: Executor> {
     plan: &'p Plan,
     exec: Arc<E>,
@@ -172,21 +193,10 @@ struct Run<'p, E: Executor> {
     logs: mpsc::Sender<LogChunk>,
     cancel: Cancel,
     tx: mpsc::UnboundedSender<Msg>,
-    state: Vec<State>,
-    deps: Vec<Vec<usize>>,
-    records: Vec<Option<JobRecord>>,
-    /// A failed (not allowed) or canceled job at or above this one.
-    upstream_failed: Vec<bool>,
-    /// The blocking manual job a job waits for, directly or through the jobs it waits for.
-    blocked: Vec<Option<usize>>,
-    attempts: Vec<u32>,
-    dotenv: Vec<HashMap<String, String>>,
-    /// Digests of the artifacts each job saved (inputs of the jobs that opt into reuse).
-    artifacts_digest: Vec<Option<String>>,
+    /// Per plan instance, by its index.
+    jobs: Vec<JobState>,
     /// Some job opts into reuse (`RAVE_REUSE`): artifact digests are worth computing.
     reuse_wanted: bool,
-    /// A limit raised after an OOM kill at a learned request.
-    memory_raised: Vec<Option<u64>>,
     admission: Admission,
     /// The shared budget's lease, and the ready set it was last told.
     lease: Option<Arc<crate::lease::Client>>,
@@ -211,7 +221,23 @@ pub async fn run<E: Executor>(
     let active: Vec<bool> = (0..n)
         .map(|i| cfg.selected.as_ref().is_none_or(|s| s.contains(&i)))
         .collect();
-    let deps = (0..n).map(|i| effective_deps(plan, &active, i)).collect();
+    let jobs = (0..n)
+        .map(|i| JobState {
+            phase: if active[i] {
+                State::Waiting
+            } else {
+                State::Inactive
+            },
+            deps: effective_deps(plan, &active, i),
+            record: None,
+            upstream_failed: false,
+            blocked: None,
+            attempts: 0,
+            dotenv: HashMap::new(),
+            artifacts_digest: None,
+            memory_raised: None,
+        })
+        .collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut r = Run {
         plan,
@@ -226,18 +252,7 @@ pub async fn run<E: Executor>(
         logs,
         cancel,
         tx,
-        state: active
-            .iter()
-            .map(|a| if *a { State::Waiting } else { State::Inactive })
-            .collect(),
-        deps,
-        records: vec![None; n],
-        upstream_failed: vec![false; n],
-        blocked: vec![None; n],
-        attempts: vec![0; n],
-        dotenv: vec![HashMap::new(); n],
-        artifacts_digest: vec![None; n],
-        memory_raised: vec![None; n],
+        jobs,
         reuse_wanted: plan
             .jobs
             .iter()
@@ -253,9 +268,9 @@ pub async fn run<E: Executor>(
         if !r.canceled {
             r.admit();
         }
-        if r.state
+        if r.jobs
             .iter()
-            .all(|s| matches!(s, State::Done | State::Inactive))
+            .all(|j| matches!(j.phase, State::Done | State::Inactive))
         {
             break;
         }
@@ -264,8 +279,8 @@ pub async fn run<E: Executor>(
             msg = rx.recv() => match msg {
                 Some(Msg::Finished(f)) => r.finish(*f),
                 Some(Msg::DelayOver(id)) => {
-                    if matches!(r.state[id], State::Delayed) {
-                        r.state[id] = State::Ready { overtaken: 0 };
+                    if matches!(r.jobs[id].phase, State::Delayed) {
+                        r.jobs[id].phase = State::Ready { overtaken: 0 };
                     }
                 }
                 None => break,
@@ -282,13 +297,17 @@ pub async fn run<E: Executor>(
             },
         }
     }
-    let blocked = r.blocked.iter().any(Option::is_some)
-        || r.records.iter().enumerate().any(|(id, rec)| {
-            rec.as_ref()
-                .is_some_and(|rec| rec.status == JobStatus::Manual)
-                && !plan.jobs[id].allow_failure.is_allowed_at_all()
-        });
-    let records = r.records;
+    let blocked = r.jobs.iter().any(|j| j.blocked.is_some())
+        || r.jobs
+            .iter()
+            .map(|j| &j.record)
+            .enumerate()
+            .any(|(id, rec)| {
+                rec.as_ref()
+                    .is_some_and(|rec| rec.status == JobStatus::Manual)
+                    && !plan.jobs[id].allow_failure.is_allowed_at_all()
+            });
+    let records: Vec<Option<JobRecord>> = r.jobs.into_iter().map(|j| j.record).collect();
     let status = pipeline_status(&records, r.canceled, blocked);
     RunResult {
         status,
@@ -342,7 +361,9 @@ impl<'p, E: Executor> Run<'p, E> {
 
     /// The job's memory limit now: its request, or more after an OOM kill at a learned one.
     fn memory(&self, id: usize) -> u64 {
-        self.memory_raised[id].unwrap_or(self.job(id).memory_bytes)
+        self.jobs[id]
+            .memory_raised
+            .unwrap_or(self.job(id).memory_bytes)
     }
 
     fn record(&self, id: usize, status: JobStatus, note: Option<String>) -> JobRecord {
@@ -361,12 +382,12 @@ impl<'p, E: Executor> Run<'p, E> {
             reused_from: None,
             reuse: None,
             memory_limit_bytes: self.memory(id),
-            memory_source: Some(match self.memory_raised[id] {
+            memory_source: Some(match self.jobs[id].memory_raised {
                 Some(_) => format!("{}, raised after an OOM kill", j.memory_source),
                 None => j.memory_source.to_string(),
             }),
             cpus: j.cpus,
-            attempts: self.attempts[id],
+            attempts: self.jobs[id].attempts,
             note,
             children: Vec::new(),
         }
@@ -374,9 +395,9 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn done(&mut self, id: usize, record: JobRecord) {
         let failed = matches!(record.status, JobStatus::Failed | JobStatus::Canceled);
-        self.upstream_failed[id] = self.upstream_failed[id] || failed;
-        self.state[id] = State::Done;
-        self.records[id] = Some(record.clone());
+        self.jobs[id].upstream_failed = self.jobs[id].upstream_failed || failed;
+        self.jobs[id].phase = State::Done;
+        self.jobs[id].record = Some(record.clone());
         let _ = self.events.send(Event::JobFinished {
             id,
             record: Box::new(record),
@@ -388,49 +409,59 @@ impl<'p, E: Executor> Run<'p, E> {
     fn carry(&mut self, resume: Resume) {
         for (id, c) in resume.carried.into_iter().enumerate() {
             if let Some((record, dotenv)) = c
-                && id < self.state.len()
-                && !matches!(self.state[id], State::Inactive)
+                && id < self.jobs.len()
+                && !matches!(self.jobs[id].phase, State::Inactive)
             {
-                self.upstream_failed[id] =
+                self.jobs[id].upstream_failed =
                     matches!(record.status, JobStatus::Failed | JobStatus::Canceled);
-                self.attempts[id] = record.attempts;
-                self.records[id] = Some(record);
-                self.dotenv[id] = dotenv;
-                self.state[id] = State::Done;
+                self.jobs[id].attempts = record.attempts;
+                self.jobs[id].record = Some(record);
+                self.jobs[id].dotenv = dotenv;
+                self.jobs[id].phase = State::Done;
             }
         }
         for (id, n) in resume.attempts.into_iter().enumerate() {
-            if id < self.attempts.len() && self.records[id].is_none() {
-                self.attempts[id] = n;
+            if id < self.jobs.len() && self.jobs[id].record.is_none() {
+                self.jobs[id].attempts = n;
             }
         }
         // Failures and blocks flow down through carried jobs (any order of definition).
         let mut changed = true;
         while changed {
             changed = false;
-            for id in 0..self.state.len() {
-                let Some(rec) = &self.records[id] else {
+            for id in 0..self.jobs.len() {
+                let Some(status) = self.jobs[id].record.as_ref().map(|r| r.status) else {
                     continue;
                 };
-                let failed = self.deps[id].iter().any(|&d| self.upstream_failed[d]);
-                if failed && !self.upstream_failed[id] {
-                    self.upstream_failed[id] = true;
+                let failed = self.jobs[id]
+                    .deps
+                    .iter()
+                    .any(|&d| self.jobs[d].upstream_failed);
+                if failed && !self.jobs[id].upstream_failed {
+                    self.jobs[id].upstream_failed = true;
                     changed = true;
                 }
-                if rec.status == JobStatus::Skipped && self.blocked[id].is_none() {
+                if status == JobStatus::Skipped && self.jobs[id].blocked.is_none() {
                     let j = self.job(id);
-                    let b = self.deps[id]
+                    let b = self.jobs[id]
+                        .deps
                         .iter()
                         .copied()
                         .find(|&d| {
-                            self.records[d]
+                            self.jobs[d]
+                                .record
                                 .as_ref()
                                 .is_some_and(|r| r.status == JobStatus::Manual)
                                 && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
                         })
-                        .or_else(|| self.deps[id].iter().find_map(|&d| self.blocked[d]));
+                        .or_else(|| {
+                            self.jobs[id]
+                                .deps
+                                .iter()
+                                .find_map(|&d| self.jobs[d].blocked)
+                        });
                     if b.is_some() {
-                        self.blocked[id] = b;
+                        self.jobs[id].blocked = b;
                         changed = true;
                     }
                 }
@@ -444,13 +475,14 @@ impl<'p, E: Executor> Run<'p, E> {
         let mut progress = true;
         while progress {
             progress = false;
-            for id in 0..self.state.len() {
-                if !matches!(self.state[id], State::Waiting) {
+            for id in 0..self.jobs.len() {
+                if !matches!(self.jobs[id].phase, State::Waiting) {
                     continue;
                 }
-                if !self.deps[id]
+                if !self.jobs[id]
+                    .deps
                     .iter()
-                    .all(|&d| matches!(self.state[d], State::Done))
+                    .all(|&d| matches!(self.jobs[d].phase, State::Done))
                 {
                     continue;
                 }
@@ -462,21 +494,31 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn decide(&mut self, id: usize) {
         let j = self.job(id);
-        let upstream_failed = self.deps[id].iter().any(|&d| self.upstream_failed[d]);
-        self.upstream_failed[id] = upstream_failed;
+        let upstream_failed = self.jobs[id]
+            .deps
+            .iter()
+            .any(|&d| self.jobs[d].upstream_failed);
+        self.jobs[id].upstream_failed = upstream_failed;
         // A manual job nobody started blocks its dependents unless it may fail (a job that
         // `needs` it waits either way), and what waits for a blocked job is blocked too: in
         // GitLab every later stage waits until the manual job is played.
-        let blocked_by = self.deps[id]
+        let blocked_by = self.jobs[id]
+            .deps
             .iter()
             .copied()
             .find(|&d| {
-                self.records[d]
+                self.jobs[d]
+                    .record
                     .as_ref()
                     .is_some_and(|r| r.status == JobStatus::Manual)
                     && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
             })
-            .or_else(|| self.deps[id].iter().find_map(|&d| self.blocked[d]));
+            .or_else(|| {
+                self.jobs[id]
+                    .deps
+                    .iter()
+                    .find_map(|&d| self.jobs[d].blocked)
+            });
         // Named on the command line; in a resumed run `selected` is every job taking part, and
         // only the retried or played ones count as named.
         let named = if self.cfg.resume.is_some() {
@@ -493,7 +535,7 @@ impl<'p, E: Executor> Run<'p, E> {
             return self.done(id, r);
         }
         if let Some(b) = blocked_by {
-            self.blocked[id] = Some(b);
+            self.jobs[id].blocked = Some(b);
             let note = format!(
                 "waits for manual job `{}`; run it with `rave run \"{}\"`",
                 self.job(b).name,
@@ -526,14 +568,14 @@ impl<'p, E: Executor> Run<'p, E> {
         }
         match (j.when, j.start_in) {
             (When::Delayed, Some(d)) => {
-                self.state[id] = State::Delayed;
+                self.jobs[id].phase = State::Delayed;
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(d).await;
                     let _ = tx.send(Msg::DelayOver(id));
                 });
             }
-            _ => self.state[id] = State::Ready { overtaken: 0 },
+            _ => self.jobs[id].phase = State::Ready { overtaken: 0 },
         }
     }
 
@@ -547,10 +589,10 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn admit(&mut self) {
         let mut ready: Vec<Candidate> = self
-            .state
+            .jobs
             .iter()
             .enumerate()
-            .filter_map(|(id, s)| match s {
+            .filter_map(|(id, s)| match &s.phase {
                 State::Ready { overtaken } => Some(Candidate {
                     id,
                     request: self.request(id),
@@ -587,7 +629,7 @@ impl<'p, E: Executor> Run<'p, E> {
         }
         let started = self.admission.select(&mut ready);
         for c in &ready {
-            if let State::Ready { overtaken } = &mut self.state[c.id] {
+            if let State::Ready { overtaken } = &mut self.jobs[c.id].phase {
                 *overtaken = c.overtaken;
             }
         }
@@ -598,92 +640,28 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn job_env(&self, id: usize, workdir: &std::path::Path) -> Vec<(String, String)> {
         let j = self.job(id);
-        // Lowest first: the host variables a clean environment keeps, then runner-level ones.
-        let mut env: Vec<(String, String)> = match &self.cfg.host_env {
-            HostEnv::Inherit => Vec::new(),
-            HostEnv::Only(vars) => vars.clone(),
-        };
-        env.extend(self.cfg.env.iter().cloned());
-        let mut vars = j.variables.clone();
-        // dotenv reports of the jobs whose artifacts this job gets, below its own variables.
-        for &a in &j.artifacts_from {
-            for (k, v) in &self.dotenv[a] {
-                if !j.job.variables.0.contains_key(k) {
-                    vars.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let dir = workdir.to_string_lossy().to_string();
-        vars.insert("CI_PROJECT_DIR".into(), dir.clone());
-        vars.insert(
-            "CI_BUILDS_DIR".into(),
-            self.ws.run_dir.join("jobs").to_string_lossy().to_string(),
-        );
-        vars.insert("CI_PIPELINE_ID".into(), self.cfg.pipeline_id.to_string());
-        vars.insert("CI_PIPELINE_IID".into(), self.cfg.pipeline_id.to_string());
-        vars.insert(
-            "CI_JOB_ID".into(),
-            (self.cfg.pipeline_id * 10_000 + id as u64 + 1).to_string(),
-        );
-        vars.insert(
-            "CI_JOB_STARTED_AT".into(),
-            crate::event::rfc3339_millis(SystemTime::now()),
-        );
-        vars.insert(
-            "CI_RUNNER_EXECUTABLE_ARCH".into(),
-            format!("linux/{}", std::env::consts::ARCH),
-        );
-        vars.insert(
-            "CI_RETRY_ATTEMPT".into(),
-            self.attempts[id].saturating_sub(1).to_string(),
-        );
-        // Last expansion pass, now that runtime variables exist. A name the job does not
-        // define (or its own name, as in `PATH: "/opt/bin:$PATH"`) comes from rave's
-        // environment, which the local shell inherits anyway.
-        let finals: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| {
-                if j.raw_variables.contains(k) || !v.contains('$') {
-                    return (k.clone(), v.clone());
-                }
-                let lookup = |n: &str| {
-                    let own = if n == k { None } else { vars.get(n).cloned() };
-                    own.or_else(|| {
-                        self.cfg
-                            .env
-                            .iter()
-                            .find(|(e, _)| e == n)
-                            .map(|(_, v)| v.clone())
-                    })
-                    .or_else(|| self.cfg.host_env.get(n))
-                };
-                (k.clone(), rave_model::vars::expand(v, &lookup))
-            })
-            .collect();
-        if j.job.trigger.is_some() {
-            // What `forward: pipeline_variables` passes on to the child pipeline.
-            env.push((
-                "RAVE_PIPELINE_VARIABLES".into(),
-                self.plan.pipeline_variables.join(" "),
-            ));
-            // The child pipeline's jobs work, cache and reuse in the project's state, beside
-            // the parent's (its own run directory stays in the trigger job's directory).
-            env.push((
-                "RAVE_STATE_DIR".into(),
-                self.ws.state_dir.to_string_lossy().into_owned(),
-            ));
-        }
-        let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let caps = caps::env(self.memory(id), j.cpus, &self.cfg.budget, &lookup);
-        env.extend(finals.iter().cloned());
-        env.extend(caps);
-        env
+        env::job_env(
+            &env::EnvInput {
+                plan: self.plan,
+                job: j,
+                cfg: &self.cfg,
+                ws: &self.ws,
+                upstream_dotenv: j
+                    .artifacts_from
+                    .iter()
+                    .map(|&a| &self.jobs[a].dotenv)
+                    .collect(),
+                memory: self.memory(id),
+                attempt: self.jobs[id].attempts,
+            },
+            workdir,
+        )
     }
 
     fn start(&mut self, id: usize) {
-        self.attempts[id] += 1;
-        let attempt = self.attempts[id];
-        self.state[id] = State::Running;
+        self.jobs[id].attempts += 1;
+        let attempt = self.jobs[id].attempts;
+        self.jobs[id].phase = State::Running;
         let j = self.job(id).clone();
         let slug = workspace::slug(id, &j.name);
         let deps: Vec<String> = j
@@ -754,7 +732,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 .as_ref()
                 .and_then(|i| i.pull_policy.first().cloned()),
             entrypoint: j.job.image.as_ref().and_then(|i| i.entrypoint.clone()),
-            services: j.job.services.iter().map(service_spec).collect(),
+            services: j.job.services.iter().map(task::service_spec).collect(),
             git_objects: self.ws.git.as_ref().map(|g| g.objects.clone()),
         };
         let _ = self.events.send(Event::JobStarted {
@@ -776,222 +754,46 @@ impl<'p, E: Executor> Run<'p, E> {
             .map(|&a| {
                 (
                     self.job(a).name.clone(),
-                    self.artifacts_digest[a]
+                    self.jobs[a]
+                        .artifacts_digest
                         .clone()
                         .unwrap_or_else(|| "none".into()),
                 )
             })
             .collect();
-        let reuse_wanted = self.reuse_wanted;
-        let exec = self.exec.clone();
-        let ws = self.ws.clone();
-        let log = LogSink::new(id, self.logs.clone());
-        let cancel = self.cancel.clone();
-        let tx = self.tx.clone();
-        let keep = self.cfg.keep_workdirs;
-        let (j_memory, spec_name) = (self.memory(id), j.name.clone());
-        tokio::spawn(async move {
-            let started_at = SystemTime::now();
-            let started = Instant::now();
-            let setup = Instant::now();
-            // Reuse: decide before anything is prepared.
-            let mut reuse: Option<(crate::reuse::Decision, Option<crate::reuse::Inputs>)> = None;
-            if let Some(why) = refused {
-                let d = crate::reuse::Decision {
-                    changed: vec![format!(
-                        "never reused: {why} (RAVE_REUSE: always reuses it anyway)"
-                    )],
-                    ..Default::default()
-                };
-                reuse = Some((d, None));
-            } else if reuse_mode != crate::reuse::Mode::Off {
-                let (ws2, j2, slug2) = (ws.clone(), j.clone(), slug.clone());
-                let looked = tokio::task::spawn_blocking(move || {
-                    let inputs = crate::reuse::inputs(&crate::reuse::Sources {
-                        job: &j2,
-                        snapshot: &ws2.source_root,
-                        files: &ws2.files,
-                        blob_ids: &ws2.blob_ids,
-                        artifacts: dep_artifacts,
-                    })?;
-                    let last = ws2.reuse.load(&j2.name);
-                    let d = crate::reuse::decide(&inputs, last.as_ref());
-                    let reused = match (&d.reused_from, last) {
-                        (Some(_), Some(rec)) => Some(reuse_outputs(&ws2, &j2, &slug2, &rec)),
-                        _ => None,
-                    };
-                    Ok::<_, String>((d, inputs, reused))
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("reuse check panicked: {e}")));
-                match looked {
-                    Ok((d, _, Some(Ok((dotenv, artifacts_digest, notes))))) => {
-                        log.system(&format!(
-                            "Reused: every input is unchanged since pipeline {} (input digest {})",
-                            d.reused_from.unwrap_or_default(),
-                            &d.digest[..12]
-                        ))
-                        .await;
-                        for n in notes {
-                            log.system(&n).await;
-                        }
-                        let _ = tx.send(Msg::Finished(Box::new(Finished {
-                            id,
-                            attempt,
-                            outcome: ExecOutcome {
-                                exit_code: Some(0),
-                                ..ExecOutcome::default()
-                            },
-                            started_at,
-                            started,
-                            dotenv,
-                            setup_ms: None,
-                            children: Vec::new(),
-                            artifacts_digest: Some(artifacts_digest),
-                            reuse: Some(d),
-                        })));
-                        return;
-                    }
-                    Ok((mut d, inputs, reused)) => {
-                        if let Some(Err(e)) = reused {
-                            d.reused_from = None;
-                            d.changed = vec![e];
-                        }
-                        log.system(&format!("Not reused: {}", d.changed.join("; ")))
-                            .await;
-                        reuse = Some((d, Some(inputs)));
-                    }
-                    Err(e) => {
-                        log.system(&format!("WARNING: reuse check failed ({e}); the job runs"))
-                            .await;
-                    }
-                }
-            }
-            let (claim, prep) = match (claim, git) {
-                (Ok(mut claim), (Ok(strategy), Ok(clean))) => {
-                    let ws = ws.clone();
-                    let caches = caches.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let r = ws
-                            .prepare(&mut claim, &deps, strategy, &clean, &git_vars)
-                            .map(|mut notes| {
-                                notes.extend(cache_notes);
-                                for c in &caches {
-                                    notes.extend(ws.caches.restore(c, &claim.dir));
-                                }
-                                notes
-                            });
-                        (Some(claim), r)
-                    })
-                    .await
-                    .unwrap_or_else(|e| {
-                        (
-                            None,
-                            Err(format!("preparing the working directory panicked: {e}")),
-                        )
-                    })
-                }
-                (Err(e), _) | (_, (Err(e), _)) | (_, (_, Err(e))) => (None, Err(e)),
-            };
-            let setup_ms = Some(setup.elapsed().as_millis() as u64);
-            let mut outcome = match prep {
-                Ok(notes) => {
-                    for n in notes {
-                        log.system(&n).await;
-                    }
-                    exec.run(spec, log.clone(), cancel).await
-                }
-                Err(e) => ExecOutcome {
-                    runner_error: Some(e),
-                    ..ExecOutcome::default()
-                },
-            };
-            let (dotenv, notes) = {
-                let ws = ws.clone();
-                let outcome = outcome.clone();
-                let slug = slug.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut claim = claim;
-                    let out = match &claim {
-                        Some(c) => {
-                            let (dotenv, mut notes) =
-                                save_outputs(&ws, &j, &slug, &c.dir, &outcome);
-                            // After the script and after_script, as GitLab saves caches.
-                            for cache in &caches {
-                                notes.extend(ws.caches.save(
-                                    cache,
-                                    &c.dir,
-                                    ws.tracked(),
-                                    outcome.succeeded(),
-                                ));
-                            }
-                            (dotenv, notes)
-                        }
-                        None => Default::default(),
-                    };
-                    if let Some(c) = claim.as_mut() {
-                        ws.release(c, keep);
-                    }
-                    out
-                })
-                .await
-                .unwrap_or_default()
-            };
-            let artifacts_digest = if reuse_wanted {
-                let dir = ws.artifacts_dir(&slug);
-                tokio::task::spawn_blocking(move || crate::reuse::artifacts_digest(&dir))
-                    .await
-                    .ok()
-            } else {
-                None
-            };
-            // A successful run of a job that opts in is what later runs may reuse.
-            if outcome.succeeded()
-                && let Some((d, Some(inputs))) = &reuse
-            {
-                let rec = crate::reuse::Record {
-                    digest: d.digest.clone(),
-                    inputs: inputs.clone(),
-                    pipeline_id: ws.pipeline_id,
-                    artifacts: artifacts_digest
-                        .as_deref()
-                        .filter(|a| *a != "none")
-                        .map(|_| ws.artifacts_dir(&slug)),
-                    artifacts_digest: artifacts_digest.clone().unwrap_or_else(|| "none".into()),
-                    dotenv: dotenv.clone(),
-                };
-                if let Err(e) = ws.reuse.save(&spec_name, &rec) {
-                    log.system(&format!("WARNING: cannot record the run for reuse: {e}"))
-                        .await;
-                }
-            }
-            outcome.scan_gate = !outcome.succeeded() && scratch_dir.join("scan_gate").exists();
-            let children = crate::event::read_child_jobs(&scratch_dir.join("child.json"));
-            if outcome.failure_reason() == Some(FailureReason::OomKilled) {
-                let msg = oom_message(j_memory, &outcome);
-                log.system(&format!("{}: {msg}", spec_name)).await;
-            }
-            for n in notes {
-                log.system(&n).await;
-            }
-            let _ = tx.send(Msg::Finished(Box::new(Finished {
-                id,
-                attempt,
-                outcome,
-                started_at,
-                started,
-                dotenv,
-                setup_ms,
-                children,
-                artifacts_digest,
-                reuse: reuse.map(|(d, _)| d),
-            })));
-        });
+        let task = task::JobTask {
+            id,
+            attempt,
+            job: j,
+            slug,
+            deps,
+            claim,
+            git,
+            git_vars,
+            scratch_dir,
+            caches,
+            cache_notes,
+            spec,
+            refused,
+            reuse_mode,
+            dep_artifacts,
+            reuse_wanted: self.reuse_wanted,
+            exec: self.exec.clone(),
+            ws: self.ws.clone(),
+            log: LogSink::new(id, self.logs.clone()),
+            cancel: self.cancel.clone(),
+            tx: self.tx.clone(),
+            keep: self.cfg.keep_workdirs,
+            memory: self.memory(id),
+        };
+        tokio::spawn(task.run());
     }
 
     /// The shared budget granted a job room: start it, unless it is no longer waiting.
     fn granted(&mut self, id: usize) {
-        if id < self.state.len() && matches!(self.state[id], State::Ready { .. }) && !self.canceled
+        if id < self.jobs.len()
+            && matches!(self.jobs[id].phase, State::Ready { .. })
+            && !self.canceled
         {
             self.start(id);
         } else if let Some(lease) = &self.lease {
@@ -1001,7 +803,7 @@ impl<'p, E: Executor> Run<'p, E> {
 
     /// The shared budget can never hold this job.
     fn refused(&mut self, id: usize, reason: String) {
-        if id >= self.state.len() || !matches!(self.state[id], State::Ready { .. }) {
+        if id >= self.jobs.len() || !matches!(self.jobs[id].phase, State::Ready { .. }) {
             return;
         }
         let mut r = self.record(id, JobStatus::Failed, Some(reason));
@@ -1035,26 +837,26 @@ impl<'p, E: Executor> Run<'p, E> {
                 attempt: f.attempt + 1,
                 reason,
             });
-            self.state[id] = State::Ready { overtaken: 0 };
+            self.jobs[id].phase = State::Ready { overtaken: 0 };
             return;
         }
         // Killed at a learned limit (its runs so far needed less): once, with twice its peak
         // (within the budget), as GitLab retries, and the learned value rises with the peak.
         if reason == Some(FailureReason::OomKilled)
             && matches!(j.memory_source, rave_plan::RequestSource::Learned { .. })
-            && self.memory_raised[id].is_none()
+            && self.jobs[id].memory_raised.is_none()
             && !self.canceled
         {
             let peak = f.outcome.peak_memory_bytes.unwrap_or(j.memory_bytes);
             let raised = (peak.max(j.memory_bytes) * 2).min(self.cfg.budget.memory_bytes);
             if raised > j.memory_bytes {
-                self.memory_raised[id] = Some(raised);
+                self.jobs[id].memory_raised = Some(raised);
                 let _ = self.events.send(Event::JobRetrying {
                     id,
                     attempt: f.attempt + 1,
                     reason: FailureReason::OomKilled,
                 });
-                self.state[id] = State::Ready { overtaken: 0 };
+                self.jobs[id].phase = State::Ready { overtaken: 0 };
                 return;
             }
         }
@@ -1086,7 +888,7 @@ impl<'p, E: Executor> Run<'p, E> {
             _ => None,
         };
         if status == JobStatus::Success || status == JobStatus::Warning {
-            self.dotenv[id] = f.dotenv;
+            self.jobs[id].dotenv = f.dotenv;
         }
         let finished_at = SystemTime::now();
         let mut record = self.record(id, status, note);
@@ -1098,7 +900,7 @@ impl<'p, E: Executor> Run<'p, E> {
         record.duration_ms = Some(f.started.elapsed().as_millis() as u64);
         record.peak_memory_bytes = f.outcome.peak_memory_bytes;
         record.setup_ms = f.setup_ms;
-        self.artifacts_digest[id] = f.artifacts_digest.take();
+        self.jobs[id].artifacts_digest = f.artifacts_digest.take();
         if let Some(d) = f.reuse.take() {
             if let Some(p) = d.reused_from {
                 record.reused_from = Some(p);
@@ -1115,9 +917,9 @@ impl<'p, E: Executor> Run<'p, E> {
             lease.send(crate::lease::ToBroker::Want { jobs: Vec::new() });
             self.wanted.clear();
         }
-        for id in 0..self.state.len() {
+        for id in 0..self.jobs.len() {
             if matches!(
-                self.state[id],
+                self.jobs[id].phase,
                 State::Waiting | State::Ready { .. } | State::Delayed
             ) {
                 let r = self.record(
@@ -1158,162 +960,4 @@ pub fn oom_message(limit: u64, o: &ExecOutcome) -> String {
         "killed: exceeded its memory limit of {} (peak {peak}{largest}); raise RAVE_MEMORY or lower its parallelism",
         format_memory(limit)
     )
-}
-
-/// After a job: save its artifacts and read its dotenv report. Returns the dotenv variables
-/// and lines for the job log.
-fn save_outputs(
-    ws: &Workspace,
-    j: &JobInstance,
-    slug: &str,
-    workdir: &Path,
-    outcome: &ExecOutcome,
-) -> (HashMap<String, String>, Vec<String>) {
-    let mut notes = Vec::new();
-    let mut dotenv = HashMap::new();
-    if let Some(a) = &j.job.artifacts {
-        let ok = outcome.succeeded();
-        let wanted = match a.when {
-            ArtifactsWhen::OnSuccess => ok,
-            ArtifactsWhen::OnFailure => !ok,
-            ArtifactsWhen::Always => true,
-        };
-        if wanted && workdir.is_dir() {
-            let project_dir = workdir.to_string_lossy().to_string();
-            let expand = |p: &String| {
-                rave_model::vars::expand(p, &|k| {
-                    if k == "CI_PROJECT_DIR" {
-                        Some(project_dir.clone())
-                    } else {
-                        j.variables.get(k).cloned()
-                    }
-                })
-            };
-            let mut paths: Vec<String> = a.paths.iter().map(expand).collect();
-            paths.extend(a.reports.junit.iter().map(expand));
-            paths.extend(a.reports.dotenv.iter().map(expand));
-            for (_, files) in &a.reports.other {
-                paths.extend(files.iter().map(expand));
-            }
-            let exclude: Vec<String> = a.exclude.iter().map(expand).collect();
-            let c =
-                workspace::collect_artifacts(workdir, &paths, &exclude, &ws.artifacts_dir(slug));
-            for w in c.warnings {
-                notes.push(format!("WARNING: {w}"));
-            }
-            notes.push(format!(
-                "Saved {} artifact file(s), {}",
-                c.files,
-                format_memory(c.bytes)
-            ));
-            if c.files > 0 {
-                ingest_artifacts(ws, a, slug, &mut notes);
-            }
-            if ok {
-                for f in &a.reports.dotenv {
-                    match workspace::read_dotenv(&workdir.join(expand(f))) {
-                        Ok(v) => dotenv.extend(v),
-                        Err(e) => notes.push(format!("WARNING: {e}")),
-                    }
-                }
-            }
-        }
-    }
-    (dotenv, notes)
-}
-
-/// Keep a job's saved artifacts in the store (content-addressed, with their expiry).
-fn ingest_artifacts(
-    ws: &Workspace,
-    a: &rave_model::Artifacts,
-    slug: &str,
-    notes: &mut Vec<String>,
-) {
-    let Some(store) = &ws.store else { return };
-    let now = rave_store::now_secs();
-    let expire = |path: &str| {
-        let secs = match a.expire_in {
-            Some(d) => d.as_secs(),
-            None => rave_store::default_expiry_days(path) * 86_400,
-        };
-        Some(now + secs)
-    };
-    let stored = store.ingest_dir(
-        &ws.pipeline_id.to_string(),
-        slug,
-        &ws.artifacts_dir(slug),
-        &expire,
-    );
-    if let Err(e) = stored {
-        notes.push(format!("WARNING: artifacts not kept in the store: {e}"));
-    }
-}
-
-/// What a reused job hands on: its dotenv, its artifacts' digest, lines for its log.
-type Reused = (HashMap<String, String>, String, Vec<String>);
-
-/// A reused job's outputs: the recorded run's artifacts (checked against their digest)
-/// copied into this run, and its dotenv.
-fn reuse_outputs(
-    ws: &Workspace,
-    j: &JobInstance,
-    slug: &str,
-    rec: &crate::reuse::Record,
-) -> Result<Reused, String> {
-    let mut notes = Vec::new();
-    if let Some(src) = &rec.artifacts {
-        let now = crate::reuse::artifacts_digest(src);
-        if now != rec.artifacts_digest {
-            return Err(format!(
-                "the artifacts of pipeline {} changed on disk since",
-                rec.pipeline_id
-            ));
-        }
-        let dest = ws.artifacts_dir(slug);
-        std::fs::create_dir_all(&dest)
-            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-        workspace::copy_dir(src, &dest, true).map_err(|e| {
-            format!(
-                "cannot copy the artifacts of pipeline {}: {e}",
-                rec.pipeline_id
-            )
-        })?;
-        notes.push(format!(
-            "Artifacts taken from pipeline {} ({})",
-            rec.pipeline_id,
-            src.display()
-        ));
-        if let Some(a) = &j.job.artifacts {
-            ingest_artifacts(ws, a, slug, &mut notes);
-        }
-    }
-    Ok((rec.dotenv.clone(), rec.artifacts_digest.clone(), notes))
-}
-
-fn service_spec(s: &rave_model::pipeline::Service) -> crate::executor::ServiceSpec {
-    let mut aliases = crate::executor::ServiceSpec::derived_aliases(&s.name);
-    // GitLab accepts several aliases in one `alias:`, separated by commas or spaces.
-    for a in s
-        .alias
-        .iter()
-        .flat_map(|a| a.split([',', ' ']))
-        .filter(|a| !a.is_empty())
-    {
-        if !aliases.iter().any(|x| x == a) {
-            aliases.push(a.to_string());
-        }
-    }
-    crate::executor::ServiceSpec {
-        image: s.name.clone(),
-        aliases,
-        entrypoint: s.entrypoint.clone(),
-        command: s.command.clone(),
-        variables: s
-            .variables
-            .0
-            .iter()
-            .map(|(k, v)| (k.clone(), v.value.clone()))
-            .collect(),
-        pull_policy: s.pull_policy.first().cloned(),
-    }
 }
