@@ -5,8 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use rave_model::units::{parse_cpus, parse_memory};
-use rave_model::{Budget, Loaded, Pipeline};
+use rave_model::{Loaded, Pipeline};
 use rave_plan::{PlanOptions, Source, Trigger};
 
 /// Where the pipeline comes from.
@@ -495,29 +494,15 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
         .clone()
         .or_else(|| pipeline.rave.profile.clone())
         .unwrap_or_else(|| if full { "full".into() } else { "safe".into() });
-    // `SAFE` and `FULL_PIPE` are the names the origin pipeline used for the two profiles.
-    let profile = match profile.to_ascii_lowercase().as_str() {
-        "full_pipe" | "full-pipe" | "full" => "full".to_string(),
-        "safe" => "safe".to_string(),
-        _ => profile,
-    };
-    let mut budget: Budget = *pipeline.rave.profiles.get(&profile).ok_or_else(|| {
-        let names: Vec<&str> = pipeline.rave.profiles.keys().map(String::as_str).collect();
-        anyhow::anyhow!(
-            "unknown profile `{profile}`: defined profiles are {}",
-            names.join(", ")
-        )
-    })?;
-    if let Some(m) = &b.memory {
-        budget.memory_bytes = parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
-    }
-    if let Some(c) = &b.cpus {
-        budget.cpus = parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
-    }
-    if let Some(j) = b.jobs {
-        anyhow::ensure!(j >= 1, "--jobs must be at least 1");
-        budget.jobs = j;
-    }
+    let (profile, budget) = pipeline
+        .rave
+        .profile_budget(&profile)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let budget = budget
+        .with_overrides(b.memory.as_deref(), b.cpus.as_deref(), b.jobs, |s| {
+            format!("--{s}")
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
     // Admission by memory only protects the machine if the budget fits in it, with room left
     // for the system and rave itself (1 GiB, or an eighth of a small machine).
     if !b.force_budget

@@ -325,6 +325,32 @@ impl Budget {
         nix_cores: 2,
         nix_max_jobs: 1,
     };
+
+    /// `memory`, `cpus` and `jobs` given (flags, `[server]` settings) over this budget; the
+    /// error names the setting, `what` prefixing it (`--memory`, `[server] memory`).
+    pub fn with_overrides(
+        mut self,
+        memory: Option<&str>,
+        cpus: Option<&str>,
+        jobs: Option<u32>,
+        what: impl Fn(&str) -> String,
+    ) -> Result<Budget, String> {
+        if let Some(m) = memory {
+            self.memory_bytes =
+                crate::units::parse_memory(m).map_err(|e| format!("{}: {e}", what("memory")))?;
+        }
+        if let Some(c) = cpus {
+            self.cpus =
+                crate::units::parse_cpus(c).map_err(|e| format!("{}: {e}", what("cpus")))?;
+        }
+        if let Some(j) = jobs {
+            if j == 0 {
+                return Err(format!("{} must be at least 1", what("jobs")));
+            }
+            self.jobs = j;
+        }
+        Ok(self)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -345,6 +371,26 @@ pub struct RaveConfig {
 }
 
 impl RaveConfig {
+    /// The budget of profile `name` (`full_pipe`/`full-pipe` are `full`, as the origin's
+    /// switches called it), with its canonical name; the error lists the defined profiles.
+    pub fn profile_budget(&self, name: &str) -> Result<(String, Budget), String> {
+        let name = match name.to_ascii_lowercase().as_str() {
+            "full_pipe" | "full-pipe" | "full" => "full".to_string(),
+            "safe" => "safe".to_string(),
+            _ => name.to_string(),
+        };
+        match self.profiles.get(&name) {
+            Some(b) => Ok((name, *b)),
+            None => {
+                let names: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
+                Err(format!(
+                    "unknown profile `{name}`: defined profiles are {}",
+                    names.join(", ")
+                ))
+            }
+        }
+    }
+
     /// The FULL_PIPE profile when config gives none: the whole machine, leaving 1 GiB spare.
     pub fn full_default() -> Budget {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;

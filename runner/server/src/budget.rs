@@ -32,30 +32,15 @@ pub struct Broker {
 /// The host budget from `[server]`: `memory`/`cpus`/`jobs` over `profile` (`full` is the
 /// machine less 1 GiB; `safe`, the default, is what `rave run` uses by default).
 pub fn host_budget(s: &ServerConfig) -> Result<Budget, String> {
-    let mut b = match s.profile.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("safe") => Budget::SAFE,
-        Some("full" | "full_pipe" | "full-pipe") => rave_model::RaveConfig::full_default(),
+    let defaults = rave_model::RaveConfig::default();
+    let base = match defaults.profile_budget(s.profile.as_deref().unwrap_or("safe")) {
+        Ok((_, b)) => b,
         // A project's own profile: each pipeline keeps to it; together they share the machine.
-        Some(_) => rave_model::RaveConfig::full_default(),
+        Err(_) => rave_model::RaveConfig::full_default(),
     };
-    if let Some(m) = &s.memory {
-        b.memory_bytes =
-            rave_model::units::parse_memory(m).map_err(|e| format!("[server] memory: {e}"))?;
-    }
-    if let Some(c) = &s.cpus {
-        b.cpus = c
-            .parse::<f64>()
-            .ok()
-            .filter(|c| *c > 0.0)
-            .ok_or_else(|| format!("[server] cpus: `{c}` is not a positive number"))?;
-    }
-    if let Some(j) = s.jobs {
-        if j == 0 {
-            return Err("[server] jobs must be at least 1".into());
-        }
-        b.jobs = j;
-    }
-    Ok(b)
+    base.with_overrides(s.memory.as_deref(), s.cpus.as_deref(), s.jobs, |k| {
+        format!("[server] {k}")
+    })
 }
 
 impl Broker {
