@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -12,6 +13,55 @@ use crate::keys::{self, SigningKey};
 
 pub const MANIFEST: &str = "release-manifest.json";
 pub const PROVENANCE: &str = "provenance.intoto.json";
+
+/// The signed release manifest: every artifact with its size, digest and the job that made
+/// it. Written with its keys sorted (see [`canonical`]) so the same release has the same bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub project: String,
+    pub tag: String,
+    pub commit: String,
+    pub pipeline: String,
+    pub created_at: String,
+    pub builder: Builder,
+    pub key_id: String,
+    pub artifacts: Vec<ManifestArtifact>,
+    /// The scan summary of the pipeline (`rave scan`), when it had one.
+    #[serde(default)]
+    pub scan: Value,
+    #[serde(default)]
+    pub images: Vec<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Builder {
+    pub id: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestArtifact {
+    pub name: String,
+    /// Relative to the release directory.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub media_type: String,
+    pub expire_in_days: u64,
+    /// The job that made it.
+    pub job: String,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Manifest, ReleaseError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ReleaseError::Io(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| {
+            ReleaseError::Io(format!("{} is not a release manifest: {e}", path.display()))
+        })
+    }
+}
 
 /// What the release is of.
 #[derive(Clone, Debug, Default)]
@@ -139,7 +189,7 @@ pub fn manifest(
     key_id: &str,
     expires_days: u64,
     producer: &dyn Fn(&str) -> Option<String>,
-) -> Result<Value, ReleaseError> {
+) -> Result<Manifest, ReleaseError> {
     let files: Vec<String> = list_files(dir)?
         .into_iter()
         .filter(|f| {
@@ -160,38 +210,40 @@ pub fn manifest(
     for f in &files {
         let (sha, size) = sha256_file(&dir.join(f))
             .map_err(|e| ReleaseError::Io(format!("cannot read {f}: {e}")))?;
-        artifacts.push(json!({
-            "name": f.rsplit('/').next().unwrap_or(f),
-            "path": f,
-            "size": size,
-            "sha256": sha,
-            "media_type": media_type(f),
-            "expire_in_days": expires_days,
-            "job": producer(&sha).unwrap_or_else(|| info.job.clone()),
-        }));
+        artifacts.push(ManifestArtifact {
+            name: f.rsplit('/').next().unwrap_or(f).to_string(),
+            path: f.clone(),
+            size,
+            job: producer(&sha).unwrap_or_else(|| info.job.clone()),
+            sha256: sha,
+            media_type: media_type(f).to_string(),
+            expire_in_days: expires_days,
+        });
     }
-    Ok(json!({
-        "schema": "https://rave.invalid/release-manifest/v1",
-        "project": info.project,
-        "tag": info.tag,
-        "commit": info.commit,
-        "pipeline": info.pipeline,
-        "created_at": info.created_at,
-        "builder": {"id": "rave", "version": env!("CARGO_PKG_VERSION")},
-        "key_id": key_id,
-        "artifacts": artifacts,
-        "scan": info.scan_summary.clone().unwrap_or(Value::Null),
-        "images": [],
-    }))
+    Ok(Manifest {
+        schema: "https://rave.invalid/release-manifest/v1".into(),
+        project: info.project.clone(),
+        tag: info.tag.clone(),
+        commit: info.commit.clone(),
+        pipeline: info.pipeline.clone(),
+        created_at: info.created_at.clone(),
+        builder: Builder {
+            id: "rave".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        key_id: key_id.to_string(),
+        artifacts,
+        scan: info.scan_summary.clone().unwrap_or(Value::Null),
+        images: Vec::new(),
+    })
 }
 
 /// An in-toto Statement v1 with a SLSA provenance v1 predicate for the manifest's artifacts.
-pub fn provenance(info: &ReleaseInfo, manifest: &Value) -> Value {
-    let subjects: Vec<Value> = manifest["artifacts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| json!({"name": a["path"], "digest": {"sha256": a["sha256"]}}))
+pub fn provenance(info: &ReleaseInfo, manifest: &Manifest) -> Value {
+    let subjects: Vec<Value> = manifest
+        .artifacts
+        .iter()
+        .map(|a| json!({"name": a.path, "digest": {"sha256": a.sha256}}))
         .collect();
     let mut deps = vec![json!({
         "uri": format!("git+{}@refs/tags/{}", info.repository, info.tag),
@@ -235,7 +287,9 @@ pub fn write_release(
     producer: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<PathBuf>, ReleaseError> {
     let m = manifest(info, dir, &key.id(), expires_days, producer)?;
-    let m_bytes = canonical(&m);
+    let m_bytes = canonical(
+        &serde_json::to_value(&m).map_err(|e| ReleaseError::Io(format!("manifest: {e}")))?,
+    );
     let p_bytes = canonical(&provenance(info, &m));
     let mut written = Vec::new();
     for (name, bytes) in [(MANIFEST, &m_bytes), (PROVENANCE, &p_bytes)] {
@@ -270,7 +324,7 @@ pub fn verify(
     manifest_path: &Path,
     trusted: &keys::Trusted,
     artifacts: &Path,
-) -> Result<(Value, String), ReleaseError> {
+) -> Result<(Manifest, String), ReleaseError> {
     let bytes = std::fs::read(manifest_path)
         .map_err(|e| ReleaseError::Io(format!("cannot read {}: {e}", manifest_path.display())))?;
     let ext = match trusted {
@@ -288,11 +342,11 @@ pub fn verify(
         keys::Trusted::Ssh(keys) => keys::verify(&bytes, &sig, keys)?,
         keys::Trusted::Minisign(key) => keys::verify_minisign(&bytes, &sig, key)?,
     };
-    let m: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ReleaseError::Io(format!("the manifest is not JSON: {e}")))?;
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| ReleaseError::Io(format!("the manifest is not a release manifest: {e}")))?;
     let mut problems = Vec::new();
-    for a in m["artifacts"].as_array().into_iter().flatten() {
-        let rel = a["path"].as_str().unwrap_or("");
+    for a in &m.artifacts {
+        let rel = a.path.as_str();
         if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
             problems.push(format!("{rel}: path leaves the artifact directory"));
             continue;
@@ -300,11 +354,10 @@ pub fn verify(
         let path = artifacts.join(rel);
         match sha256_file(&path) {
             Ok((sha, size)) => {
-                if Some(sha.as_str()) != a["sha256"].as_str() || Some(size) != a["size"].as_u64() {
+                if sha != a.sha256 || size != a.size {
                     problems.push(format!(
                         "{rel}: sha256 {sha} ({size} bytes) does not match the manifest's {} ({} bytes)",
-                        a["sha256"].as_str().unwrap_or("?"),
-                        a["size"]
+                        a.sha256, a.size
                     ));
                 }
             }
@@ -353,7 +406,23 @@ mod tests {
             ],
             ..Default::default()
         };
-        let p = provenance(&info, &json!({"artifacts": []}));
+        let m = Manifest {
+            schema: String::new(),
+            project: String::new(),
+            tag: "v1".into(),
+            commit: "abc".into(),
+            pipeline: String::new(),
+            created_at: String::new(),
+            builder: Builder {
+                id: "rave".into(),
+                version: "0".into(),
+            },
+            key_id: String::new(),
+            artifacts: Vec::new(),
+            scan: Value::Null,
+            images: Vec::new(),
+        };
+        let p = provenance(&info, &m);
         let deps = p["predicate"]["buildDefinition"]["resolvedDependencies"]
             .as_array()
             .unwrap();
@@ -392,7 +461,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(id, key.id());
-        assert_eq!(m["artifacts"][0]["path"], "bin/app");
+        assert_eq!(m.artifacts[0].path, "bin/app");
         std::fs::write(d.path().join("bin/app"), b"binarY").unwrap();
         let e = verify(
             &d.path().join(MANIFEST),

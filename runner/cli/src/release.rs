@@ -330,25 +330,15 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 return Ok(2);
             };
             let manifest_path = args.dir.join(release::MANIFEST);
-            let m: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&manifest_path).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: {e}; run `rave release create` first",
-                        manifest_path.display()
-                    )
-                })?)?;
-            let tag = m["tag"].as_str().unwrap_or_default().to_string();
+            let m = release::Manifest::read(&manifest_path)
+                .map_err(|e| anyhow::anyhow!("{e}; run `rave release create` first"))?;
+            let tag = m.tag.clone();
             let mut description = format!(
                 "Signed with {}.\n\n| artifact | size | sha256 |\n|---|---|---|\n",
-                m["key_id"].as_str().unwrap_or("?")
+                m.key_id
             );
-            for a in m["artifacts"].as_array().into_iter().flatten() {
-                description.push_str(&format!(
-                    "| {} | {} | `{}` |\n",
-                    a["path"].as_str().unwrap_or(""),
-                    a["size"],
-                    a["sha256"].as_str().unwrap_or("")
-                ));
+            for a in &m.artifacts {
+                description.push_str(&format!("| {} | {} | `{}` |\n", a.path, a.size, a.sha256));
             }
             let assets: Vec<PathBuf> = release::list_files(&args.dir)?
                 .into_iter()
@@ -377,19 +367,20 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 eprintln!("no releases in {}", store.root().display());
             }
             for tag in tags {
-                let m: serde_json::Value = store
+                match store
                     .release_dir(&tag)
-                    .and_then(|d| std::fs::read_to_string(d.join(release::MANIFEST)).ok())
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default();
-                println!(
-                    "{tag:<16} {:<22} {:>3} artifact(s)  commit {}  key {}",
-                    m["created_at"].as_str().unwrap_or("?"),
-                    m["artifacts"].as_array().map_or(0, Vec::len),
-                    &m["commit"].as_str().unwrap_or("")
-                        [..m["commit"].as_str().unwrap_or("").len().min(8)],
-                    m["key_id"].as_str().unwrap_or("?"),
-                );
+                    .map(|d| release::Manifest::read(&d.join(release::MANIFEST)))
+                {
+                    Some(Ok(m)) => println!(
+                        "{tag:<16} {:<22} {:>3} artifact(s)  commit {}  key {}",
+                        m.created_at,
+                        m.artifacts.len(),
+                        &m.commit[..m.commit.len().min(8)],
+                        m.key_id,
+                    ),
+                    Some(Err(e)) => println!("{tag:<16} unreadable: {e}"),
+                    None => println!("{tag:<16} ?"),
+                }
             }
             Ok(0)
         }
@@ -425,12 +416,9 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 std::fs::copy(f.path(), args.to.join(f.file_name()))?;
             }
             let manifest_path = args.to.join(release::MANIFEST);
-            let m: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
-            for a in m["artifacts"].as_array().into_iter().flatten() {
-                let (Some(path), Some(sha)) = (a["path"].as_str(), a["sha256"].as_str()) else {
-                    continue;
-                };
+            let m = release::Manifest::read(&manifest_path)?;
+            for a in &m.artifacts {
+                let (path, sha) = (a.path.as_str(), a.sha256.as_str());
                 if path.starts_with('/') || path.split('/').any(|c| c == "..") {
                     eprintln!("error: the manifest names a path outside the release: {path}");
                     return Ok(1);
@@ -453,7 +441,7 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                         "downloaded {} into {}: signature by {id}, {} artifact(s) verified",
                         args.tag,
                         args.to.display(),
-                        m["artifacts"].as_array().map_or(0, Vec::len)
+                        m.artifacts.len()
                     );
                     Ok(0)
                 }
@@ -483,9 +471,9 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                 Ok((m, id)) => {
                     println!(
                         "OK: {} {} — signature by {id}, {} artifact(s) match",
-                        m["project"].as_str().unwrap_or(""),
-                        m["tag"].as_str().unwrap_or(""),
-                        m["artifacts"].as_array().map_or(0, Vec::len)
+                        m.project,
+                        m.tag,
+                        m.artifacts.len()
                     );
                     Ok(0)
                 }
