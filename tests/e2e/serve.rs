@@ -1623,3 +1623,61 @@ fn kill_9_with_pipelines_running_at_once_requeues_them_all() {
         assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     }
 }
+
+/// A pipeline started through the API with pipeline variables (taken literally, above the
+/// project's), and one of its jobs canceled alone, as GitLab cancels a job: the job stops
+/// (its after_script runs), the job that needs it is skipped, the other one finishes, and the
+/// pipeline ends canceled. A variable name that is not one is refused.
+#[test]
+fn api_pipeline_variables_and_canceling_one_job() {
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "stages: [build, deploy]\nwork:\n  stage: build\n  script: [echo \"greeting=$GREETING\", echo STARTED, sleep 6065]\n  after_script: [echo cleaned-up]\nother:\n  stage: build\n  script: [echo \"greeting=$GREETING\", sleep 1]\nafter:\n  stage: deploy\n  needs: [work]\n  script: [echo never]\n",
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path(), &origin, "");
+    let s = start(&data.path().join("data"), &cfg);
+    let r = client()
+        .post(format!("{}/api/pipelines", s.url))
+        .bearer_auth(ADMIN)
+        .json(&json!({"project": "team/app", "ref": "main", "variables": {"BAD NAME": "x"}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let id = api_pipeline(
+        &s,
+        json!({"project": "team/app", "ref": "main", "variables": {"GREETING": "hi $HOME"}}),
+    );
+    wait_until("work never started", 60, || {
+        get(&s, &format!("/api/pipelines/{id}"), READER)["jobs"]
+            .as_array()
+            .is_some_and(|j| {
+                j.iter()
+                    .any(|j| j["name"] == "work" && j["status"] == "running")
+            })
+    });
+    let v = get(&s, &format!("/api/pipelines/{id}"), READER);
+    let work = job(&v, "work")["id"].as_i64().unwrap();
+    wait_until("work never printed", 30, || {
+        text(&s, &format!("/api/jobs/{work}/log")).contains("STARTED")
+    });
+    let (code, r) = post(&s, &format!("/api/jobs/{work}/cancel"), READER);
+    assert_eq!(code, 403, "{r}");
+    let (code, r) = post(&s, &format!("/api/jobs/{work}/cancel"), ADMIN);
+    assert_eq!(code, 202, "{r}");
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "canceled", "{v:#}");
+    assert_eq!(job(&v, "work")["status"], "canceled", "{v:#}");
+    assert_eq!(job(&v, "other")["status"], "success", "{v:#}");
+    assert_eq!(job(&v, "after")["status"], "skipped", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{work}/log"));
+    assert!(log.contains("cleaned-up"), "after_script ran: {log}");
+    assert!(log.contains("greeting=hi $HOME"), "taken literally: {log}");
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 6065"])
+        .output()
+        .unwrap();
+    assert!(sleeping.stdout.is_empty(), "the canceled job still runs");
+    let (code, _) = post(&s, &format!("/api/jobs/{work}/cancel"), ADMIN);
+    assert_eq!(code, 409, "a finished job cannot be canceled");
+}

@@ -61,6 +61,9 @@ pub struct NewPipelineArgs {
     /// A value for the pipeline file's `spec: inputs` (repeatable).
     #[arg(long = "input", value_name = "NAME=VALUE")]
     pub inputs: Vec<String>,
+    /// A pipeline variable, above the project's variables, taken literally (repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +111,9 @@ pub struct CancelArgs {
     /// The pipeline to cancel (queued: at once; running: as with Ctrl-C, after_script runs).
     #[arg(value_name = "PIPELINE_ID")]
     pub id: i64,
+    /// ID is a job's: cancel that job alone (what needs it is skipped).
+    #[arg(long)]
+    pub job: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -279,6 +285,12 @@ pub fn new_pipeline(a: &NewPipelineArgs) -> anyhow::Result<i32> {
             .ok_or_else(|| anyhow::anyhow!("--input `{kv}` must look like NAME=VALUE"))?;
         req.inputs.insert(k.to_string(), v.to_string());
     }
+    for kv in &a.vars {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--var `{kv}` must look like KEY=VALUE"))?;
+        req.variables.insert(k.to_string(), v.to_string());
+    }
     match (&a.ref_name, &a.tag) {
         (_, Some(t)) => req.tag = Some(t.clone()),
         (Some(r), None) => req.ref_name = Some(r.clone()),
@@ -329,7 +341,14 @@ pub fn play(a: &JobIdArgs) -> anyhow::Result<i32> {
 pub fn cancel(a: &CancelArgs) -> anyhow::Result<i32> {
     let v: body::Cancel = send(
         client()?
-            .post(url(&a.server, &format!("/api/pipelines/{}/cancel", a.id)))
+            .post(url(
+                &a.server,
+                &if a.job {
+                    format!("/api/jobs/{}/cancel", a.id)
+                } else {
+                    format!("/api/pipelines/{}/cancel", a.id)
+                },
+            ))
             .bearer_auth(&a.server.token),
     )?
     .json()?;

@@ -5,7 +5,7 @@
 //!
 //! The protocol is one JSON object per line, both ways, over a Unix socket:
 //! `hello` once, then `want` (the whole ready set, each time it changes) and `release` (a job
-//! ended); the server answers `grant` or `refuse` per job.
+//! ended); the server answers `grant` or `refuse` per job, and sends `cancel` to stop one.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -56,8 +56,17 @@ pub enum ToBroker {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromBroker {
-    Grant { job: usize },
-    Refuse { job: usize, reason: String },
+    Grant {
+        job: usize,
+    },
+    Refuse {
+        job: usize,
+        reason: String,
+    },
+    /// Stop this job (GitLab's cancel of one job): after_script runs, what needs it is skipped.
+    Cancel {
+        job: usize,
+    },
 }
 
 /// A connected run's side of the lease.

@@ -153,6 +153,14 @@ impl Share {
         refused
     }
 
+    /// The connected run of this pipeline, if it runs.
+    pub fn run_of(&self, pipeline: u64) -> Option<RunKey> {
+        self.runs
+            .iter()
+            .find(|(_, r)| r.pipeline == pipeline)
+            .map(|(k, _)| *k)
+    }
+
     pub fn release(&mut self, key: RunKey, job: usize) {
         if let Some(run) = self.runs.get_mut(&key) {
             run.held.remove(&job);

@@ -48,6 +48,9 @@ pub struct CreatePipeline {
     /// Values for the pipeline file's `spec: inputs`.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
+    /// Pipeline variables, above the project's (as GitLab's "Run pipeline" form gives them).
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
 }
 
 /// A webhook's or a create's answer: the pipeline it queued (none when the event starts

@@ -160,6 +160,17 @@ impl Broker {
         self.grant();
     }
 
+    /// Ask the run of `pipeline` to stop one of its jobs; false when that pipeline's run is
+    /// not connected (not running, or still starting).
+    pub fn cancel_job(&self, pipeline: i64, job: usize) -> bool {
+        let key = self
+            .share
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_of(pipeline as u64);
+        key.is_some_and(|k| self.send(k, FromBroker::Cancel { job }))
+    }
+
     fn send(&self, key: RunKey, m: FromBroker) -> bool {
         self.conns
             .lock()

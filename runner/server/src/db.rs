@@ -38,6 +38,8 @@ pub struct NewPipeline {
     pub rerun_of: Option<i64>,
     /// Values for the pipeline file's `spec: inputs` (name → value).
     pub inputs: std::collections::BTreeMap<String, String>,
+    /// Pipeline variables (GitLab's "Run pipeline" form): above the project's variables.
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 impl NewPipeline {
@@ -52,6 +54,7 @@ impl NewPipeline {
             jobs,
             rerun_of: Some(p.id),
             inputs: p.inputs.clone(),
+            variables: p.variables.clone(),
         }
     }
 }
@@ -73,6 +76,10 @@ pub struct Pipeline {
     /// Jobs retried or played inside this pipeline, waiting for the queue to run them (its
     /// next run goes on with the last one); empty for a pipeline's first run.
     pub resume: Vec<String>,
+    /// Pipeline variables given when it was started (names and values; values may be
+    /// secrets, so the API lists names only).
+    #[serde(skip_serializing, default)]
+    pub variables: std::collections::BTreeMap<String, String>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -242,6 +249,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX pipelines_project ON pipelines (project, id);",
     // 6: jobs retried or played inside a finished pipeline, for its next run.
     "ALTER TABLE pipelines ADD COLUMN resume TEXT NOT NULL DEFAULT '[]';",
+    // 7: pipeline variables given through the API.
+    "ALTER TABLE pipelines ADD COLUMN variables TEXT NOT NULL DEFAULT '{}';",
 ];
 
 pub fn now() -> String {
@@ -280,7 +289,7 @@ impl SqliteStore {
     }
 }
 
-const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs, resume";
+const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs, resume, variables";
 
 fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
     let filter: String = r.get(7)?;
@@ -302,6 +311,7 @@ fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
         pid: r.get(14)?,
         inputs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
         resume: serde_json::from_str(&r.get::<_, String>(16)?).unwrap_or_default(),
+        variables: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
     })
 }
 
@@ -332,8 +342,8 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
 
 fn insert_pipeline(c: &Connection, p: &NewPipeline) -> rusqlite::Result<i64> {
     c.execute(
-        "INSERT INTO pipelines (project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, inputs)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9)",
+        "INSERT INTO pipelines (project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, inputs, variables)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9, ?10)",
         params![
             p.project,
             p.ref_name,
@@ -343,7 +353,8 @@ fn insert_pipeline(c: &Connection, p: &NewPipeline) -> rusqlite::Result<i64> {
             serde_json::to_string(&p.jobs).unwrap_or_else(|_| "[]".into()),
             p.rerun_of,
             now(),
-            serde_json::to_string(&p.inputs).unwrap_or_else(|_| "{}".into())
+            serde_json::to_string(&p.inputs).unwrap_or_else(|_| "{}".into()),
+            serde_json::to_string(&p.variables).unwrap_or_else(|_| "{}".into())
         ],
     )?;
     Ok(c.last_insert_rowid())

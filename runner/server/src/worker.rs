@@ -511,6 +511,15 @@ fn write_variables(
             raw: v.raw,
         });
     }
+    // Pipeline variables last: above the project's, as in GitLab; taken literally.
+    for (name, value) in &p.variables {
+        out.variables.push(rave_plan::RunVariable {
+            name: name.clone(),
+            value: value.clone(),
+            masked: false,
+            raw: true,
+        });
+    }
     let path = secrets.join("variables.json");
     let text = serde_json::to_string(&out).map_err(|e| e.to_string())?;
     private(&path, &text)?;

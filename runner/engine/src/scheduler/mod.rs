@@ -182,6 +182,8 @@ struct JobState {
     artifacts_digest: Option<String>,
     /// A limit raised after an OOM kill at a learned request.
     memory_raised: Option<u64>,
+    /// Stops this job alone (a cancel of one job); a child of the run's own cancel.
+    stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 struct Run<'p, E: Executor> {
@@ -236,6 +238,7 @@ pub async fn run<E: Executor>(
             dotenv: HashMap::new(),
             artifacts_digest: None,
             memory_raised: None,
+            stop: None,
         })
         .collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -289,6 +292,7 @@ pub async fn run<E: Executor>(
             m = async { grants.as_mut()?.recv().await }, if grants.is_some() => match m {
                 Some(crate::lease::FromBroker::Grant { job }) => r.granted(job),
                 Some(crate::lease::FromBroker::Refuse { job, reason }) => r.refused(job, reason),
+                Some(crate::lease::FromBroker::Cancel { job }) => r.cancel_job(job),
                 None => {
                     grants = None;
                     eprintln!("rave: the server's budget went away; the pipeline is canceled");
@@ -781,7 +785,15 @@ impl<'p, E: Executor> Run<'p, E> {
             exec: self.exec.clone(),
             ws: self.ws.clone(),
             log: LogSink::new(id, self.logs.clone()),
-            cancel: self.cancel.clone(),
+            cancel: {
+                // This job's own stop, under the run's: a cancel of the job or of the run.
+                let c = Cancel {
+                    graceful: self.cancel.graceful.child_token(),
+                    force: self.cancel.force.child_token(),
+                };
+                self.jobs[id].stop = Some(c.graceful.clone());
+                c
+            },
             tx: self.tx.clone(),
             keep: self.cfg.keep_workdirs,
             memory: self.memory(id),
@@ -798,6 +810,26 @@ impl<'p, E: Executor> Run<'p, E> {
             self.start(id);
         } else if let Some(lease) = &self.lease {
             lease.send(crate::lease::ToBroker::Release { job: id });
+        }
+    }
+
+    /// Stop one job: a running one as with Ctrl-C (after_script runs), a waiting one at once;
+    /// what needs it is then skipped, as in GitLab.
+    fn cancel_job(&mut self, id: usize) {
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        match j.phase {
+            State::Running => {
+                if let Some(stop) = &j.stop {
+                    stop.cancel();
+                }
+            }
+            State::Waiting | State::Ready { .. } | State::Delayed => {
+                let r = self.record(id, JobStatus::Canceled, Some("canceled".into()));
+                self.done(id, r);
+            }
+            State::Done | State::Inactive => {}
         }
     }
 

@@ -36,7 +36,8 @@ use files::{artifact_file, artifacts_archive, job_log};
 pub(crate) use info::budget_view;
 use info::{budget, events, metrics, project_variables};
 use pipelines::{
-    cancel, create_pipeline, list_pipelines, play, rerun, retry_job, show_job, show_pipeline,
+    cancel, cancel_job, create_pipeline, list_pipelines, play, rerun, retry_job, show_job,
+    show_pipeline,
 };
 use webhook::webhook;
 
@@ -50,6 +51,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/pipelines/{id}", get(show_pipeline))
         .route("/api/pipelines/{id}/rerun", post(rerun))
         .route("/api/jobs/{id}/retry", post(retry_job))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
         .route("/api/pipelines/{id}/cancel", post(cancel))
         .route("/api/projects/{*name}", get(project_variables))
         .route("/api/events", get(events))

@@ -59,6 +59,16 @@ pub(super) async fn create_pipeline(
         (Some(r), None) => (r.clone(), false),
         (None, None) => return error(StatusCode::BAD_REQUEST, "give `ref` (a branch) or `tag`"),
     };
+    if let Some(bad) = b.variables.keys().find(|k| {
+        k.is_empty()
+            || k.starts_with(|c: char| c.is_ascii_digit())
+            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`{bad}` is not a variable name: use letters, digits and _"),
+        );
+    }
     if state.cfg.project(&b.project).is_none() {
         return error(
             StatusCode::NOT_FOUND,
@@ -90,6 +100,7 @@ pub(super) async fn create_pipeline(
             jobs: b.jobs,
             rerun_of: None,
             inputs: b.inputs,
+            variables: b.variables,
         }
     ));
     (
@@ -290,4 +301,39 @@ pub(super) async fn cancel(_: Admin, St(state): St<Shared>, Path(id): Path<i64>)
             format!("pipeline {id} is {s} already"),
         ),
     }
+}
+
+/// `POST /api/jobs/{id}/cancel`: stop one job of a running pipeline (as GitLab's cancel of a
+/// job): a running one as with Ctrl-C (after_script runs), a waiting one at once; the jobs
+/// that need it are skipped and the pipeline ends `canceled`.
+pub(super) async fn cancel_job(_: Admin, St(state): St<Shared>, Path(id): Path<i64>) -> Response {
+    let Some(j) = store!(state.store.job(id)) else {
+        return error(StatusCode::NOT_FOUND, format!("no job {id}"));
+    };
+    if !matches!(j.status.as_str(), "created" | "running") || j.name.contains(" » ") {
+        return error(
+            StatusCode::CONFLICT,
+            format!("job {id} (`{}`) is {}: nothing to cancel", j.name, j.status),
+        );
+    }
+    if !state.broker.cancel_job(
+        j.pipeline_id,
+        usize::try_from(j.index).unwrap_or(usize::MAX),
+    ) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "pipeline {} is not running its jobs now; cancel the pipeline instead",
+                j.pipeline_id
+            ),
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(Cancel {
+            pipeline_id: j.pipeline_id,
+            status: "canceling".into(),
+        }),
+    )
+        .into_response()
 }
