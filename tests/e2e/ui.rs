@@ -9,7 +9,9 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::serve::{ADMIN, Origin, READER, Server, api_pipeline, config, finished, get, start};
+use crate::serve::{
+    ADMIN, Origin, READER, Server, api_pipeline, config, finished, get, start, text,
+};
 use crate::support::*;
 
 struct Driver {
@@ -134,6 +136,7 @@ build:
   script:
     - printf '\033[32mcompiled\033[0m\n'
     - mkdir -p out && echo binary > out/app
+    - echo "greeting=$GREETING"
   artifacts: {paths: [out/]}
 slow:
   stage: test
@@ -374,6 +377,49 @@ fn the_web_ui_in_a_real_browser() {
         )
         .await;
         shot(&c, "pipeline-played").await;
+
+        // Run a pipeline from the list, with a pipeline variable.
+        c.goto(&format!("{base}/ui/pipelines")).await.unwrap();
+        c.find(Locator::Css("#new-pipeline summary"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.find(Locator::Css("#new-pipeline-form textarea"))
+            .await
+            .unwrap()
+            .send_keys("GREETING=hello from the form")
+            .await
+            .unwrap();
+        shot(&c, "run-pipeline-form").await;
+        c.find(Locator::Id("run-pipeline"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the new pipeline's page never opened", 20, || async {
+            c.current_url()
+                .await
+                .map(|u| u.path().starts_with("/ui/pipelines/") && u.path() != format!("/ui/pipelines/{p1}"))
+                .unwrap_or(false)
+        })
+        .await;
+        let p2: i64 = c
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let v2 = blocking(|| finished(&s, p2));
+        assert_eq!(v2["pipeline"]["source"], "api", "{v2:#}");
+        let log = blocking(|| text(&s, &format!("/api/jobs/{}/log", job_id(&v2, "build"))));
+        assert!(log.contains("greeting=hello from the form"), "{log}");
         c.close().await.unwrap();
     });
 

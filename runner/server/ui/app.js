@@ -222,7 +222,40 @@ function buttons() {
   }
 }
 
+// ---- run a pipeline (admins): a ref or tag, with pipeline variables ----------------------
+function newPipeline() {
+  const form = document.getElementById("new-pipeline-form");
+  if (!form) return;
+  const fail = (msg) => {
+    const p = document.getElementById("new-pipeline-error");
+    p.textContent = msg;
+    p.hidden = false;
+  };
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const f = new FormData(form);
+    const body = { project: f.get("project"), variables: {} };
+    body[f.get("kind")] = f.get("name");
+    for (const line of String(f.get("variables") || "").split("\n")) {
+      if (!line.trim()) continue;
+      const i = line.indexOf("=");
+      if (i < 1) return fail(`"${line}" is not KEY=value`);
+      body.variables[line.slice(0, i).trim()] = line.slice(i + 1);
+    }
+    const r = await fetch("/api/pipelines", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Rave-Csrf": document.body.dataset.csrf || "" },
+      body: JSON.stringify(body),
+    });
+    let answer = {};
+    try { answer = await r.json(); } catch (_) { }
+    if (!r.ok || answer.pipeline_id == null) return fail(answer.error || answer.message || `failed: ${r.status}`);
+    location.href = `/ui/pipelines/${answer.pipeline_id}`;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  newPipeline();
   live();
   edges();
   window.addEventListener("resize", edges);
