@@ -100,6 +100,12 @@ fn workspaces_behave_like_gitlab_build_directories(mode: Option<&str>) {
 
 #[test]
 fn overlay_workspaces_are_stable_and_reset_like_gitlab_fetch() {
+    workspaces_behave_like_gitlab_build_directories(Some("overlay"));
+}
+
+/// A small tree gets copies by default (cheaper than a mount per job), a big one overlays.
+#[test]
+fn small_trees_get_copies_by_default() {
     workspaces_behave_like_gitlab_build_directories(None);
 }
 
@@ -180,7 +186,7 @@ shallow:
 
 #[test]
 fn jobs_get_a_git_directory_at_the_pipeline_commit_over_an_overlay() {
-    jobs_get_a_git_directory(None);
+    jobs_get_a_git_directory(Some("overlay"));
 }
 
 #[test]

@@ -184,8 +184,10 @@ impl Workspace {
         ignore: Box<dyn IgnoreCheck>,
     ) -> Workspace {
         let mut builds = Builds::new(state_dir.join("builds"));
-        if std::env::var("RAVE_WORKSPACE").is_ok_and(|v| v == "copy") {
-            builds = builds.copy_only();
+        match std::env::var("RAVE_WORKSPACE").as_deref() {
+            Ok("copy") => builds = builds.copy_only(),
+            Ok("overlay") => builds = builds.overlay_always(),
+            _ => {}
         }
         Workspace {
             source_root,
