@@ -47,6 +47,19 @@ pub struct Variant {
     pub name: String,
     /// Empty: every service.
     pub services: Vec<String>,
+    pub format: Format,
+}
+
+/// What a variant is built as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// The kernel and an initramfs holding everything.
+    #[default]
+    Initramfs,
+    /// The kernel, a small initramfs that mounts the disk, and a qcow2 disk holding an ext4
+    /// root file system with the services.
+    Qcow2,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -66,10 +79,15 @@ pub struct BuildOptions {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageMeta {
     pub variant: String,
+    #[serde(default)]
+    pub format: Format,
     pub kernel_version: String,
     pub services: Vec<ServiceDef>,
     /// File name → sha256.
     pub files: BTreeMap<String, String>,
+    /// File name → size in bytes.
+    #[serde(default)]
+    pub sizes: BTreeMap<String, u64>,
     pub boot: Boot,
     pub built_by: String,
 }
@@ -81,6 +99,9 @@ pub struct Boot {
     pub append: String,
     /// QEMU's NIC model the init's drivers are for.
     pub nic: String,
+    /// The root disk (qcow2, attached as virtio `/dev/vda`), for a disk variant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 impl ImageMeta {
@@ -88,14 +109,17 @@ impl ImageMeta {
     fn new(variant: &str, kernel_version: &str, services: Vec<ServiceDef>, built_by: &str) -> Self {
         ImageMeta {
             variant: variant.to_string(),
+            format: Format::Initramfs,
             kernel_version: kernel_version.to_string(),
             services,
             files: BTreeMap::new(),
+            sizes: BTreeMap::new(),
             boot: Boot {
                 kernel: "vmlinuz".into(),
                 initrd: "initramfs.cpio".into(),
                 append: "console=ttyS0 panic=-1".into(),
                 nic: NIC.0.into(),
+                disk: None,
             },
             built_by: built_by.to_string(),
         }
@@ -325,6 +349,7 @@ impl BuildOptions {
             vec![Variant {
                 name: "default".into(),
                 services: Vec::new(),
+                format: Format::Initramfs,
             }]
         } else {
             self.variants.clone()
@@ -417,11 +442,133 @@ pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
         }
         let dir = opts.out.join(&v.name);
         std::fs::create_dir_all(&dir).map_err(|e| ImageError(format!("{}: {e}", dir.display())))?;
+        let mut meta = ImageMeta::new(&v.name, &kver, chosen.clone(), "rave image build");
+        meta.format = v.format;
         let initrd = dir.join("initramfs.cpio");
-        let f = std::fs::File::create(&initrd)
-            .map_err(|e| ImageError(format!("{}: {e}", initrd.display())))?;
-        let mut c = Cpio::new(std::io::BufWriter::new(f));
-        let io = |e: std::io::Error| ImageError(format!("packing {}: {e}", initrd.display()));
+        let root = RootFs {
+            busybox: &bb,
+            target: &target,
+            services: &chosen,
+        };
+        match v.format {
+            Format::Initramfs => {
+                let mut c = cpio_at(&initrd)?;
+                root.pack(&mut c, &modules, &meta)
+                    .map_err(|e| ImageError(format!("packing {}: {e}", initrd.display())))?;
+                c.finish()
+                    .map_err(|e| ImageError(format!("packing {}: {e}", initrd.display())))?;
+            }
+            Format::Qcow2 => {
+                // The boot initramfs loads every module (NIC and disk); the root's init
+                // loads none.
+                let mut wanted: Vec<&str> = NIC.1.to_vec();
+                wanted.extend(DISK_MODULES);
+                let boot_modules =
+                    module_load_order(&Path::new("/lib/modules").join(&kver), &wanted)?;
+                meta.boot.disk = Some("disk.qcow2".into());
+                meta.boot.append.push_str(" root=/dev/vda");
+                let staging = dir.join(".rootfs");
+                let _ = std::fs::remove_dir_all(&staging);
+                root.pack(&mut DirTree(staging.clone()), &[], &meta)
+                    .map_err(|e| ImageError(format!("writing {}: {e}", staging.display())))?;
+                let disk = make_disk(&staging, &dir.join("disk.qcow2"));
+                let _ = std::fs::remove_dir_all(&staging);
+                disk?;
+                let mut c = cpio_at(&initrd)?;
+                pack_boot(&mut c, &bb, &boot_modules)
+                    .map_err(|e| ImageError(format!("packing {}: {e}", initrd.display())))?;
+                c.finish()
+                    .map_err(|e| ImageError(format!("packing {}: {e}", initrd.display())))?;
+            }
+        }
+        std::fs::copy(&kernel, dir.join("vmlinuz"))
+            .map_err(|e| ImageError(format!("cannot read the kernel {}: {e}", kernel.display())))?;
+        let mut files = vec!["vmlinuz", "initramfs.cpio"];
+        if v.format == Format::Qcow2 {
+            files.push("disk.qcow2");
+        }
+        for f in files {
+            let path = dir.join(f);
+            meta.files.insert(f.into(), sha256_file(&path)?);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| ImageError(format!("{}: {e}", path.display())))?
+                .len();
+            meta.sizes.insert(f.into(), size);
+        }
+        write_meta(&dir, &meta)?;
+        metas.push(meta);
+    }
+    Ok(metas)
+}
+
+/// Modules the boot initramfs of a disk variant loads to mount its root: the virtio disk and
+/// ext4 (with the crc32c its metadata checksums need).
+const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+
+/// Where an image's root file system is written: a cpio archive (an initramfs), or a
+/// directory that becomes an ext4 disk.
+trait Tree {
+    fn dir(&mut self, path: &str) -> std::io::Result<()>;
+    fn file(&mut self, path: &str, from: &Path, mode: u32) -> std::io::Result<()>;
+    fn symlink(&mut self, path: &str, target: &str) -> std::io::Result<()>;
+    fn bytes(&mut self, path: &str, data: &[u8], mode: u32) -> std::io::Result<()>;
+}
+
+impl<W: std::io::Write> Tree for Cpio<W> {
+    fn dir(&mut self, path: &str) -> std::io::Result<()> {
+        Cpio::dir(self, path)
+    }
+    fn file(&mut self, path: &str, from: &Path, mode: u32) -> std::io::Result<()> {
+        Cpio::file(self, path, from, mode)
+    }
+    fn symlink(&mut self, path: &str, target: &str) -> std::io::Result<()> {
+        Cpio::symlink(self, path, target)
+    }
+    fn bytes(&mut self, path: &str, data: &[u8], mode: u32) -> std::io::Result<()> {
+        Cpio::bytes(self, path, data, mode)
+    }
+}
+
+/// A directory standing for the root (`mkfs.ext4 -d` takes it).
+struct DirTree(PathBuf);
+
+impl Tree for DirTree {
+    fn dir(&mut self, path: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.0.join(path))
+    }
+    fn file(&mut self, path: &str, from: &Path, mode: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let to = self.0.join(path);
+        std::fs::copy(from, &to)?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+    }
+    fn symlink(&mut self, path: &str, target: &str) -> std::io::Result<()> {
+        std::os::unix::fs::symlink(target, self.0.join(path))
+    }
+    fn bytes(&mut self, path: &str, data: &[u8], mode: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let to = self.0.join(path);
+        std::fs::write(&to, data)?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+    }
+}
+
+fn cpio_at(path: &Path) -> Result<Cpio<std::io::BufWriter<std::fs::File>>, ImageError> {
+    let f =
+        std::fs::File::create(path).map_err(|e| ImageError(format!("{}: {e}", path.display())))?;
+    Ok(Cpio::new(std::io::BufWriter::new(f)))
+}
+
+/// What goes in an image's root: busybox, the modules its init loads, the services and the
+/// libraries they load, the init and the image's metadata.
+struct RootFs<'a> {
+    busybox: &'a Path,
+    target: &'a Path,
+    services: &'a [ServiceDef],
+}
+
+impl RootFs<'_> {
+    fn pack(&self, t: &mut dyn Tree, modules: &[PathBuf], meta: &ImageMeta) -> std::io::Result<()> {
         for d in [
             "bin",
             "sbin",
@@ -435,32 +582,31 @@ pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
             "lib/modules",
             "services",
         ] {
-            c.dir(d).map_err(io)?;
+            t.dir(d)?;
         }
-        c.file("bin/busybox", &bb, 0o755).map_err(io)?;
-        for t in BUSYBOX_TOOLS {
-            c.symlink(&format!("bin/{t}"), "busybox").map_err(io)?;
+        t.file("bin/busybox", self.busybox, 0o755)?;
+        for tool in BUSYBOX_TOOLS {
+            t.symlink(&format!("bin/{tool}"), "busybox")?;
         }
         let mut mod_names = Vec::new();
-        for m in &modules {
+        for m in modules {
             let name = m
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("m.ko")
                 .to_string();
-            c.file(&format!("lib/modules/{name}"), m, 0o644)
-                .map_err(io)?;
+            t.file(&format!("lib/modules/{name}"), m, 0o644)?;
             mod_names.push(name);
         }
         // Services and the libraries they load, at the paths the loader looks for them.
         let mut dirs_made: HashSet<String> =
             ["lib".to_string(), "bin".into()].into_iter().collect();
         let mut files_put: HashSet<PathBuf> = HashSet::new();
-        for d in &chosen {
-            let bin = target.join("release").join(&d.name);
-            c.file(&format!("services/{}", d.name), &bin, 0o755)
-                .map_err(io)?;
-            for lib in library_closure(&bin)? {
+        for d in self.services {
+            let bin = self.target.join("release").join(&d.name);
+            t.file(&format!("services/{}", d.name), &bin, 0o755)?;
+            let libs = library_closure(&bin).map_err(|e| std::io::Error::other(e.0))?;
+            for lib in libs {
                 if !files_put.insert(lib.clone()) {
                     continue;
                 }
@@ -472,33 +618,171 @@ pub fn build(opts: &BuildOptions) -> Result<Vec<ImageMeta>, ImageError> {
                     }
                     acc.push_str(&part.to_string_lossy());
                     if dirs_made.insert(acc.clone()) {
-                        c.dir(&acc).map_err(io)?;
+                        t.dir(&acc)?;
                     }
                 }
-                c.file(&rel, &lib, 0o755).map_err(io)?;
+                t.file(&rel, &lib, 0o755)?;
             }
         }
-        c.bytes("init", init_script(&chosen, &mod_names).as_bytes(), 0o755)
-            .map_err(io)?;
-        let mut meta = ImageMeta::new(&v.name, &kver, chosen.clone(), "rave image build");
-        c.bytes(
+        t.bytes(
+            "init",
+            init_script(self.services, &mod_names).as_bytes(),
+            0o755,
+        )?;
+        t.bytes(
             "etc/rave-image.json",
-            serde_json::to_string_pretty(&meta)
+            serde_json::to_string_pretty(meta)
                 .unwrap_or_default()
                 .as_bytes(),
             0o644,
         )
-        .map_err(io)?;
-        c.finish().map_err(io)?;
-        std::fs::copy(&kernel, dir.join("vmlinuz"))
-            .map_err(|e| ImageError(format!("cannot read the kernel {}: {e}", kernel.display())))?;
-        for f in ["vmlinuz", "initramfs.cpio"] {
-            meta.files.insert(f.into(), sha256_file(&dir.join(f))?);
-        }
-        write_meta(&dir, &meta)?;
-        metas.push(meta);
     }
-    Ok(metas)
+}
+
+/// The boot initramfs of a disk variant: load the modules, mount `/dev/vda` and hand over to
+/// the disk's own init.
+fn pack_boot(t: &mut dyn Tree, busybox: &Path, modules: &[PathBuf]) -> std::io::Result<()> {
+    for d in ["bin", "dev", "proc", "sys", "lib", "lib/modules", "newroot"] {
+        t.dir(d)?;
+    }
+    t.file("bin/busybox", busybox, 0o755)?;
+    for tool in [
+        "sh",
+        "mount",
+        "umount",
+        "insmod",
+        "sleep",
+        "echo",
+        "mkdir",
+        "switch_root",
+        "poweroff",
+    ] {
+        t.symlink(&format!("bin/{tool}"), "busybox")?;
+    }
+    let mut init = String::from(
+        "#!/bin/sh
+         # rave image boot: load the disk's drivers, mount it, run its init.
+         mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+",
+    );
+    for m in modules {
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("m.ko")
+            .to_string();
+        t.file(&format!("lib/modules/{name}"), m, 0o644)?;
+        init.push_str(&format!(
+            "insmod /lib/modules/{name} || echo \"rave-image: cannot load {name}\"\n"
+        ));
+    }
+    init.push_str(
+        "i=0
+while [ ! -b /dev/vda ] && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done
+         mount -t ext4 /dev/vda /newroot || { echo \"rave-image: cannot mount the root disk /dev/vda\"; poweroff -f; }
+         echo \"rave-image: root disk mounted\"
+         umount /proc /sys /dev
+         exec switch_root /newroot /init
+",
+    );
+    t.bytes("init", init.as_bytes(), 0o755)
+}
+
+/// An ext4 file system holding `root`, as a qcow2 disk at `out`, checked with `qemu-img
+/// check`. Built without root: `mkfs.ext4 -d` fills the file system from the directory.
+fn make_disk(root: &Path, out: &Path) -> Result<(), ImageError> {
+    let mut bytes = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)
+            .map_err(|e| ImageError(format!("{}: {e}", d.display())))?
+            .flatten()
+        {
+            let m = e
+                .path()
+                .symlink_metadata()
+                .map_err(|e| ImageError(e.to_string()))?;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            bytes += m.len() + 4096;
+        }
+    }
+    // Room for the file system's own structures and a little to spare, in whole MiB.
+    let size_mib = ((bytes + bytes / 4) >> 20) + 16;
+    let raw = out.with_extension("raw");
+    let _ = std::fs::remove_file(&raw);
+    let f =
+        std::fs::File::create(&raw).map_err(|e| ImageError(format!("{}: {e}", raw.display())))?;
+    f.set_len(size_mib << 20)
+        .map_err(|e| ImageError(format!("{}: {e}", raw.display())))?;
+    drop(f);
+    let steps: [(&str, Vec<String>); 3] = [
+        (
+            "mkfs.ext4",
+            vec![
+                "-q".into(),
+                "-F".into(),
+                "-L".into(),
+                "rave-root".into(),
+                "-d".into(),
+                root.display().to_string(),
+                raw.display().to_string(),
+            ],
+        ),
+        (
+            "qemu-img",
+            vec![
+                "convert".into(),
+                "-f".into(),
+                "raw".into(),
+                "-O".into(),
+                "qcow2".into(),
+                raw.display().to_string(),
+                out.display().to_string(),
+            ],
+        ),
+        (
+            "qemu-img",
+            vec![
+                "check".into(),
+                "-f".into(),
+                "qcow2".into(),
+                out.display().to_string(),
+            ],
+        ),
+    ];
+    for (tool, args) in steps {
+        let o = Command::new(tool).args(&args).output();
+        let o = match o {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_file(&raw);
+                let pkg = if tool == "qemu-img" {
+                    "qemu-utils"
+                } else {
+                    "e2fsprogs"
+                };
+                return err(format!(
+                    "cannot run {tool}: {e} (Debian: apt-get install {pkg})"
+                ));
+            }
+        };
+        if !o.status.success() {
+            let _ = std::fs::remove_file(&raw);
+            let _ = std::fs::remove_file(out);
+            return err(format!(
+                "{tool} failed making {} ({}): {}",
+                out.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(&raw);
+    Ok(())
 }
 
 fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
@@ -561,10 +845,23 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
                 .collect(),
         };
         let mut meta = ImageMeta::new(&v.name, "", services, &format!("nix: {nix}"));
+        let mut files = vec!["vmlinuz", "initramfs.cpio"];
+        // A disk the Nix build made: its initrd is then the boot stage that mounts it.
+        if link.join("disk.qcow2").exists() {
+            std::fs::copy(link.join("disk.qcow2"), dir.join("disk.qcow2"))
+                .map_err(|e| ImageError(e.to_string()))?;
+            meta.format = Format::Qcow2;
+            meta.boot.disk = Some("disk.qcow2".into());
+            meta.boot.append.push_str(" root=/dev/vda");
+            files.push("disk.qcow2");
+        }
         // The out-link would pin the build in the Nix store forever; the copies are the image.
         let _ = std::fs::remove_file(&link);
-        for f in ["vmlinuz", "initramfs.cpio"] {
+        for f in files {
             meta.files.insert(f.into(), sha256_file(&dir.join(f))?);
+            if let Ok(m) = std::fs::metadata(dir.join(f)) {
+                meta.sizes.insert(f.into(), m.len());
+            }
         }
         write_meta(&dir, &meta)?;
         metas.push(meta);
@@ -575,6 +872,43 @@ fn build_with_nix(opts: &BuildOptions, nix: &str) -> Result<Vec<ImageMeta>, Imag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk is an ext4 file system holding the tree, converted to qcow2 and checked; with no
+    /// room for it, the build fails naming the cause, and leaves no half disk. (Real
+    /// mkfs.ext4 and qemu-img; the full disk is a 2 MiB tmpfs, which needs root, as the
+    /// tests run.)
+    #[test]
+    fn a_disk_holds_the_tree_and_a_full_disk_fails_with_the_cause() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("services")).unwrap();
+        std::fs::write(root.join("services/app"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(root.join("init"), "#!/bin/sh\n").unwrap();
+        let out = d.path().join("disk.qcow2");
+        make_disk(&root, &out).unwrap();
+        let head = std::fs::read(&out).unwrap();
+        assert_eq!(&head[..4], b"QFI\xfb");
+        assert!(!d.path().join("disk.raw").exists(), "the raw file is gone");
+
+        let small = d.path().join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "this test mounts a tmpfs: run it as root"
+        );
+        let e = make_disk(&root, &small.join("disk.qcow2")).unwrap_err();
+        let _ = Command::new("umount").arg(&small).status();
+        assert!(e.0.contains("No space left on device"), "{e}");
+        assert!(
+            e.0.starts_with("mkfs.ext4") || e.0.starts_with("qemu-img"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn modules_load_after_what_they_need() {

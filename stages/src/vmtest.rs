@@ -160,6 +160,13 @@ fn boot(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(disk) = &meta.boot.disk {
+        // The guest writes to a throwaway overlay: the image stays the one its sha256 names.
+        cmd.arg("-drive").arg(format!(
+            "file={},if=virtio,format=qcow2,snapshot=on",
+            dir.join(disk).display()
+        ));
+    }
     let child = cmd
         .spawn()
         .map_err(|e| ImageError(format!("cannot start QEMU: {e}")))?;

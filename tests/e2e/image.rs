@@ -27,6 +27,8 @@ fn tools_present() {
     for (tool, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
+        ("qemu-img", "qemu-utils"),
+        ("mkfs.ext4", "e2fsprogs"),
     ] {
         assert!(
             std::process::Command::new(tool)
@@ -70,7 +72,7 @@ fn workspace_with(rave_cfg: &str, jobs: &str) -> tempfile::TempDir {
 fn a_service_crate_becomes_an_image_that_boots_and_answers() {
     tools_present();
     let d = workspace_with(
-        "    services: {hello: {port: 8080, health: /health}}\n    variants: {p1: [hello]}\n    boot_timeout: 120s\n    test_variables: {RAVE_MEMORY: 1G}\n",
+        "    services: {hello: {port: 8080, health: /health}}\n    variants: {p1: [hello], disk: {services: [hello], format: qcow2}}\n    boot_timeout: 120s\n    test_variables: {RAVE_MEMORY: 1G}\n",
         "release:\n  stage: release\n  needs: [rave-image, rave-vm-test]\n  rules: [{if: $CI_COMMIT_TAG}]\n  script: [mkdir -p release, cp -r rave-image release/, rave release create --dir release]\n  artifacts: {paths: [release/]}\n",
     );
     let keys = tempfile::tempdir().unwrap();
@@ -120,6 +122,36 @@ fn a_service_crate_becomes_an_image_that_boots_and_answers() {
         initrd_entry["media_type"],
         "application/octet-stream; kind=vm-image"
     );
+    // The qcow2 variant: a checked disk, booted by the same test, listed in the manifest.
+    assert!(
+        r.stderr.contains("vm test disk: healthy after"),
+        "{}",
+        r.stderr
+    );
+    let disk_dir = dir.parent().unwrap().join("disk");
+    let disk_meta = json(&std::fs::read_to_string(disk_dir.join("image.json")).unwrap());
+    assert_eq!(disk_meta["format"], "qcow2", "{disk_meta:#}");
+    assert_eq!(disk_meta["boot"]["disk"], "disk.qcow2");
+    let disk = std::fs::read(disk_dir.join("disk.qcow2")).unwrap();
+    assert_eq!(&disk[..4], b"QFI\xfb", "a qcow2 file");
+    assert_eq!(
+        disk_meta["files"]["disk.qcow2"],
+        hex::encode(sha2::Sha256::digest(&disk)),
+        "booting it did not change it"
+    );
+    assert_eq!(disk_meta["sizes"]["disk.qcow2"], disk.len() as u64);
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(disk_dir.join("disk.qcow2"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let disk_entry = arts
+        .iter()
+        .find(|a| a["path"] == "rave-image/disk/disk.qcow2")
+        .unwrap_or_else(|| panic!("{manifest:#}"));
+    assert_eq!(disk_entry["sha256"], disk_meta["files"]["disk.qcow2"]);
+    assert_eq!(disk_entry["media_type"], "application/x-qemu-disk");
 }
 
 #[test]

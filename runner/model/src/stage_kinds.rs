@@ -23,6 +23,7 @@
 //!     services_dir: services
 //!     services: {api: {port: 8080, health: /health}, metrics: {ports: [9100]}}
 //!     variants: {p1: [api], p2: [api, metrics]}   # default: one image with every service
+//!     # or a bootable qcow2 disk: {disk: {services: [api], format: qcow2}}
 //!     boot_timeout: 120s
 //!     nix: nix/image.nix                # build with Nix instead of cargo + packing
 //! ```
@@ -282,14 +283,37 @@ pub fn image_jobs(cfg: &Node, stages: &[String], diags: &mut Vec<Diagnostic>) ->
     }
     if let Some(vs) = cfg.get("variants").and_then(Node::as_map) {
         for (k, v) in vs {
-            let list: Vec<String> = v
-                .as_seq()
+            // `[svc, …]`, or `{services: [svc, …], format: initramfs | qcow2}`.
+            let services = if v.as_map().is_some() {
+                v.get("services")
+            } else {
+                Some(v)
+            };
+            let list: Vec<String> = services
+                .and_then(Node::as_seq)
                 .map(|s| s.iter().filter_map(Node::scalar_string).collect())
                 .unwrap_or_default();
             build.push(format!(
                 "--variant {}",
                 shell_quote(&format!("{}={}", k.name, list.join(",")))
             ));
+            match v.get("format").and_then(Node::scalar_string).as_deref() {
+                None | Some("initramfs") => {}
+                Some("qcow2") => build.push(format!("--qcow2 {}", shell_quote(&k.name))),
+                Some(other) => {
+                    diags.push(
+                        Diagnostic::error(
+                            format!(
+                                "variant `{}`: unknown image format `{other}`: use initramfs or qcow2",
+                                k.name
+                            ),
+                            v.get("format").map(|f| f.span),
+                        )
+                        .with_help_opt(did_you_mean(other, ["initramfs", "qcow2"])),
+                    );
+                    return Vec::new();
+                }
+            }
         }
     }
     if let Some(k) = text("kernel") {

@@ -184,3 +184,22 @@ fn structural_errors() {
             .contains("not a valid variable name")
     );
 }
+
+#[test]
+fn image_variants_as_disks() {
+    let p = ok(
+        ".rave:\n  image:\n    services: {api: {port: 8080}}\n    variants: {p1: [api], disk: {services: [api], format: qcow2}}\n",
+    );
+    let build = p.jobs["rave-image"].script.join(" ");
+    assert!(build.contains("--variant disk=api"), "{build}");
+    assert!(build.contains("--qcow2 disk"), "{build}");
+    assert!(build.contains("--variant p1=api"), "{build}");
+    let e = errors(
+        ".rave:\n  image:\n    services: {api: {port: 8080}}\n    variants: {disk: {services: [api], format: qcow3}}\n",
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("unknown image format `qcow3`: use initramfs or qcow2")),
+        "{e:?}"
+    );
+}
