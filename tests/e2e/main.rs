@@ -19,5 +19,6 @@ mod reuse;
 mod run;
 mod scan;
 mod serve;
+mod traces;
 mod ui;
 mod workspace;

@@ -9,6 +9,7 @@ mod graph;
 mod history;
 mod image;
 mod lint;
+mod otel;
 mod project;
 mod push;
 mod release;
@@ -36,7 +37,7 @@ enum Command {
     /// Print the planned DAG of job instances (dot, mermaid or json).
     Graph(graph::GraphArgs),
     /// Run the pipeline here, admitting jobs by memory and CPU within the budget.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Scan with Trivy, npm audit and the masked-variable check; gate on severity; write SARIF.
     Scan(scan::ScanArgs),
     /// Release signing keys.

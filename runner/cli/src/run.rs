@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// this Prometheus Pushgateway, grouped by project and pipeline.
     #[arg(long, value_name = "URL", env = "RAVE_PUSH_METRICS")]
     pub push_metrics: Option<String>,
+    /// After the run, send its spans (the run and each job: status, peak memory, failure
+    /// reason) to this OpenTelemetry collector over OTLP/HTTP (`http://host:4318`).
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// After the run, say why JOB was or was not reused (`RAVE_REUSE`): the input that
     /// changed since its last successful run (repeatable).
     #[arg(long, value_name = "JOB")]
@@ -283,6 +287,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     };
     let (local_id, run_dir) = next_run_dir(&project.root)?;
+    let run_started = std::time::SystemTime::now();
+    let trace = crate::otel::RunTrace::from_env(args.otlp_endpoint.is_some());
     let mut selected = selected;
     let mut continued: Option<(PathBuf, rave_engine::resume::Continuation)> = None;
     if let Some(prev) = &args.continue_run {
@@ -664,6 +670,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 jobs: plan.budget.jobs,
             },
             budget_utilisation: utilisation,
+            trace_id: trace.as_ref().map(|t| t.ctx.trace_hex()),
         },
         jobs: records.iter().map(|r| (*r).clone()).collect(),
     };
@@ -678,6 +685,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
             use std::io::Write;
             let _ = f.write_all(format!("{line}\n").as_bytes());
         }
+    }
+    if let (Some(endpoint), Some(t)) = (&args.otlp_endpoint, &trace) {
+        let project = format!("{}/{}", trigger.project_namespace, trigger.project_name);
+        let spans = t.spans(
+            &project,
+            pipeline_id,
+            result.status.as_str(),
+            run_started,
+            &records,
+        );
+        t.export(endpoint, &spans);
     }
     if let Some(base) = &args.push_metrics {
         let project = format!("{}/{}", trigger.project_namespace, trigger.project_name);

@@ -112,6 +112,9 @@ pub struct PipelineSummary {
     pub profile: String,
     pub budget: BudgetSummary,
     pub budget_utilisation: Option<f64>,
+    /// The OpenTelemetry trace the run's spans went to (`--otlp-endpoint`, `TRACEPARENT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]

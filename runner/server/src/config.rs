@@ -11,6 +11,7 @@
 //! cpus = "4"                    #   (default: the profile's; profile = "full" is the machine)
 //! jobs = 4                      # at most this many jobs at once, of all pipelines
 //! max_pipelines = 4             # pipelines running at once (their jobs share the budget)
+//! otlp_endpoint = "http://otel:4318"   # OpenTelemetry traces (default: OTEL_EXPORTER_OTLP_ENDPOINT)
 //!
 //! [[projects]]
 //! name = "group/app"            # matched against the forge's project path
@@ -74,6 +75,9 @@ pub struct ServerConfig {
     pub jobs: Option<u32>,
     /// How many pipelines run at once; their jobs share one budget.
     pub max_pipelines: u32,
+    /// An OpenTelemetry collector (OTLP/HTTP, `http://host:4318`) every pipeline's trace goes
+    /// to; default: `OTEL_EXPORTER_OTLP_ENDPOINT` from the server's environment, else none.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             push_metrics: None,
             jobs: None,
             max_pipelines: 4,
+            otlp_endpoint: None,
         }
     }
 }

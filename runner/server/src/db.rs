@@ -80,6 +80,9 @@ pub struct Pipeline {
     /// secrets, so the API lists names only).
     #[serde(skip_serializing, default)]
     pub variables: std::collections::BTreeMap<String, String>,
+    /// Its OpenTelemetry trace, when the server sends traces.
+    #[serde(default)]
+    pub trace_id: Option<String>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -109,6 +112,9 @@ pub struct Job {
     pub note: Option<String>,
     /// Indices of the jobs it `needs:` (empty for a job ordered by stages).
     pub needs: Vec<i64>,
+    /// Its pipeline's OpenTelemetry trace.
+    #[serde(default)]
+    pub trace_id: Option<String>,
     #[serde(skip)]
     pub log_path: Option<String>,
     #[serde(skip)]
@@ -151,6 +157,7 @@ pub trait PipelineStore: Send + Sync {
         limit: i64,
     ) -> Result<(Vec<Pipeline>, bool)>;
     fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()>;
+    fn set_trace(&self, id: i64, trace_id: &str) -> Result<()>;
     fn finish_pipeline(&self, id: i64, status: &str, error: Option<&str>) -> Result<()>;
     /// Queue a finished pipeline again to run `jobs` inside it (a retry or a play); false when
     /// it has not finished.
@@ -251,6 +258,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE pipelines ADD COLUMN resume TEXT NOT NULL DEFAULT '[]';",
     // 7: pipeline variables given through the API.
     "ALTER TABLE pipelines ADD COLUMN variables TEXT NOT NULL DEFAULT '{}';",
+    // 8: the OpenTelemetry trace of a pipeline, and of its jobs.
+    "ALTER TABLE pipelines ADD COLUMN trace_id TEXT; ALTER TABLE jobs ADD COLUMN trace_id TEXT;",
 ];
 
 pub fn now() -> String {
@@ -289,7 +298,7 @@ impl SqliteStore {
     }
 }
 
-const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs, resume, variables";
+const PIPELINE_COLS: &str = "id, project, ref, sha, tag, source, status, jobs_filter, rerun_of, created_at, started_at, finished_at, error, dir, pid, inputs, resume, variables, trace_id";
 
 fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
     let filter: String = r.get(7)?;
@@ -312,10 +321,11 @@ fn pipeline_row(r: &rusqlite::Row) -> rusqlite::Result<Pipeline> {
         inputs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
         resume: serde_json::from_str(&r.get::<_, String>(16)?).unwrap_or_default(),
         variables: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
+        trace_id: r.get(18)?,
     })
 }
 
-const JOB_COLS: &str = "id, pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code, failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs";
+const JOB_COLS: &str = "id, pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code, failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs, trace_id";
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
     Ok(Job {
@@ -337,6 +347,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         log_path: r.get(15)?,
         artifacts_dir: r.get(16)?,
         needs: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
+        trace_id: r.get(18)?,
     })
 }
 
@@ -461,6 +472,15 @@ impl PipelineStore for SqliteStore {
         Ok((v, more))
     }
 
+    fn set_trace(&self, id: i64, trace_id: &str) -> Result<()> {
+        let c = self.lock();
+        c.execute(
+            "UPDATE pipelines SET trace_id = ?2 WHERE id = ?1",
+            params![id, trace_id],
+        )?;
+        Ok(())
+    }
+
     fn set_pipeline_process(&self, id: i64, dir: &str, pid: Option<i64>) -> Result<()> {
         let c = self.lock();
         c.execute(
@@ -521,15 +541,18 @@ impl PipelineStore for SqliteStore {
         let c = self.lock();
         let id = c.query_row(
             "INSERT INTO jobs (pipeline_id, idx, name, stage, status, started_at, finished_at, duration_ms, exit_code,
-                 failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 failure_reason, peak_memory_bytes, memory_limit_bytes, attempts, note, log_path, artifacts_dir, needs, trace_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
              ON CONFLICT (pipeline_id, idx) DO UPDATE SET
                  status = excluded.status, started_at = COALESCE(excluded.started_at, started_at),
                  finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
                  exit_code = excluded.exit_code, failure_reason = excluded.failure_reason,
                  peak_memory_bytes = excluded.peak_memory_bytes,
                  memory_limit_bytes = COALESCE(excluded.memory_limit_bytes, memory_limit_bytes),
-                 attempts = COALESCE(excluded.attempts, attempts), note = excluded.note
+                 attempts = COALESCE(excluded.attempts, attempts), note = excluded.note,
+                 log_path = COALESCE(excluded.log_path, log_path),
+                 artifacts_dir = COALESCE(excluded.artifacts_dir, artifacts_dir),
+                 trace_id = COALESCE(excluded.trace_id, trace_id)
              RETURNING id",
             params![
                 j.pipeline_id,
@@ -548,7 +571,8 @@ impl PipelineStore for SqliteStore {
                 j.note,
                 j.log_path,
                 j.artifacts_dir,
-                serde_json::to_string(&j.needs).unwrap_or_else(|_| "[]".into())
+                serde_json::to_string(&j.needs).unwrap_or_else(|_| "[]".into()),
+                j.trace_id
             ],
             |r| r.get(0),
         )?;

@@ -58,6 +58,11 @@ pub struct State {
     pub fetch_lock: Arc<Mutex<()>>,
     /// The host budget the jobs of every running pipeline share.
     pub broker: Arc<budget::Broker>,
+    /// Where pipelines' traces go (OTLP/HTTP), if anywhere.
+    pub otlp: Option<String>,
+    /// When each queued pipeline's request (webhook or API call) was handled: the first span
+    /// of its trace. Bounded; lost on restart.
+    pub intakes: Mutex<HashMap<i64, (std::time::SystemTime, std::time::SystemTime, String)>>,
     /// Status changes, for `GET /api/events`.
     pub events: tokio::sync::broadcast::Sender<events::ServerEvent>,
     /// Signed-in browsers of the web UI (in memory: a restart signs everyone out).
@@ -110,6 +115,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     if cfg.projects.is_empty() {
         warn!("no [[projects]] in the config: every webhook is refused");
     }
+    let otlp = cfg
+        .server
+        .otlp_endpoint
+        .clone()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty());
     let broker = budget::Broker::new(
         budget::host_budget(&cfg.server)?,
         budget::socket_path(&data_dir),
@@ -129,6 +140,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         rave_exe: opts.rave_exe,
         fetch_lock: Arc::new(Mutex::new(())),
         broker,
+        otlp,
+        intakes: Mutex::new(HashMap::new()),
         events: events::channel(),
         sessions: Mutex::new(HashMap::new()),
     });
@@ -184,6 +197,26 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         let _ = std::fs::remove_file(&state.broker.socket);
         served
     })
+}
+
+impl State {
+    /// Remember how long taking pipeline `id` in took (`what`: the webhook's forge, `api`).
+    pub fn intake(&self, id: i64, started: std::time::SystemTime, what: &str) {
+        if self.otlp.is_none() {
+            return;
+        }
+        let mut m = self.intakes.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= 10_000 {
+            // Pipelines queued long ago and never run (a stopped queue): forget the oldest.
+            if let Some(&oldest) = m.keys().min() {
+                m.remove(&oldest);
+            }
+        }
+        m.insert(
+            id,
+            (started, std::time::SystemTime::now(), what.to_string()),
+        );
+    }
 }
 
 pub fn sha(s: &str) -> [u8; 32] {

@@ -256,6 +256,7 @@ struct PipelineView {
     created_at: String,
     duration: String,
     error: Option<String>,
+    trace_id: Option<String>,
 }
 
 fn short_time(t: &str) -> String {
@@ -294,6 +295,7 @@ fn pipeline_view(p: &crate::db::Pipeline) -> PipelineView {
             .map(human)
             .unwrap_or_default(),
         error: p.error.clone(),
+        trace_id: p.trace_id.clone(),
     }
 }
 
@@ -397,6 +399,8 @@ struct JobView {
     attempts: i64,
     needs: Vec<i64>,
     children: Vec<JobView>,
+    trace_id: Option<String>,
+    span_id: Option<String>,
 }
 
 fn mib(b: i64) -> String {
@@ -430,6 +434,15 @@ fn job_view(j: &crate::db::Job) -> JobView {
         attempts: j.attempts.unwrap_or(0),
         needs: j.needs.clone(),
         children: Vec::new(),
+        // The job's span, as the run named it (derived from the trace, the job and attempt).
+        span_id: j.trace_id.as_deref().and_then(|t| {
+            let trace: [u8; 16] = hex::decode(t).ok()?.try_into().ok()?;
+            let attempt = u32::try_from(j.attempts.unwrap_or(1)).unwrap_or(1);
+            Some(hex::encode(rave_traces::job_span_id(
+                &trace, &j.name, attempt,
+            )))
+        }),
+        trace_id: j.trace_id.clone(),
     }
 }
 

@@ -64,8 +64,59 @@ async fn run_one(state: Arc<State>, p: Pipeline) {
         status: "running".into(),
     });
     let project = p.project.clone();
-    let (status, err) = run_pipeline(&state, p).await;
+    // One trace per pipeline (a retry inside it adds to the same trace).
+    let trace = state.otlp.as_ref().map(|_| {
+        let ctx = p
+            .trace_id
+            .as_deref()
+            .and_then(rave_traces::TraceContext::in_trace)
+            .unwrap_or_default();
+        if let Err(e) = state.store.set_trace(id, &ctx.trace_hex()) {
+            warn!(pipeline = id, "cannot record the trace id: {e}");
+        }
+        ctx
+    });
+    let claimed = std::time::SystemTime::now();
+    let (ref_name, sha) = (p.ref_name.clone(), p.sha.clone());
+    let mut spans = Vec::new();
+    let (status, err) = run_pipeline(&state, p, trace.as_ref(), &mut spans).await;
     record_end(&state, id, &project, &status, err.as_deref()).await;
+    if let (Some(ctx), Some(endpoint)) = (trace, state.otlp.clone()) {
+        let mut root = rave_traces::SpanData::new(format!("pipeline {project} #{id}"), None)
+            .attr("rave.project", project.as_str())
+            .attr("rave.pipeline.id", id)
+            .attr("rave.ref", ref_name.as_str())
+            .attr("rave.sha", sha.as_str())
+            .attr("rave.status", status.as_str());
+        root.span_id = ctx.span_id;
+        root.start = claimed;
+        root.end = std::time::SystemTime::now();
+        if status == "failed" {
+            root.error = Some(err.clone().unwrap_or_else(|| "the pipeline failed".into()));
+        }
+        let intake = state
+            .intakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some((start, end, what)) = intake {
+            let mut s = rave_traces::SpanData::new("intake", Some(ctx.span_id))
+                .attr("rave.source", what.as_str());
+            s.start = start;
+            s.end = end;
+            root.start = root.start.min(start);
+            spans.push(s);
+        }
+        spans.insert(0, root);
+        // Off the async workers: the export waits for the collector (3 s at most).
+        let sent = tokio::task::spawn_blocking(move || {
+            rave_traces::export(&endpoint, &ctx.trace_id, &spans, Duration::from_secs(3))
+        })
+        .await;
+        if let Ok(Err(e)) = sent {
+            warn!(pipeline = id, "traces not sent: {e}");
+        }
+    }
     state
         .running
         .lock()
@@ -140,7 +191,12 @@ pub async fn fetch(state: &State, project: &str) -> Result<PathBuf, String> {
     .map_err(|e| format!("fetch task: {e}"))?
 }
 
-async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String>) {
+async fn run_pipeline(
+    state: &Arc<State>,
+    p: Pipeline,
+    trace: Option<&rave_traces::TraceContext>,
+    spans: &mut Vec<rave_traces::SpanData>,
+) -> (String, Option<String>) {
     let Some(project) = state.cfg.project(&p.project).cloned() else {
         return (
             "failed".into(),
@@ -182,6 +238,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             Some(format!("cannot create {}: {e}", dir.display())),
         );
     }
+    let checkout_started = std::time::SystemTime::now();
     let mirror = match fetch(state, &p.project).await {
         Ok(m) => m,
         Err(e) => return ("failed".into(), Some(e)),
@@ -208,6 +265,13 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
             let _ = std::fs::rename(&kept, src.join(".rave"));
         }
         return ("failed".into(), Some(e));
+    }
+    if let Some(ctx) = trace {
+        let mut s = rave_traces::SpanData::new("checkout", Some(ctx.span_id))
+            .attr("rave.sha", p.sha.as_str());
+        s.start = checkout_started;
+        s.end = std::time::SystemTime::now();
+        spans.push(s);
     }
     if kept.exists() {
         let _ = std::fs::remove_dir_all(src.join(".rave"));
@@ -287,6 +351,9 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
     if let Some(u) = &state.cfg.server.push_metrics {
         args.push(format!("--push-metrics={u}"));
     }
+    if let (Some(u), Some(_)) = (&state.otlp, trace) {
+        args.push(format!("--otlp-endpoint={u}"));
+    }
     if let Some(d) = &state.cfg.server.templates_dir {
         args.push(format!("--templates-dir={}", d.display()));
     } else if let Some(t) = &state.cfg.server.templates_project {
@@ -365,6 +432,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         .envs(include_token.map(|t| ("RAVE_INCLUDE_TOKEN", t)))
         .env("NO_COLOR", "1")
         .env("RAVE_SERVER_PIPELINE_ID", p.id.to_string())
+        .envs(trace.map(|t| ("TRACEPARENT", t.traceparent())))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -402,6 +470,7 @@ async fn run_pipeline(state: &Arc<State>, p: Pipeline) -> (String, Option<String
         error!(pipeline = p.id, "cannot record the pipeline's process: {e}");
     }
     let mut tail = Tail::new(events, p.id, p.project.clone());
+    tail.trace = trace.map(|t| t.trace_hex());
     let code = loop {
         tail.read(state);
         tokio::select! {
@@ -566,6 +635,8 @@ struct Tail {
     partial: String,
     jobs: Vec<Job>,
     finished: Option<String>,
+    /// The pipeline's trace, recorded on its job rows.
+    trace: Option<String>,
 }
 
 impl Tail {
@@ -578,6 +649,7 @@ impl Tail {
             partial: String::new(),
             jobs: Vec::new(),
             finished: None,
+            trace: None,
         }
     }
 
@@ -714,6 +786,16 @@ impl Tail {
     }
 
     fn save(&self, state: &State, j: &Job) {
+        let row;
+        let j = if self.trace.is_some() && j.trace_id.is_none() {
+            row = Job {
+                trace_id: self.trace.clone(),
+                ..j.clone()
+            };
+            &row
+        } else {
+            j
+        };
         let job_id = match state.store.upsert_job(j) {
             Ok(id) => id,
             Err(e) => {

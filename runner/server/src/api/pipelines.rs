@@ -54,6 +54,7 @@ pub(super) async fn create_pipeline(
     St(state): St<Shared>,
     axum::Json(b): axum::Json<CreatePipeline>,
 ) -> Response {
+    let intake_started = std::time::SystemTime::now();
     let (name, is_tag) = match (&b.ref_name, &b.tag) {
         (_, Some(t)) => (t.clone(), true),
         (Some(r), None) => (r.clone(), false),
@@ -103,6 +104,7 @@ pub(super) async fn create_pipeline(
             variables: b.variables,
         }
     ));
+    state.intake(id, intake_started, "api");
     (
         StatusCode::CREATED,
         axum::Json(Queued {

@@ -51,6 +51,7 @@ pub(super) fn handle_webhook(
     headers: &HeaderMap,
     body: &[u8],
 ) -> (StatusCode, Option<&'static str>, Response) {
+    let intake_started = std::time::SystemTime::now();
     let fail = |code: StatusCode, reason: &'static str, msg: String| {
         // `{:?}`: the path and the message may hold newlines a client sent.
         warn!(forge = ?forge, reason, "webhook refused: {msg:?}");
@@ -148,6 +149,7 @@ pub(super) fn handle_webhook(
         new.as_ref(),
     ) {
         Ok(Delivery::New(Some(id))) => {
+            state.intake(id, intake_started, forge.as_str());
             state.wake.notify_one();
             info!(forge = forge.as_str(), delivery = %delivery.id, pipeline = id, "pipeline queued");
             (
