@@ -750,7 +750,7 @@ fn fetches_over_http_with_the_projects_token() {
 fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     let origin = Origin::new(&[(
         ".gitlab-ci.yml",
-        "stages: [build, deploy, check]\nbuild:\n  stage: build\n  script:\n    - if test -f slow; then echo SLOW; sleep 6062; fi\n    - echo built\ndeploy:\n  stage: deploy\n  when: manual\n  script: [echo deployed]\nflaky:\n  stage: check\n  needs: []\n  script: [echo checking, exit 3]\n",
+        "stages: [build, deploy, check]\nbuild:\n  stage: build\n  script:\n    - if test -f slow; then echo SLOW; sleep 6062; fi\n    - echo built\ndeploy:\n  stage: deploy\n  when: manual\n  script: [echo deployed]\nflaky:\n  stage: check\n  needs: []\n  script: ['echo \"checking, attempt $CI_RETRY_ATTEMPT\"', exit 3]\n",
     )]);
     sh(
         &origin.work,
@@ -811,6 +811,11 @@ fn api_runs_a_ref_plays_manual_jobs_reruns_failures_and_cancels() {
     assert!(
         log.contains("built"),
         "the carried job's log is still served: {log}"
+    );
+    let log = text(&s, &format!("/api/jobs/{}/log", job(&again, "flaky")["id"]));
+    assert!(
+        log.contains("checking, attempt 1"),
+        "the retried job's row serves its new attempt's log: {log}"
     );
 
     // Cancel a running pipeline: its job is stopped, nothing keeps running.
