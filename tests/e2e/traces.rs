@@ -101,7 +101,7 @@ fn a_run_sends_its_span_tree_to_an_otlp_receiver() {
     let v = json(&r.stdout);
     let trace = v["pipeline"]["trace_id"].as_str().unwrap().to_string();
     let spans = rx.spans();
-    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert_eq!(spans.len(), 4, "the run, its load and two jobs: {spans:#?}");
     let run = named(&spans, "rave run");
     assert!(run.parent_span_id.is_empty(), "the run is the root");
     for s in &spans {
@@ -243,4 +243,55 @@ fn the_server_traces_each_pipeline_from_webhook_to_jobs() {
         page.contains(&span),
         "the job page names the span the run sent: {span}"
     );
+}
+
+/// Every job gets its span as a W3C `TRACEPARENT` (and the endpoint), so what runs inside it
+/// joins the trace: `rave release create` adds its signing as a span under the release job's.
+/// Loading the pipeline file is a span too.
+#[test]
+fn jobs_carry_their_span_and_the_release_signing_hangs_under_its_job() {
+    let rx = Receiver::start();
+    let keys = tempfile::tempdir().unwrap();
+    let r = rave(keys.path(), &["keys", "generate", "--dir", "k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let private = std::fs::read_to_string(keys.path().join("k/rave-release")).unwrap();
+    let d = git_repo(&[
+        ("app.txt", "v1\n"),
+        (
+            ".gitlab-ci.yml",
+            "release:\n  script:\n    - echo \"tp=$TRACEPARENT\"\n    - mkdir -p release && cp app.txt release/\n    - rave release create --dir release\n",
+        ),
+    ]);
+    sh(d.path(), "git tag v1.0.0");
+    let key_var = format!("RAVE_SIGNING_KEY={private}");
+    let r = rave(
+        d.path(),
+        &[
+            "run",
+            "--json",
+            "--tag",
+            "v1.0.0",
+            "--var",
+            &key_var,
+            "--otlp-endpoint",
+            &rx.url,
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let spans = rx.spans();
+    let job = named(&spans, "job release");
+    let log = std::fs::read_to_string(d.path().join(".rave/runs/1/logs/000-release.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "tp=00-{}-{}-01",
+            hex::encode(&job.trace_id),
+            hex::encode(&job.span_id)
+        )),
+        "the job's TRACEPARENT names its span: {log}"
+    );
+    let sign = named(&spans, "release sign v1.0.0");
+    assert_eq!(sign.parent_span_id, job.span_id, "signing under the job");
+    assert_eq!(sign.trace_id, job.trace_id);
+    let load = named(&spans, "load pipeline");
+    assert_eq!(load.parent_span_id, named(&spans, "rave run").span_id);
 }

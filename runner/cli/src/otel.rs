@@ -6,7 +6,8 @@
 use std::time::{Duration, SystemTime};
 
 use rave_engine::JobRecord;
-use rave_traces::{SpanData, TraceContext, job_span_id};
+use rave_engine::trace::job_span_id;
+use rave_traces::{SpanData, TraceContext};
 
 /// The run's trace: under the caller's (`TRACEPARENT`), or a new one when spans are sent.
 pub struct RunTrace {
@@ -91,5 +92,29 @@ impl RunTrace {
         {
             eprintln!("rave: WARNING: traces not sent: {e}");
         }
+    }
+}
+
+/// A span of work done now by a rave command inside a traced job (`TRACEPARENT` and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` in its environment), sent at once; nothing otherwise.
+pub fn child_span(name: String, started: SystemTime, attributes: &[(&str, String)]) {
+    let (Some(ctx), Some(endpoint)) = (
+        std::env::var("TRACEPARENT")
+            .ok()
+            .and_then(|t| TraceContext::from_traceparent(&t)),
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty()),
+    ) else {
+        return;
+    };
+    let mut s = SpanData::new(name, Some(ctx.span_id));
+    for (k, v) in attributes {
+        s = s.attr(k, v.as_str());
+    }
+    s.start = started;
+    s.end = SystemTime::now();
+    if let Err(e) = rave_traces::export(&endpoint, &ctx.trace_id, &[s], Duration::from_secs(3)) {
+        eprintln!("rave: WARNING: trace span not sent: {e}");
     }
 }

@@ -298,9 +298,20 @@ pub fn release(cmd: &ReleaseCommand) -> anyhow::Result<i32> {
                         .map_or(slug.clone(), |(_, n)| n.to_string()),
                 )
             };
+            let signing_started = std::time::SystemTime::now();
             let written =
                 release::write_release(&info, &args.dir, &key, args.expire_days, &producer)?;
             println!("signed with {}", key.id());
+            // Inside a traced job: the signing is a span under the job's.
+            crate::otel::child_span(
+                format!("release sign {}", info.tag),
+                signing_started,
+                &[
+                    ("rave.release.tag", info.tag.clone()),
+                    ("rave.release.key", key.id()),
+                    ("rave.release.files", written.len().to_string()),
+                ],
+            );
             for w in &written {
                 println!("wrote {}", w.display());
             }

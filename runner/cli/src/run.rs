@@ -237,6 +237,7 @@ fn print_no_pipeline(reason: NoPipelineReason, message: String) -> anyhow::Resul
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
+    let load_started = std::time::SystemTime::now();
     let Planned {
         project,
         trigger,
@@ -255,6 +256,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     };
     report(&project.loaded.sources, &warnings);
+    let load_ended = std::time::SystemTime::now();
     // Earlier runs say how long jobs take: weight the critical path by that, so the scheduler
     // starts the job the pipeline is really waiting on. Unknown jobs count as the average.
     let known = crate::history::last_durations(&project.root);
@@ -287,7 +289,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     };
     let (local_id, run_dir) = next_run_dir(&project.root)?;
-    let run_started = std::time::SystemTime::now();
     let trace = crate::otel::RunTrace::from_env(args.otlp_endpoint.is_some());
     let mut selected = selected;
     let mut continued: Option<(PathBuf, rave_engine::resume::Continuation)> = None;
@@ -465,6 +466,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         keep_workdirs: args.keep,
         lease: None,
         resume: continued.as_ref().map(|(_, c)| c.resume.clone()),
+        trace: trace.as_ref().map(|t| rave_engine::trace::JobTrace {
+            trace_id: t.ctx.trace_id,
+            endpoint: args.otlp_endpoint.clone(),
+        }),
     };
     // Masked variables, as GitLab masks them in job logs: the ones RAVE_MASKED_VARIABLES names
     // (from `--var` or the environment), and always the release signing key.
@@ -687,14 +692,29 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
     }
     if let (Some(endpoint), Some(t)) = (&args.otlp_endpoint, &trace) {
-        let project = format!("{}/{}", trigger.project_namespace, trigger.project_name);
-        let spans = t.spans(
-            &project,
+        let project_path = format!("{}/{}", trigger.project_namespace, trigger.project_name);
+        let mut spans = t.spans(
+            &project_path,
             pipeline_id,
             result.status.as_str(),
-            run_started,
+            load_started,
             &records,
         );
+        // Loading the pipeline file: where `include:`s from elsewhere were fetched.
+        let mut load = rave_traces::SpanData::new("load pipeline", Some(spans[0].span_id))
+            .attr("rave.includes", project.loaded.external.len() as i64);
+        if !project.loaded.external.is_empty() {
+            let list: Vec<String> = project
+                .loaded
+                .external
+                .iter()
+                .map(|f| format!("{} {} @ {}", f.kind, f.location, f.resolved))
+                .collect();
+            load = load.attr("rave.include.files", list.join("; "));
+        }
+        load.start = load_started;
+        load.end = load_ended;
+        spans.push(load);
         t.export(endpoint, &spans);
     }
     if let Some(base) = &args.push_metrics {

@@ -122,6 +122,7 @@ pub async fn trace(
         keep_workdirs: false,
         lease: None,
         resume,
+        trace: None,
     };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let (log_tx, mut log_rx) = mpsc::channel(256);

@@ -45,6 +45,7 @@ pub mod reuse;
 pub mod scheduler;
 pub mod share;
 pub mod snapshot;
+pub mod trace;
 pub mod workspace;
 
 pub use event::{Event, JobRecord};

@@ -185,6 +185,7 @@ pub struct Metrics {
     budget_used: Gauge,
     budget: Gauge,
     oom_kills: Counter,
+    traces_dropped: Counter,
     uptime: Gauge,
     /// Encoding reads the registry while gauges are set: one scrape at a time.
     render_lock: Mutex<()>,
@@ -258,6 +259,12 @@ impl Default for Metrics {
             "Jobs killed for exceeding their memory limit",
             oom_kills.clone(),
         );
+        let traces_dropped = Counter::default();
+        registry.register(
+            "rave_traces_dropped",
+            "Pipeline traces the OpenTelemetry collector did not take (unreachable, refused)",
+            traces_dropped.clone(),
+        );
         let uptime = Gauge::default();
         registry.register(
             "rave_uptime_seconds",
@@ -278,6 +285,7 @@ impl Default for Metrics {
             budget_used,
             budget,
             oom_kills,
+            traces_dropped,
             uptime,
             render_lock: Mutex::new(()),
         }
@@ -301,6 +309,10 @@ impl Metrics {
                 .inc();
         }
         self.webhook_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn trace_dropped(&self) {
+        self.traces_dropped.inc();
     }
 
     pub fn deduplicated(&self) {

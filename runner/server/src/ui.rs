@@ -438,7 +438,7 @@ fn job_view(j: &crate::db::Job) -> JobView {
         span_id: j.trace_id.as_deref().and_then(|t| {
             let trace: [u8; 16] = hex::decode(t).ok()?.try_into().ok()?;
             let attempt = u32::try_from(j.attempts.unwrap_or(1)).unwrap_or(1);
-            Some(hex::encode(rave_traces::job_span_id(
+            Some(hex::encode(rave_engine::trace::job_span_id(
                 &trace, &j.name, attempt,
             )))
         }),

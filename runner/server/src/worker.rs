@@ -114,6 +114,7 @@ async fn run_one(state: Arc<State>, p: Pipeline) {
         })
         .await;
         if let Ok(Err(e)) = sent {
+            state.metrics.trace_dropped();
             warn!(pipeline = id, "traces not sent: {e}");
         }
     }

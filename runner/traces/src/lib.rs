@@ -96,20 +96,6 @@ impl Default for TraceContext {
     }
 }
 
-/// The span id of a job's attempt in a trace: derived, so the server can name it without
-/// asking the run (`sha256(trace, job, attempt)`).
-pub fn job_span_id(trace_id: &[u8; 16], job: &str, attempt: u32) -> [u8; 8] {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(trace_id);
-    h.update(job.as_bytes());
-    h.update(attempt.to_le_bytes());
-    let d = h.finalize();
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&d[..8]);
-    out
-}
-
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Attr {

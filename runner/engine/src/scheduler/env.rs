@@ -103,6 +103,9 @@ pub(super) fn job_env(i: &EnvInput, workdir: &Path) -> Vec<(String, String)> {
             i.ws.state_dir.to_string_lossy().into_owned(),
         ));
     }
+    if let Some(t) = &i.cfg.trace {
+        env.extend(t.env(&j.name, i.attempt));
+    }
     let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let caps = caps::env(i.memory, j.cpus, &i.cfg.budget, &lookup);
     env.extend(finals.iter().cloned());

@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub lease: Option<Arc<crate::lease::Client>>,
     /// Go on with an earlier run of this pipeline instead of starting afresh.
     pub resume: Option<Resume>,
+    /// The pipeline's trace: each job gets its `TRACEPARENT`.
+    pub trace: Option<crate::trace::JobTrace>,
 }
 
 /// Going on with an earlier run of the same pipeline, as GitLab retries a job or plays a
