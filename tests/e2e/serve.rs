@@ -1686,3 +1686,54 @@ fn api_pipeline_variables_and_canceling_one_job() {
     let (code, _) = post(&s, &format!("/api/jobs/{work}/cancel"), ADMIN);
     assert_eq!(code, 409, "a finished job cannot be canceled");
 }
+
+/// `include: project` from a forge reached over SSH: fetched with the project's key and its
+/// pinned host key, from `include_base`; the included job runs.
+#[test]
+fn includes_come_over_ssh_with_the_projects_key() {
+    let data = tempfile::tempdir().unwrap();
+    let ssh = sshd(data.path());
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let port = ssh.port;
+    let host_pub = std::fs::read_to_string(data.path().join("host_key.pub")).unwrap();
+    std::fs::write(
+        data.path().join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}"),
+    )
+    .unwrap();
+    // The shared templates, as a project on the forge: <forge>/team/templates.git.
+    let forge = data.path().join("forge");
+    std::fs::create_dir_all(forge.join("team")).unwrap();
+    sh(
+        &forge,
+        "git init -q --bare team/templates.git && mkdir t && cd t && git init -q -b main . && printf 'from-template:\\n  script: [echo from the shared template]\\n' > build.yml && git add -A && git -c user.name=t -c user.email=t@t commit -qm t && git push -q ../team/templates.git main",
+    );
+    let origin = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "include:\n  - project: team/templates\n    file: build.yml\nown:\n  script: [echo own]\n",
+    )]);
+    let a = origin.head();
+    let d = data.path().display();
+    let url = format!("ssh://{user}@127.0.0.1:{port}{}", origin.bare.display());
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{url}\"\nsecret = \"{SECRET}\"\nssh_key = \"{d}/client_key\"\nssh_known_hosts = \"{d}/known_hosts\"\ninclude_base = \"ssh://{user}@127.0.0.1:{port}{d}/forge\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{READER}\"\nscope = \"read\"\n"
+        ),
+    )
+    .unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let r = github_push(&s, "ssh-include-1", "refs/heads/main", &a);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    let included = job(&v, "from-template");
+    assert_eq!(included["status"], "success", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", included["id"]));
+    assert!(log.contains("from the shared template"), "{log}");
+}

@@ -33,6 +33,11 @@ pub struct PipelineArgs {
     /// Where `include: template` files are: a project on the forge (`group/templates[@ref]`).
     #[arg(long, value_name = "PROJECT")]
     pub templates_project: Option<String>,
+    /// Where `include: project` repositories are when not under the server URL:
+    /// `<URL>/<project>.git` (e.g. `ssh://git@forge:2222`). With an SSH URL, the key is
+    /// $RAVE_INCLUDE_SSH_KEY and the pinned host keys $RAVE_INCLUDE_SSH_KNOWN_HOSTS.
+    #[arg(long, value_name = "URL")]
+    pub include_base: Option<String>,
     /// Where fetched includes are kept (default: .rave/includes in the project).
     #[arg(long, value_name = "DIR", hide = true)]
     pub include_cache: Option<PathBuf>,
@@ -241,10 +246,21 @@ impl Project {
             .unwrap_or_else(|| self.root.join(".rave").join("includes"));
         let mut inc = rave_includes::ForgeIncludes::new(server_url, cache);
         inc.offline = args.offline;
+        inc.project_base = args
+            .include_base
+            .as_ref()
+            .map(|b| b.trim_end_matches('/').to_string());
         if let Ok(t) = std::env::var("RAVE_INCLUDE_TOKEN")
             && !t.is_empty()
         {
             inc.credentials = rave_repo::Credentials::Token(t);
+        } else if let Ok(k) = std::env::var("RAVE_INCLUDE_SSH_KEY")
+            && !k.is_empty()
+        {
+            inc.credentials = rave_repo::Credentials::SshKey {
+                key: PathBuf::from(k),
+                known_hosts: std::env::var_os("RAVE_INCLUDE_SSH_KNOWN_HOSTS").map(PathBuf::from),
+            };
         }
         inc.templates = match (&args.templates_dir, &args.templates_project) {
             (Some(d), _) => Some(rave_includes::Templates::Dir(d.clone())),

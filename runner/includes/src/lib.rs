@@ -34,6 +34,9 @@ pub enum Templates {
 pub struct ForgeIncludes {
     /// `https://gitlab.example.com`: projects are `<server_url>/<project>.git`.
     pub server_url: Option<String>,
+    /// Where projects' repositories are, when not under `server_url`: `<project_base>/<project>.git`
+    /// (`ssh://git@gitlab.example.com:2222`, for a forge reached over SSH).
+    pub project_base: Option<String>,
     /// Mirrors and remote files are kept here.
     pub cache_dir: PathBuf,
     pub credentials: Credentials,
@@ -96,6 +99,7 @@ impl ForgeIncludes {
     pub fn new(server_url: Option<String>, cache_dir: PathBuf) -> ForgeIncludes {
         ForgeIncludes {
             server_url: server_url.map(|u| u.trim_end_matches('/').to_string()),
+            project_base: None,
             cache_dir,
             credentials: Credentials::None,
             offline: false,
@@ -145,7 +149,11 @@ impl ForgeIncludes {
         let url = match url {
             Some(u) => u,
             None => {
-                let base = self.server_url.as_deref().ok_or_else(|| {
+                let base = self
+                    .project_base
+                    .as_deref()
+                    .or(self.server_url.as_deref())
+                    .ok_or_else(|| {
                     format!(
                         "no forge to fetch project `{project}` from: the `origin` remote names none; pass --server-url"
                     )

@@ -138,6 +138,10 @@ pub struct Project {
     /// The forge `include: project` and `component` fetch from (default: the host of
     /// `clone_url`), with the project's token.
     pub server_url: Option<String>,
+    /// Where included projects' repositories are, as `<include_base>/<project>.git`, when
+    /// not under `server_url`: e.g. `ssh://git@forge:2222/srv/git` for a forge reached over
+    /// SSH, fetched with this project's `ssh_key` and pinned `ssh_known_hosts`.
+    pub include_base: Option<String>,
 }
 
 fn default_protected_branches() -> Vec<String> {

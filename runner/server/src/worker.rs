@@ -360,12 +360,22 @@ async fn run_pipeline(
     } else if let Some(t) = &state.cfg.server.templates_project {
         args.push(format!("--templates-project={t}"));
     }
-    // The token reaches the `rave run` that fetches includes, never its jobs (their
-    // environment is the clean allowlist).
-    let include_token = match project.credentials() {
-        Ok(rave_repo::Credentials::Token(t)) => Some(t),
-        _ => None,
-    };
+    // The token (or SSH key) reaches the `rave run` that fetches includes, never its jobs
+    // (their environment is the clean allowlist).
+    let mut include_env: Vec<(&str, String)> = Vec::new();
+    match project.credentials() {
+        Ok(rave_repo::Credentials::Token(t)) => include_env.push(("RAVE_INCLUDE_TOKEN", t)),
+        Ok(rave_repo::Credentials::SshKey { key, known_hosts }) => {
+            include_env.push(("RAVE_INCLUDE_SSH_KEY", key.display().to_string()));
+            if let Some(k) = known_hosts {
+                include_env.push(("RAVE_INCLUDE_SSH_KNOWN_HOSTS", k.display().to_string()));
+            }
+        }
+        _ => {}
+    }
+    if let Some(b) = &project.include_base {
+        args.push(format!("--include-base={b}"));
+    }
     if let Some(f) = &project.pipeline_file {
         args.extend(["--file".into(), f.clone()]);
     }
@@ -430,7 +440,7 @@ async fn run_pipeline(
         .current_dir(&src)
         .env_clear()
         .envs(host_env)
-        .envs(include_token.map(|t| ("RAVE_INCLUDE_TOKEN", t)))
+        .envs(include_env)
         .env("NO_COLOR", "1")
         .env("RAVE_SERVER_PIPELINE_ID", p.id.to_string())
         .envs(trace.map(|t| ("TRACEPARENT", t.traceparent())))
