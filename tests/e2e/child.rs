@@ -127,8 +127,8 @@ fn strategy_depend_takes_the_childs_status_and_without_it_the_trigger_succeeds()
 fn trigger_mistakes_are_lint_errors() {
     for (ci, want) in [
         (
-            "t:\n  trigger: group/other\n",
-            "multi-project pipelines are not run by rave yet",
+            "t:\n  trigger:\n    project: group/other\n    include: c.yml\n",
+            "both `trigger: project` and `trigger: include`",
         ),
         (
             "t:\n  trigger:\n    strategy: depend\n",

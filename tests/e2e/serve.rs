@@ -1737,3 +1737,108 @@ fn includes_come_over_ssh_with_the_projects_key() {
     let log = text(&s, &format!("/api/jobs/{}/log", included["id"]));
     assert!(log.contains("from the shared template"), "{log}");
 }
+
+/// Multi-project pipelines: a `trigger: project` job makes the server start that project's
+/// pipeline (source `pipeline`) with the job's variables; with `strategy: depend` the job
+/// takes the downstream pipeline's result, without it the job succeeds once the pipeline
+/// exists. A project the server does not know fails the job with why; a plain `rave run`
+/// says such jobs run on `rave serve`.
+#[test]
+fn trigger_project_starts_the_downstream_pipeline_on_the_server() {
+    let lib = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "check:\n  script:\n    - echo \"version=$VERSION\"\n    - test \"$VERSION\" != broken\n",
+    )]);
+    let app = Origin::new(&[(
+        ".gitlab-ci.yml",
+        "variables: {VERSION: \"1.2\"}\nstages: [build, deploy]\nbuild:\n  stage: build\n  script: [echo built]\nrelease-lib:\n  stage: deploy\n  trigger:\n    project: team/lib\n    strategy: depend\nnotify-lib:\n  stage: deploy\n  variables: {VERSION: broken}\n  trigger: team/lib\nunknown:\n  stage: deploy\n  trigger: {project: team/nowhere}\n  allow_failure: true\n",
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[projects]]\nname = \"team/lib\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nscope = \"admin\"\n\n[[tokens]]\nname = \"dash\"\ntoken = \"{READER}\"\nscope = \"read\"\n",
+            app.bare.display(),
+            lib.bare.display()
+        ),
+    )
+    .unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let id = api_pipeline(&s, json!({"project": "team/app", "ref": "main"}));
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    let depend = job(&v, "release-lib");
+    assert_eq!(depend["status"], "success", "{v:#}");
+    let note = depend["note"].as_str().unwrap_or_default().to_string();
+    assert!(
+        note.contains("downstream pipeline #") && note.contains("team/lib"),
+        "{note}"
+    );
+    assert_eq!(
+        job(&v, "notify-lib")["status"],
+        "success",
+        "not awaited: {v:#}"
+    );
+    let unknown = job(&v, "unknown");
+    assert_eq!(unknown["status"], "warning", "{v:#}");
+    assert!(
+        unknown["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`team/nowhere` is not configured on this rave serve"),
+        "{v:#}"
+    );
+    // The downstream pipelines: source `pipeline`, the job's variables.
+    let list = get(&s, "/api/pipelines?project=team/lib", READER);
+    let downstream: Vec<i64> = list["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(downstream.len(), 2, "{list:#}");
+    let mut logs = Vec::new();
+    for d in &downstream {
+        let p = finished(&s, *d);
+        assert_eq!(p["pipeline"]["source"], "pipeline");
+        logs.push(text(
+            &s,
+            &format!("/api/jobs/{}/log", job(&p, "check")["id"]),
+        ));
+    }
+    assert!(logs.iter().any(|l| l.contains("version=1.2")), "{logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("version=broken")),
+        "{logs:?}"
+    );
+
+    // strategy: depend takes a failed downstream pipeline's result.
+    let failing = api_pipeline(
+        &s,
+        json!({"project": "team/app", "ref": "main", "variables": {"VERSION": "broken"}}),
+    );
+    let v = finished(&s, failing);
+    assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
+    let depend = job(&v, "release-lib");
+    assert_eq!(depend["failure_reason"], "downstream_failed", "{v:#}");
+    assert!(
+        depend["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ended failed"),
+        "{v:#}"
+    );
+
+    // Without a server, the job says where such jobs run.
+    let r = rave(&app.work, &["run", "--json", "release-lib"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v = json(&r.stdout);
+    assert!(
+        job(&v, "release-lib")["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("multi-project pipelines run on `rave serve`"),
+        "{v:#}"
+    );
+}

@@ -291,7 +291,7 @@ impl Project {
     fn read_trigger(&self, t: &TriggerArgs) -> anyhow::Result<Trigger> {
         let source = Source::parse(&t.source).ok_or_else(|| {
             anyhow::anyhow!(
-                "unknown --source `{}`: use push, web, api, schedule, trigger or local",
+                "unknown --source `{}`: use push, web, api, schedule, trigger, pipeline or local",
                 t.source
             )
         })?;

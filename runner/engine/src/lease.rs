@@ -51,6 +51,16 @@ pub enum ToBroker {
     Release {
         job: usize,
     },
+    /// A `trigger: project` job: start that project's pipeline (the job holds no budget
+    /// while it waits).
+    Trigger {
+        job: usize,
+        project: String,
+        branch: Option<String>,
+        variables: Vec<(String, String)>,
+        /// Tell how the downstream pipeline ends (`strategy: depend`).
+        depend: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +76,18 @@ pub enum FromBroker {
     /// Stop this job (GitLab's cancel of one job): after_script runs, what needs it is skipped.
     Cancel {
         job: usize,
+    },
+    /// The downstream pipeline of a `trigger: project` job was queued, or could not be.
+    Triggered {
+        job: usize,
+        pipeline: Option<i64>,
+        error: Option<String>,
+    },
+    /// The downstream pipeline of a `strategy: depend` trigger ended.
+    Downstream {
+        job: usize,
+        pipeline: i64,
+        status: String,
     },
 }
 

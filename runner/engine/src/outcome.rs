@@ -38,6 +38,8 @@ pub enum FailureReason {
     RunnerError,
     MissingDependency,
     ScanGate,
+    /// A `trigger: project` job whose downstream pipeline (`strategy: depend`) did not succeed.
+    DownstreamFailed,
 }
 
 impl FailureReason {
@@ -50,6 +52,7 @@ impl FailureReason {
             FailureReason::RunnerError => "runner_error",
             FailureReason::MissingDependency => "missing_dependency",
             FailureReason::ScanGate => "scan_gate",
+            FailureReason::DownstreamFailed => "downstream_failed",
         }
     }
 
@@ -98,6 +101,8 @@ pub struct ExecOutcome {
     pub runner_error: Option<String>,
     /// A `rave scan` in the job reported a failed gate.
     pub scan_gate: bool,
+    /// A multi-project trigger's downstream pipeline did not succeed: why.
+    pub downstream_failed: Option<String>,
 }
 
 impl ExecOutcome {
@@ -118,6 +123,7 @@ impl ExecOutcome {
             && !self.timed_out
             && !self.canceled
             && self.runner_error.is_none()
+            && self.downstream_failed.is_none()
     }
 
     pub fn failure_reason(&self) -> Option<FailureReason> {
@@ -133,6 +139,8 @@ impl ExecOutcome {
             Some(FailureReason::Timeout)
         } else if self.scan_gate {
             Some(FailureReason::ScanGate)
+        } else if self.downstream_failed.is_some() {
+            Some(FailureReason::DownstreamFailed)
         } else {
             Some(FailureReason::ScriptFailure)
         }

@@ -153,6 +153,11 @@ impl Share {
         refused
     }
 
+    /// The pipeline and project of a connected run.
+    pub fn pipeline_of(&self, key: RunKey) -> Option<(u64, String)> {
+        self.runs.get(&key).map(|r| (r.pipeline, r.project.clone()))
+    }
+
     /// The connected run of this pipeline, if it runs.
     pub fn run_of(&self, pipeline: u64) -> Option<RunKey> {
         self.runs

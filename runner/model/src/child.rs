@@ -18,6 +18,43 @@ pub struct TriggerSpec {
     /// `strategy: depend`: the trigger job takes the child pipeline's status.
     pub depend: bool,
     pub span: Span,
+    /// A multi-project trigger: another project's pipeline, started by `rave serve`.
+    pub project: Option<Downstream>,
+}
+
+/// `trigger: project:`: the downstream project's pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Downstream {
+    pub project: String,
+    /// `branch:` (default: the downstream project's default branch, as in GitLab).
+    pub branch: Option<String>,
+    /// `forward: yaml_variables` (default true): the trigger job's variables go along.
+    pub forward_yaml: bool,
+}
+
+/// A multi-project trigger's job: the server starts the downstream pipeline; the job's
+/// script only says so (the run does not execute it).
+fn downstream(
+    project: String,
+    branch: Option<String>,
+    n: &Node,
+    depend: bool,
+    forward_yaml: bool,
+) -> (TriggerSpec, Vec<String>) {
+    (
+        TriggerSpec {
+            depend,
+            span: n.span,
+            project: Some(Downstream {
+                project: project.clone(),
+                branch,
+                forward_yaml,
+            }),
+        },
+        vec![format!(
+            "# rave serve starts a pipeline of project {project}"
+        )],
+    )
 }
 
 /// Node → JSON, to hand the trigger's `include:` to the child as a file.
@@ -59,14 +96,7 @@ pub fn read(
 ) -> Option<(TriggerSpec, Vec<String>)> {
     let (include, strategy, forward) = match &n.value {
         Value::Str(project) => {
-            diags.push(
-                Diagnostic::error(
-                    format!("job `{job}` triggers the pipeline of project `{project}`; multi-project pipelines are not run by rave yet"),
-                    Some(n.span),
-                )
-                .with_help("use `trigger: include:` for a child pipeline of this project"),
-            );
-            return None;
+            return Some(downstream(project.clone(), None, n, false, true));
         }
         Value::Map(m) => {
             const KEYS: &[&str] = &["include", "strategy", "forward", "project", "branch"];
@@ -82,17 +112,41 @@ pub fn read(
                 }
             }
             if let Some(p) = n.get("project") {
-                diags.push(
-                    Diagnostic::error(
-                        format!(
-                            "job `{job}` triggers the pipeline of project `{}`; multi-project pipelines are not run by rave yet",
-                            p.scalar_string().unwrap_or_default()
-                        ),
+                let Some(project) = p.scalar_string().filter(|s| !s.is_empty()) else {
+                    diags.push(Diagnostic::error(
+                        format!("job `{job}`: `trigger: project` must name a project path"),
                         Some(p.span),
-                    )
-                    .with_help("use `trigger: include:` for a child pipeline of this project"),
-                );
-                return None;
+                    ));
+                    return None;
+                };
+                if n.get("include").is_some() {
+                    diags.push(Diagnostic::error(
+                        format!("job `{job}` has both `trigger: project` and `trigger: include`; keep one"),
+                        Some(n.span),
+                    ));
+                    return None;
+                }
+                let depend = match n.get("strategy").and_then(Node::as_str) {
+                    None => false,
+                    Some("depend") => true,
+                    Some(other) => {
+                        diags.push(
+                            Diagnostic::error(
+                                format!("unknown `strategy: {other}`"),
+                                n.get("strategy").map(|s| s.span),
+                            )
+                            .with_help("the only strategy is `depend`"),
+                        );
+                        false
+                    }
+                };
+                let forward_yaml = n
+                    .get("forward")
+                    .and_then(|f| f.get("yaml_variables"))
+                    .map(|v| v.value != Value::Bool(false))
+                    .unwrap_or(true);
+                let branch = n.get("branch").and_then(Node::scalar_string);
+                return Some(downstream(project, branch, n, depend, forward_yaml));
             }
             (n.get("include"), n.get("strategy"), n.get("forward"))
         }
@@ -175,6 +229,7 @@ pub fn read(
         TriggerSpec {
             depend,
             span: n.span,
+            project: None,
         },
         script,
     ))

@@ -102,6 +102,9 @@ pub struct Plan {
     /// Names of the variables given for this pipeline (`--var`), for child pipelines that
     /// forward them.
     pub pipeline_variables: Vec<String>,
+    /// Names of the pipeline file's global `variables:` (what a trigger forwards as YAML
+    /// variables, with the job's own).
+    pub global_variables: Vec<String>,
 }
 
 impl Plan {
@@ -185,6 +188,7 @@ pub fn plan(
                             name: None,
                             skipped_by_workflow: true,
                             pipeline_variables: Vec::new(),
+                            global_variables: Vec::new(),
                         }),
                         diags,
                     );
@@ -348,6 +352,7 @@ pub fn plan(
             name,
             skipped_by_workflow: false,
             pipeline_variables: trigger.pipeline_variables.clone(),
+            global_variables: pipeline.variables.0.keys().cloned().collect(),
         }),
         diags,
     )

@@ -13,6 +13,8 @@ pub enum Source {
     Trigger,
     /// A child pipeline run by a parent's `trigger:` job.
     ParentPipeline,
+    /// A downstream pipeline started by another project's `trigger: project` job.
+    Pipeline,
     /// `rave run` on a developer's machine. Rules see `push`, as gitlab-ci-local does, so a
     /// pipeline behaves locally as it does on the server.
     Local,
@@ -27,6 +29,7 @@ impl Source {
             "schedule" => Source::Schedule,
             "trigger" => Source::Trigger,
             "parent_pipeline" => Source::ParentPipeline,
+            "pipeline" => Source::Pipeline,
             "local" => Source::Local,
             _ => return None,
         })
@@ -41,6 +44,7 @@ impl Source {
             Source::Schedule => "schedule",
             Source::Trigger => "trigger",
             Source::ParentPipeline => "parent_pipeline",
+            Source::Pipeline => "pipeline",
         }
     }
 }

@@ -20,7 +20,23 @@ use tracing::{info, warn};
 
 use crate::config::ServerConfig;
 
+/// A run's `trigger: project` job asking for a downstream pipeline.
+#[derive(Debug)]
+pub struct TriggerRequest {
+    /// The asking run's connection (the answers go there).
+    pub key: RunKey,
+    pub upstream_pipeline: u64,
+    pub upstream_project: String,
+    pub job: usize,
+    pub project: String,
+    pub branch: Option<String>,
+    pub variables: Vec<(String, String)>,
+    pub depend: bool,
+}
+
 pub struct Broker {
+    /// Where `trigger: project` requests go (set once the server's state exists).
+    triggers: Mutex<Option<mpsc::UnboundedSender<TriggerRequest>>>,
     share: Mutex<Share>,
     conns: Mutex<HashMap<RunKey, mpsc::UnboundedSender<FromBroker>>>,
     next: AtomicU64,
@@ -46,12 +62,18 @@ pub fn host_budget(s: &ServerConfig) -> Result<Budget, String> {
 impl Broker {
     pub fn new(budget: Budget, socket: PathBuf) -> Arc<Broker> {
         Arc::new(Broker {
+            triggers: Mutex::new(None),
             share: Mutex::new(Share::new(budget.memory_bytes, budget.cpus, budget.jobs)),
             conns: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             socket,
             changed: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Hand `trigger: project` requests to `tx` (the server's downstream task).
+    pub fn on_trigger(&self, tx: mpsc::UnboundedSender<TriggerRequest>) {
+        *self.triggers.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
     pub fn view(&self) -> ShareView {
@@ -140,6 +162,43 @@ impl Broker {
                         share.release(key, job);
                         Vec::new()
                     }
+                    ToBroker::Trigger {
+                        job,
+                        project,
+                        branch,
+                        variables,
+                        depend,
+                    } => {
+                        let (upstream_pipeline, upstream_project) =
+                            share.pipeline_of(key).unwrap_or_default();
+                        let req = TriggerRequest {
+                            key,
+                            upstream_pipeline,
+                            upstream_project,
+                            job,
+                            project,
+                            branch,
+                            variables,
+                            depend,
+                        };
+                        let sent = self
+                            .triggers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .is_some_and(|tx| tx.send(req).is_ok());
+                        if !sent {
+                            self.send(
+                                key,
+                                FromBroker::Triggered {
+                                    job,
+                                    pipeline: None,
+                                    error: Some("this server takes no downstream pipelines".into()),
+                                },
+                            );
+                        }
+                        Vec::new()
+                    }
                 }
             };
             for (job, reason) in refused {
@@ -171,7 +230,7 @@ impl Broker {
         key.is_some_and(|k| self.send(k, FromBroker::Cancel { job }))
     }
 
-    fn send(&self, key: RunKey, m: FromBroker) -> bool {
+    pub fn send(&self, key: RunKey, m: FromBroker) -> bool {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -168,6 +168,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         info!(%addr, data_dir = %state.data_dir.display(), "rave serve listening");
         // Tests and scripts read the port from here when asked to listen on :0.
         println!("listening on {addr}");
+        let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
+        state.broker.on_trigger(trigger_tx);
+        tokio::spawn(worker::downstream_triggers(state.clone(), trigger_rx));
         let queue = tokio::spawn(worker::run_queue(state.clone()));
         let app = api::router(state.clone());
         let served = listen::serve(listener, app, shutdown()).await;

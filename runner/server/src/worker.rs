@@ -863,3 +863,121 @@ pub async fn clean_up_after_crash(interrupted: &[Pipeline]) {
         }
     }
 }
+
+/// `trigger: project` jobs of running pipelines: each starts a pipeline of the named project
+/// (configured on this server) at its branch, with the job's forwarded variables; with
+/// `strategy: depend` the job hears how it ended.
+pub async fn downstream_triggers(
+    state: Arc<State>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::budget::TriggerRequest>,
+) {
+    while let Some(req) = rx.recv().await {
+        tokio::spawn(downstream_pipeline(state.clone(), req));
+    }
+}
+
+async fn downstream_pipeline(state: Arc<State>, req: crate::budget::TriggerRequest) {
+    use rave_engine::lease::FromBroker;
+    let job = req.job;
+    let fail = |why: String| {
+        warn!(pipeline = req.upstream_pipeline, project = %req.project, "downstream pipeline refused: {why}");
+        state.broker.send(
+            req.key,
+            FromBroker::Triggered {
+                job,
+                pipeline: None,
+                error: Some(why),
+            },
+        );
+    };
+    if state.cfg.project(&req.project).is_none() {
+        return fail(format!(
+            "project `{}` is not configured on this rave serve: add it to rave.toml ([[projects]]) to trigger its pipelines",
+            req.project
+        ));
+    }
+    if req.depend && state.cfg.server.max_pipelines <= 1 {
+        return fail(
+            "`strategy: depend` waits for the downstream pipeline, which cannot start while this one holds the only pipeline slot: set [server] max_pipelines to 2 or more".into(),
+        );
+    }
+    let mirror = match fetch(&state, &req.project).await {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    // `branch:`, else the project's default branch (main, then master), as GitLab does.
+    let names: Vec<String> = match &req.branch {
+        Some(b) => vec![b.clone()],
+        None => vec!["main".into(), "master".into()],
+    };
+    let Some((branch, sha)) = names.iter().find_map(|n| {
+        rave_repo::resolve_in_mirror(&mirror, n, false)
+            .ok()
+            .map(|sha| (n.clone(), sha))
+    }) else {
+        return fail(format!(
+            "project `{}` has no branch {}",
+            req.project,
+            names.join(" or ")
+        ));
+    };
+    // Subscribed before the pipeline exists, so its end cannot be missed.
+    let mut events = state.events.subscribe();
+    let created = state.store.create_pipeline(&crate::db::NewPipeline {
+        project: req.project.clone(),
+        ref_name: branch,
+        sha,
+        tag: None,
+        source: "pipeline".into(),
+        variables: req.variables.iter().cloned().collect(),
+        ..crate::db::NewPipeline::default()
+    });
+    let id = match created {
+        Ok(id) => id,
+        Err(e) => return fail(format!("cannot store the downstream pipeline: {e}")),
+    };
+    state.wake.notify_one();
+    info!(
+        pipeline = id,
+        upstream = req.upstream_pipeline,
+        upstream_project = %req.upstream_project,
+        project = %req.project,
+        "downstream pipeline queued"
+    );
+    state.broker.send(
+        req.key,
+        FromBroker::Triggered {
+            job,
+            pipeline: Some(id),
+            error: None,
+        },
+    );
+    if !req.depend {
+        return;
+    }
+    let terminal = |s: &str| !matches!(s, "queued" | "running");
+    loop {
+        // An event, or a look at the store now and then (a slow reader may lose events).
+        let status = tokio::select! {
+            e = events.recv() => match e {
+                Ok(e) if e.pipeline_id == id && e.kind == crate::events::EventKind::Pipeline => Some(e.status),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                state.store.pipeline(id).ok().flatten().map(|p| p.status)
+            }
+        };
+        if let Some(status) = status.filter(|s| terminal(s)) {
+            state.broker.send(
+                req.key,
+                FromBroker::Downstream {
+                    job,
+                    pipeline: id,
+                    status,
+                },
+            );
+            return;
+        }
+    }
+}

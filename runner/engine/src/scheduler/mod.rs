@@ -207,6 +207,10 @@ struct Run<'p, E: Executor> {
     wanted: Vec<crate::lease::Wanted>,
     /// Jobs retried or played in a resumed run: started even when manual.
     named: HashSet<usize>,
+    /// `trigger: project` jobs waiting for the server: (started, started at, depend, project).
+    downstream: HashMap<usize, (Instant, SystemTime, bool, String)>,
+    /// What a downstream job's record says (the pipeline it started).
+    downstream_notes: HashMap<usize, String>,
     canceled: bool,
 }
 
@@ -252,6 +256,8 @@ pub async fn run<E: Executor>(
         lease: cfg.lease.clone(),
         wanted: Vec::new(),
         named: HashSet::new(),
+        downstream: HashMap::new(),
+        downstream_notes: HashMap::new(),
         cfg,
         events,
         logs,
@@ -295,6 +301,12 @@ pub async fn run<E: Executor>(
                 Some(crate::lease::FromBroker::Grant { job }) => r.granted(job),
                 Some(crate::lease::FromBroker::Refuse { job, reason }) => r.refused(job, reason),
                 Some(crate::lease::FromBroker::Cancel { job }) => r.cancel_job(job),
+                Some(crate::lease::FromBroker::Triggered { job, pipeline, error }) => {
+                    r.triggered(job, pipeline, error)
+                }
+                Some(crate::lease::FromBroker::Downstream { job, pipeline, status }) => {
+                    r.downstream_ended(job, pipeline, &status)
+                }
                 None => {
                     grants = None;
                     eprintln!("rave: the server's budget went away; the pipeline is canceled");
@@ -664,7 +676,139 @@ impl<'p, E: Executor> Run<'p, E> {
         )
     }
 
+    /// A `trigger: project` job: the server starts the downstream pipeline; the job holds no
+    /// budget while it waits (a bridge job, as GitLab calls it, runs nothing itself).
+    fn start_downstream(&mut self, id: usize, d: rave_model::child::Downstream, depend: bool) {
+        self.jobs[id].attempts += 1;
+        self.jobs[id].phase = State::Running;
+        let attempt = self.jobs[id].attempts;
+        let _ = self.events.send(Event::JobStarted {
+            id,
+            attempt,
+            memory_bytes: 0,
+            cpus: 0.0,
+        });
+        self.downstream.insert(
+            id,
+            (Instant::now(), SystemTime::now(), depend, d.project.clone()),
+        );
+        let Some(lease) = self.lease.clone() else {
+            let why = format!(
+                "job `{}` triggers a pipeline of project `{}`: multi-project pipelines run on `rave serve`, where that project is configured; this run has no server",
+                self.job(id).name,
+                d.project
+            );
+            self.downstream_done(
+                id,
+                ExecOutcome {
+                    runner_error: Some(why),
+                    ..ExecOutcome::default()
+                },
+            );
+            return;
+        };
+        let j = self.job(id);
+        // GitLab forwards the trigger job's YAML variables (its own and the global ones).
+        let variables = if d.forward_yaml {
+            j.variables
+                .iter()
+                .filter(|(k, _)| {
+                    j.job.variables.0.contains_key(*k) || self.plan.global_variables.contains(k)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        lease.send(crate::lease::ToBroker::Trigger {
+            job: id,
+            project: d.project,
+            branch: d.branch,
+            variables,
+            depend,
+        });
+        lease.send(crate::lease::ToBroker::Release { job: id });
+    }
+
+    fn downstream_done(&mut self, id: usize, outcome: ExecOutcome) {
+        let Some((started, started_at, _, _)) = self.downstream.remove(&id) else {
+            return;
+        };
+        let attempt = self.jobs[id].attempts;
+        let _ = self.tx.send(Msg::Finished(Box::new(Finished {
+            id,
+            attempt,
+            outcome,
+            started_at,
+            started,
+            dotenv: HashMap::new(),
+            setup_ms: None,
+            children: Vec::new(),
+            artifacts_digest: None,
+            reuse: None,
+        })));
+    }
+
+    fn triggered(&mut self, id: usize, pipeline: Option<i64>, error: Option<String>) {
+        let Some(&(_, _, depend, ref project)) = self.downstream.get(&id) else {
+            return;
+        };
+        let project = project.clone();
+        match (pipeline, error) {
+            (Some(p), None) => {
+                self.downstream_notes
+                    .insert(id, format!("downstream pipeline #{p} of {project}"));
+                if !depend {
+                    // Not awaited, as in GitLab: the job succeeds once the pipeline exists.
+                    self.downstream_done(
+                        id,
+                        ExecOutcome {
+                            exit_code: Some(0),
+                            ..ExecOutcome::default()
+                        },
+                    );
+                }
+            }
+            (_, e) => self.downstream_done(
+                id,
+                ExecOutcome {
+                    runner_error: Some(
+                        e.unwrap_or_else(|| "the downstream pipeline could not be created".into()),
+                    ),
+                    ..ExecOutcome::default()
+                },
+            ),
+        }
+    }
+
+    fn downstream_ended(&mut self, id: usize, pipeline: i64, status: &str) {
+        let project = match self.downstream.get(&id) {
+            Some((_, _, _, p)) => p.clone(),
+            None => return,
+        };
+        let outcome = if status == "success" {
+            ExecOutcome {
+                exit_code: Some(0),
+                ..ExecOutcome::default()
+            }
+        } else {
+            ExecOutcome {
+                downstream_failed: Some(format!(
+                    "downstream pipeline #{pipeline} of {project} ended {status}"
+                )),
+                ..ExecOutcome::default()
+            }
+        };
+        self.downstream_done(id, outcome);
+    }
+
     fn start(&mut self, id: usize) {
+        if let Some(t) = &self.job(id).job.trigger
+            && let Some(d) = &t.project
+        {
+            let (d, depend) = (d.clone(), t.depend);
+            return self.start_downstream(id, d, depend);
+        }
         self.jobs[id].attempts += 1;
         let attempt = self.jobs[id].attempts;
         self.jobs[id].phase = State::Running;
@@ -822,6 +966,15 @@ impl<'p, E: Executor> Run<'p, E> {
             return;
         };
         match j.phase {
+            State::Running if self.downstream.contains_key(&id) => {
+                self.downstream_done(
+                    id,
+                    ExecOutcome {
+                        canceled: true,
+                        ..ExecOutcome::default()
+                    },
+                );
+            }
             State::Running => {
                 if let Some(stop) = &j.stop {
                     stop.cancel();
@@ -909,6 +1062,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 humantime::format_duration(j.job.timeout.unwrap_or(self.cfg.default_timeout))
             )),
             Some(FailureReason::RunnerError) => f.outcome.runner_error.clone(),
+            Some(FailureReason::DownstreamFailed) => f.outcome.downstream_failed.clone(),
             Some(FailureReason::ScriptFailure) => match (f.outcome.exit_code, f.outcome.signal) {
                 (Some(c), _) => Some(format!("script exited with code {c}")),
                 // SIGKILL with no OOM kill recorded, by the job's cgroup or the host: someone
@@ -925,6 +1079,7 @@ impl<'p, E: Executor> Run<'p, E> {
             self.jobs[id].dotenv = f.dotenv;
         }
         let finished_at = SystemTime::now();
+        let note = note.or_else(|| self.downstream_notes.remove(&id));
         let mut record = self.record(id, status, note);
         record.children = std::mem::take(&mut f.children);
         record.failure_reason = reason;
@@ -947,6 +1102,18 @@ impl<'p, E: Executor> Run<'p, E> {
 
     fn cancel_pending(&mut self) {
         self.canceled = true;
+        // Jobs waiting for a downstream pipeline end now (the downstream goes on, as in
+        // GitLab when its upstream is canceled).
+        let waiting: Vec<usize> = self.downstream.keys().copied().collect();
+        for id in waiting {
+            self.downstream_done(
+                id,
+                ExecOutcome {
+                    canceled: true,
+                    ..ExecOutcome::default()
+                },
+            );
+        }
         if let Some(lease) = &self.lease {
             lease.send(crate::lease::ToBroker::Want { jobs: Vec::new() });
             self.wanted.clear();
