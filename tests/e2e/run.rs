@@ -774,3 +774,30 @@ fn continue_retries_a_job_inside_its_pipeline_and_plays_a_manual_one() {
         bad.stderr
     );
 }
+
+/// CPU requests learned from measured CPU time (the job's cgroup accounting): a job that
+/// waits gets a quarter CPU next time, a job that keeps a CPU busy keeps its one; a stated
+/// `RAVE_CPUS` is never replaced.
+#[test]
+fn cpu_requests_are_learned_from_measured_cpu_time() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "waits:\n  script: [sleep 1]\nburns:\n  script: ['timeout 1 sh -c \"while :; do :; done\" || true']\nstated:\n  variables: {RAVE_CPUS: '1'}\n  script: [sleep 1]\n",
+    )]);
+    let (r, v) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let burned = job(&v, "burns")["cpu_seconds"].as_f64().unwrap();
+    let waited = job(&v, "waits")["cpu_seconds"].as_f64().unwrap();
+    assert!(burned > 0.5, "a busy loop for 1 s used {burned} s of CPU");
+    assert!(waited < 0.2, "sleep used {waited} s of CPU");
+    let r = rave(d.path(), &["graph", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let g = json(&r.stdout);
+    assert_eq!(job(&g, "waits")["cpu_source"], "learned from 1 run(s)");
+    assert_eq!(job(&g, "waits")["cpus"], 0.25);
+    assert_eq!(job(&g, "burns")["cpu_source"], "learned from 1 run(s)");
+    assert_eq!(job(&g, "burns")["cpus"], 1.0, "never above the default");
+    assert_eq!(job(&g, "stated")["cpu_source"], "explicit");
+    let r = rave(d.path(), &["graph", "--format", "json", "--no-learn"]);
+    assert_eq!(job(&json(&r.stdout), "waits")["cpu_source"], "default");
+}

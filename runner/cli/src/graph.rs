@@ -80,6 +80,7 @@ pub fn to_json(plan: &Plan, loaded: &rave_model::Loaded) -> serde_json::Value {
             "priority": j.priority,
             "memory_bytes": j.memory_bytes,
             "memory_source": j.memory_source,
+            "cpu_source": j.cpu_source,
             "cpus": j.cpus,
             "source": loaded.sources.get(j.job.span.file).map(|f| json!({
                 "file": f.display,

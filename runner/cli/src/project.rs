@@ -547,6 +547,7 @@ pub fn plan_options(pipeline: &Pipeline, b: &BudgetArgs) -> anyhow::Result<PlanO
         budget,
         profile,
         learned: Default::default(),
+        learned_cpus: Default::default(),
     })
 }
 
@@ -617,7 +618,9 @@ pub fn plan_project(
     };
     let mut opts = plan_options(pipeline, b)?;
     if !b.no_learn {
-        opts.learned = rave_engine::learn::Peaks::load(&state_dir(&project, b)).all();
+        let peaks = rave_engine::learn::Peaks::load(&state_dir(&project, b));
+        opts.learned = peaks.all();
+        opts.learned_cpus = peaks.all_cpus();
     }
     let trigger = project.trigger(t)?;
     let (plan, diags) = rave_plan::plan(pipeline, &trigger, &opts);

@@ -22,6 +22,8 @@ enum Layout {
     V1 {
         memory: PathBuf,
         cpu: Option<PathBuf>,
+        /// CPU accounting, when it is its own hierarchy (not `cpu,cpuacct`).
+        cpuacct: Option<PathBuf>,
     },
 }
 
@@ -40,6 +42,8 @@ pub struct JobCgroup {
     /// threadgroup lock whose RCU grace period makes a `cgroup.procs` write take ~10 ms.
     pub join_files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
+    /// Where the group's CPU time is read: v2 `cpu.stat` (`usage_usec`), v1 `cpuacct.usage`.
+    cpu_usage: Option<PathBuf>,
 }
 
 fn own_path(controller: &str) -> Option<String> {
@@ -115,15 +119,36 @@ impl Cgroups {
             let dir = root.join(own.trim_start_matches('/')).join(&tag);
             fs::create_dir_all(&dir).ok().map(|_| dir)
         });
+        // CPU time: in the cpu group when the hierarchy is `cpu,cpuacct`, else its own.
+        let cpuacct = if cpu
+            .as_ref()
+            .is_some_and(|c| c.join("cpuacct.usage").exists())
+        {
+            None
+        } else {
+            own_path("cpuacct").and_then(|own| {
+                let root = Path::new(V2_ROOT).join("cpuacct");
+                if !root.join("cpuacct.usage").exists() {
+                    return None;
+                }
+                sweep_dead(&root.join(own.trim_start_matches('/')));
+                let dir = root.join(own.trim_start_matches('/')).join(&tag);
+                fs::create_dir_all(&dir).ok().map(|_| dir)
+            })
+        };
         Ok(Cgroups {
-            layout: Layout::V1 { memory, cpu },
+            layout: Layout::V1 {
+                memory,
+                cpu,
+                cpuacct,
+            },
         })
     }
 
     pub fn describe(&self) -> String {
         match &self.layout {
             Layout::V2 { base } => format!("cgroup v2 at {}", base.display()),
-            Layout::V1 { memory, cpu } => format!(
+            Layout::V1 { memory, cpu, .. } => format!(
                 "cgroup v1 at {}{}",
                 memory.display(),
                 if cpu.is_some() { " (+cpu)" } else { "" }
@@ -147,10 +172,15 @@ impl Cgroups {
                 Ok(JobCgroup {
                     layout: self.layout.clone(),
                     join_files: vec![dir.join("cgroup.procs")],
+                    cpu_usage: Some(dir.join("cpu.stat")),
                     dirs: vec![dir],
                 })
             }
-            Layout::V1 { memory, cpu } => {
+            Layout::V1 {
+                memory,
+                cpu,
+                cpuacct,
+            } => {
                 let dir = memory.join(name);
                 let _ = fs::remove_dir(&dir);
                 fs::create_dir(&dir)?;
@@ -164,6 +194,7 @@ impl Cgroups {
                 }
                 let mut procs = vec![dir.join("tasks")];
                 let mut dirs = vec![dir];
+                let mut cpu_usage = None;
                 if let Some(cpu) = cpu {
                     let cdir = cpu.join(name);
                     let _ = fs::remove_dir(&cdir);
@@ -171,13 +202,26 @@ impl Cgroups {
                         let _ = write(&cdir.join("cpu.cfs_period_us"), &period.to_string());
                         let _ = write(&cdir.join("cpu.cfs_quota_us"), &quota.to_string());
                         procs.push(cdir.join("tasks"));
+                        if cdir.join("cpuacct.usage").exists() {
+                            cpu_usage = Some(cdir.join("cpuacct.usage"));
+                        }
                         dirs.push(cdir);
+                    }
+                }
+                if let Some(acct) = cpuacct {
+                    let adir = acct.join(name);
+                    let _ = fs::remove_dir(&adir);
+                    if fs::create_dir(&adir).is_ok() {
+                        procs.push(adir.join("tasks"));
+                        cpu_usage = Some(adir.join("cpuacct.usage"));
+                        dirs.push(adir);
                     }
                 }
                 Ok(JobCgroup {
                     layout: self.layout.clone(),
                     join_files: procs,
                     dirs,
+                    cpu_usage,
                 })
             }
         }
@@ -188,7 +232,14 @@ impl Cgroups {
     pub fn remove(&self) {
         let parents: Vec<&PathBuf> = match &self.layout {
             Layout::V2 { base } => vec![base],
-            Layout::V1 { memory, cpu } => std::iter::once(memory).chain(cpu.as_ref()).collect(),
+            Layout::V1 {
+                memory,
+                cpu,
+                cpuacct,
+            } => std::iter::once(memory)
+                .chain(cpu.as_ref())
+                .chain(cpuacct.as_ref())
+                .collect(),
         };
         for parent in parents {
             for _ in 0..100 {
@@ -224,6 +275,7 @@ pub fn sweep_dead_raves() -> usize {
     for (ctrl, dirs) in [
         ("memory", &["memory"][..]),
         ("cpu", &["cpu", "cpu,cpuacct"][..]),
+        ("cpuacct", &["cpuacct"][..]),
     ] {
         let own = own_path(ctrl).unwrap_or_else(|| "/".into());
         for d in dirs {
@@ -338,6 +390,15 @@ impl JobCgroup {
     }
 
     /// Peak memory of everything that ran in the group.
+    /// CPU time the group's processes used, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let path = self.cpu_usage.as_ref()?;
+        match self.layout {
+            Layout::V2 { .. } => read_key(path, "usage_usec").map(|us| us as f64 / 1e6),
+            Layout::V1 { .. } => read_u64(path).map(|ns| ns as f64 / 1e9),
+        }
+    }
+
     pub fn peak_memory(&self) -> Option<u64> {
         match self.layout {
             Layout::V2 { .. } => read_u64(&self.mem_dir().join("memory.peak")),

@@ -28,6 +28,9 @@ pub struct JobRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_source: Option<String>,
     pub cpus: f64,
+    /// CPU time the job used (its cgroup's accounting), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
     pub attempts: u32,
     /// Why a job was skipped, or a one-line explanation of its failure.
     pub note: Option<String>,
@@ -242,6 +245,7 @@ mod tests {
             memory_limit_bytes: 1 << 20,
             memory_source: Some("explicit".into()),
             cpus: 1.5,
+            cpu_seconds: Some(0.5),
             attempts: 2,
             note: Some("killed".into()),
             reused_from: None,

@@ -274,6 +274,7 @@ mod tests {
             memory_limit_bytes: 0,
             memory_source: None,
             cpus: 1.0,
+            cpu_seconds: None,
             attempts: 1,
             note: None,
             reused_from: None,

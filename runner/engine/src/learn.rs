@@ -27,7 +27,15 @@ struct Store {
     /// Job name → (run counter when last seen, peaks oldest first).
     jobs: BTreeMap<String, (u64, Vec<u64>)>,
     runs: u64,
+    /// Job name → CPUs it used (CPU time ÷ wall time), oldest first.
+    #[serde(default)]
+    cpus: BTreeMap<String, Vec<f64>>,
 }
+
+/// Jobs shorter than this say little about the CPUs they use (start-up dominates).
+pub const CPU_MIN_WALL_MS: u64 = 500;
+/// Never learn fewer CPUs than this.
+pub const CPU_FLOOR: f64 = 0.25;
 
 /// A project's learned peaks.
 pub struct Peaks {
@@ -59,18 +67,51 @@ impl Peaks {
         Some(((((p95 as f64) * MARGIN) as u64).max(FLOOR), v.len()))
     }
 
+    /// The learned CPU request for `job` (p95 of CPU time ÷ wall time, with the margin,
+    /// rounded up to a quarter CPU) and how many runs it comes from.
+    pub fn cpu_request(&self, job: &str) -> Option<(f64, usize)> {
+        let used = self.store.cpus.get(job)?;
+        if used.is_empty() {
+            return None;
+        }
+        let mut v = used.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let rank = ((0.95 * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        let want = (v[rank - 1] * MARGIN * 4.0).ceil() / 4.0;
+        Some((want.max(CPU_FLOOR), v.len()))
+    }
+
+    /// Every learned CPU request, by job name.
+    pub fn all_cpus(&self) -> std::collections::HashMap<String, (f64, usize)> {
+        self.store
+            .cpus
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.cpu_request(k)?)))
+            .collect()
+    }
+
     /// Add the measured peaks of a finished run and write them back.
     pub fn record(mut self, records: &[&JobRecord]) -> Result<(), String> {
         self.store.runs += 1;
         let now = self.store.runs;
         for r in records {
-            let Some(peak) = r.peak_memory_bytes.filter(|p| *p > 0) else {
-                continue;
-            };
             // A reused job did not run: nothing was measured.
             if r.reused_from.is_some() {
                 continue;
             }
+            if let (Some(cpu), Some(ms)) = (r.cpu_seconds, r.duration_ms)
+                && ms >= CPU_MIN_WALL_MS
+            {
+                let e = self.store.cpus.entry(r.name.clone()).or_default();
+                e.push(cpu / (ms as f64 / 1000.0));
+                if e.len() > KEEP {
+                    let drop = e.len() - KEEP;
+                    e.drain(..drop);
+                }
+            }
+            let Some(peak) = r.peak_memory_bytes.filter(|p| *p > 0) else {
+                continue;
+            };
             let e = self.store.jobs.entry(r.name.clone()).or_default();
             e.0 = now;
             e.1.push(peak);
@@ -89,6 +130,7 @@ impl Peaks {
             by_age.sort();
             for (_, k) in by_age.into_iter().take(self.store.jobs.len() - MAX_JOBS) {
                 self.store.jobs.remove(&k);
+                self.store.cpus.remove(&k);
             }
         }
         if let Some(dir) = self.path.parent() {
@@ -130,6 +172,7 @@ mod tests {
             memory_limit_bytes: 512 << 20,
             memory_source: None,
             cpus: 1.0,
+            cpu_seconds: None,
             attempts: 1,
             note: None,
             reused_from: None,
@@ -154,5 +197,29 @@ mod tests {
         // A job that uses almost nothing still gets the floor.
         assert_eq!(p.request("tiny").unwrap().0, FLOOR);
         assert!(p.request("never-ran").is_none());
+    }
+
+    #[test]
+    fn the_cpu_request_is_what_the_job_used_with_a_margin() {
+        let d = tempfile::tempdir().unwrap();
+        for _ in 0..3 {
+            let mut busy = record("compile", 64 << 20);
+            busy.duration_ms = Some(10_000);
+            busy.cpu_seconds = Some(15.0); // 1.5 CPUs on average
+            let mut idle = record("sleepy", 64 << 20);
+            idle.duration_ms = Some(10_000);
+            idle.cpu_seconds = Some(0.1);
+            let mut short = record("blink", 64 << 20);
+            short.duration_ms = Some(20);
+            short.cpu_seconds = Some(0.02);
+            Peaks::load(d.path())
+                .record(&[&busy, &idle, &short])
+                .unwrap();
+        }
+        let p = Peaks::load(d.path());
+        // 1.5 × 1.25 = 1.875, rounded up to a quarter CPU.
+        assert_eq!(p.cpu_request("compile"), Some((2.0, 3)));
+        assert_eq!(p.cpu_request("sleepy"), Some((CPU_FLOOR, 3)));
+        assert!(p.cpu_request("blink").is_none(), "too short to learn from");
     }
 }

@@ -340,6 +340,7 @@ impl Executor for LocalExecutor {
         }
         if let Some(cg) = &cg {
             outcome.peak_memory_bytes = cg.peak_memory();
+            outcome.cpu_seconds = cg.cpu_seconds();
             // after_script may hit the limit too, but only the main script's OOM counts.
             cg.kill_all().await;
         }

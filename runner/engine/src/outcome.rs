@@ -103,6 +103,8 @@ pub struct ExecOutcome {
     pub scan_gate: bool,
     /// A multi-project trigger's downstream pipeline did not succeed: why.
     pub downstream_failed: Option<String>,
+    /// CPU time the job's processes used, from its cgroup, in seconds.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl ExecOutcome {

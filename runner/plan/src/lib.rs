@@ -56,6 +56,8 @@ pub struct JobInstance {
     pub memory_bytes: u64,
     /// Where `memory_bytes` came from.
     pub memory_source: RequestSource,
+    /// Where its CPU request came from.
+    pub cpu_source: RequestSource,
     pub cpus: f64,
     pub job: Job,
 }
@@ -126,6 +128,8 @@ pub struct PlanOptions {
     /// Memory requests learned from earlier runs, by instance name: (bytes, runs). Used for
     /// jobs that state no request, never above the default.
     pub learned: std::collections::HashMap<String, (u64, usize)>,
+    /// CPU requests learned from earlier runs (CPU time ÷ wall time), by instance name.
+    pub learned_cpus: std::collections::HashMap<String, (f64, usize)>,
 }
 
 impl Default for PlanOptions {
@@ -134,6 +138,7 @@ impl Default for PlanOptions {
             budget: Budget::SAFE,
             profile: "safe".into(),
             learned: Default::default(),
+            learned_cpus: Default::default(),
         }
     }
 }
@@ -310,6 +315,7 @@ pub fn plan(
                 priority: 0,
                 memory_bytes: 0,
                 memory_source: RequestSource::Default,
+                cpu_source: RequestSource::Default,
                 cpus: 0.0,
                 job,
             });

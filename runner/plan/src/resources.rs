@@ -44,6 +44,11 @@ pub fn assign(
             crate::RequestSource::Default
         };
         let mut cpus = j.job.resources.cpus.unwrap_or(default_cpus);
+        let mut cpu_source = if j.job.resources.cpus.is_some() {
+            crate::RequestSource::Explicit
+        } else {
+            crate::RequestSource::Default
+        };
         if let Some(m) = j.variables.get("RAVE_MEMORY").filter(|m| !m.is_empty()) {
             match parse_memory(m) {
                 Ok(b) => {
@@ -61,7 +66,10 @@ pub fn assign(
         }
         if let Some(c) = j.variables.get("RAVE_CPUS").filter(|m| !m.is_empty()) {
             match parse_cpus(c) {
-                Ok(v) => cpus = v,
+                Ok(v) => {
+                    cpus = v;
+                    cpu_source = crate::RequestSource::Explicit;
+                }
                 Err(e) => diags.push(
                     Diagnostic::error(
                         format!("job `{}`: RAVE_CPUS: {e}", j.name),
@@ -108,8 +116,17 @@ pub fn assign(
             memory = learned.min(default_memory);
             source = crate::RequestSource::Learned { runs };
         }
+        // The same for CPUs, from CPU time ÷ wall time of earlier runs.
+        if cpu_source == crate::RequestSource::Default
+            && j.job.trigger.is_none()
+            && let Some(&(learned, runs)) = opts.learned_cpus.get(&j.name)
+        {
+            cpus = learned.min(default_cpus);
+            cpu_source = crate::RequestSource::Learned { runs };
+        }
         j.memory_bytes = memory;
         j.memory_source = source;
         j.cpus = cpus;
+        j.cpu_source = cpu_source;
     }
 }

@@ -405,6 +405,7 @@ impl<'p, E: Executor> Run<'p, E> {
                 None => j.memory_source.to_string(),
             }),
             cpus: j.cpus,
+            cpu_seconds: None,
             attempts: self.jobs[id].attempts,
             note,
             children: Vec::new(),
@@ -1088,6 +1089,7 @@ impl<'p, E: Executor> Run<'p, E> {
         record.finished_at = Some(finished_at);
         record.duration_ms = Some(f.started.elapsed().as_millis() as u64);
         record.peak_memory_bytes = f.outcome.peak_memory_bytes;
+        record.cpu_seconds = f.outcome.cpu_seconds;
         record.setup_ms = f.setup_ms;
         self.jobs[id].artifacts_digest = f.artifacts_digest.take();
         if let Some(d) = f.reuse.take() {
