@@ -4,6 +4,7 @@
 mod support;
 
 mod cache;
+mod cgroup_v2;
 mod child;
 mod cli;
 mod conformance;

@@ -83,6 +83,17 @@ impl Cgroups {
                 ));
             }
             sweep_dead(&parent);
+            // Our group's children only get a controller its parent hands down. Where nothing
+            // did (a root cgroup with no systemd, a delegated subtree left as it came), hand
+            // them down: allowed in the root cgroup, and in a delegated group without
+            // processes of its own.
+            let handed =
+                fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+            for c in ["memory", "cpu"] {
+                if !handed.split_whitespace().any(|h| h == c) {
+                    let _ = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
+                }
+            }
             let base = parent.join(&tag);
             fs::create_dir_all(&base)
                 .map_err(|e| format!("cannot create {}: {e}", base.display()))?;

@@ -83,7 +83,7 @@ pub(crate) fn script_text(lines: &[String], fail_fast: bool) -> String {
 /// The script arrives on stdin as a memory file (no file on disk per job): the wrapper moves
 /// it to fd 3 and gives the job /dev/null as stdin; `.` reads the whole file before running
 /// any of it, and the script's first line closes fd 3, so nothing the job runs can read it.
-const WRAPPER: &str = r#"for f in "${@:1}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec 3<&0 </dev/null; set -- ; . /dev/fd/3"#;
+const WRAPPER: &str = r#"for f in "${@:1}"; do echo 0 > "$f" || { echo "rave: cannot join cgroup $f" >&2; exit 125; }; done; echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec 3<&0 </dev/null; set -- ; . /proc/self/fd/3"#;
 
 /// The script as a sealed-off memory file, read from its start.
 fn script_memfd(text: &str) -> std::io::Result<std::os::fd::OwnedFd> {

@@ -1,0 +1,209 @@
+//! The cgroup v2 path, for real: this machine runs cgroup v1, so the test boots Debian's
+//! kernel in QEMU with a small initramfs (static busybox, bash, and this rave with their
+//! shared libraries), mounts cgroup2 in the guest and runs a pipeline there as root: the
+//! job's limit is applied, an OOM is named with its peak, CPU time is measured, and nothing
+//! is left behind in the hierarchy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn tool(name: &str, pkg: &str) {
+    assert!(
+        Command::new(name).arg("--help").output().is_ok(),
+        "{name} is required (./x test installs {pkg})"
+    );
+}
+
+fn kernel() -> PathBuf {
+    let mut ks: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    ks.sort();
+    ks.pop()
+        .expect("a kernel in /boot (./x test installs linux-image-amd64)")
+}
+
+/// The shared libraries `bin` loads, as `ldd` lists them.
+fn libraries(bin: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect()
+}
+
+fn put(root: &Path, file: &Path, at: &str) {
+    let to = root.join(at.trim_start_matches('/'));
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(file, &to).unwrap();
+}
+
+#[test]
+fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
+    tool("qemu-system-x86_64", "qemu-system-x86");
+    tool("busybox", "busybox-static");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    for dir in ["bin", "proc", "sys", "dev", "tmp", "root", "work", "etc"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap();
+    put(&root, &busybox, "/bin/busybox");
+    for t in [
+        "sh", "mount", "mkdir", "cat", "echo", "poweroff", "sleep", "head", "tail", "ls", "grep",
+        "true", "timeout", "env", "rm", "mv", "cp", "ln", "chmod", "find",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    // rave (without its debug sections: the guest holds the whole initramfs in memory) and
+    // bash, with their libraries at the paths the loader looks for.
+    let rave = d.path().join("rave");
+    std::fs::copy(rave_bin(), &rave).unwrap();
+    let st = Command::new("strip").arg(&rave).status().unwrap();
+    assert!(st.success());
+    put(&root, &rave, "/bin/rave");
+    put(&root, Path::new("/bin/bash"), "/bin/bash");
+    for bin in [rave.as_path(), Path::new("/bin/bash")] {
+        for lib in libraries(bin) {
+            put(&root, &lib, &lib.to_string_lossy());
+        }
+    }
+    std::fs::write(
+        root.join("work/.gitlab-ci.yml"),
+        "hog:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['head -c 400000000 /dev/zero | tail']\nsmall:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['timeout 1 sh -c \"while :; do :; done\" || true', echo fine]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("init"),
+        "#!/bin/sh\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp\nmount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+         export PATH=/bin HOME=/root TMPDIR=/tmp\n\
+         echo \"controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\"\n\
+         cd /work\n\
+         rave run --json --jobs 2 --cpus 2 --memory 512M --force-budget > /tmp/out.json 2> /tmp/err.txt\n\
+         echo \"RAVE-EXIT $?\"\n\
+         echo RAVE-ERR-BEGIN; cat /tmp/err.txt; echo RAVE-ERR-END\n\
+         echo RAVE-JSON-BEGIN; cat /tmp/out.json; echo RAVE-JSON-END\n\
+         echo RAVE-LEFT-BEGIN; find /sys/fs/cgroup -maxdepth 3 -type d -name 'rave-*'; echo RAVE-LEFT-END\n\
+         poweroff -f\n",
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(root.join("init")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(root.join("init"), perm).unwrap();
+    let initrd = d.path().join("initrd.cpio");
+    sh(
+        &root,
+        &format!(
+            "find . | busybox cpio -o -H newc > {} 2>/dev/null",
+            initrd.display()
+        ),
+    );
+    let console = d.path().join("console.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .arg("-kernel")
+        .arg(kernel())
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-accel",
+            "tcg",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if qemu.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(240) {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            panic!(
+                "the guest did not finish in 240 s:\n{}",
+                std::fs::read_to_string(&console).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let section = |name: &str| -> String {
+        let begin = format!("RAVE-{name}-BEGIN");
+        let end = format!("RAVE-{name}-END");
+        let b = log
+            .find(&begin)
+            .unwrap_or_else(|| panic!("no {begin} in:\n{log}"));
+        let e = log[b..]
+            .find(&end)
+            .unwrap_or_else(|| panic!("no {end} in:\n{log}"))
+            + b;
+        log[b + begin.len()..e].replace('\r', "")
+    };
+    assert!(
+        log.contains("controllers:") && log.contains("memory"),
+        "{log}"
+    );
+    let err = section("ERR");
+    assert!(
+        !err.contains("no per-job cgroups"),
+        "rave found no usable cgroup v2 in the guest:\n{err}"
+    );
+    let v = json(section("JSON").trim());
+    let hog = job(&v, "hog");
+    assert_eq!(hog["status"], "failed", "{v:#}\n{err}");
+    assert_eq!(hog["failure_reason"], "oom_killed", "{v:#}\n{err}");
+    assert_eq!(hog["memory_limit_bytes"], 64u64 << 20);
+    let peak = hog["peak_memory_bytes"].as_u64().unwrap_or(0);
+    assert!(peak > 32 << 20, "the peak near the limit: {peak}");
+    assert!(
+        hog["note"].as_str().unwrap_or_default().contains("64 MiB"),
+        "{v:#}"
+    );
+    let small = job(&v, "small");
+    assert_eq!(small["status"], "success", "{v:#}\n{err}");
+    assert!(
+        small["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.3,
+        "CPU time from cpu.stat: {v:#}"
+    );
+    assert!(log.contains("RAVE-EXIT 1"), "{log}");
+    assert_eq!(
+        section("LEFT").trim(),
+        "",
+        "groups left behind in the guest"
+    );
+}
