@@ -58,7 +58,9 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     tool("busybox", "busybox-static");
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
-    for dir in ["bin", "proc", "sys", "dev", "tmp", "root", "work", "etc"] {
+    for dir in [
+        "bin", "proc", "sys", "dev", "tmp", "root", "work", "etc", "home",
+    ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
@@ -69,7 +71,7 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     put(&root, &busybox, "/bin/busybox");
     for t in [
         "sh", "mount", "mkdir", "cat", "echo", "poweroff", "sleep", "head", "tail", "ls", "grep",
-        "true", "timeout", "env", "rm", "mv", "cp", "ln", "chmod", "find",
+        "true", "timeout", "env", "rm", "mv", "cp", "ln", "chmod", "find", "chown", "su",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
     }
@@ -92,6 +94,12 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     )
     .unwrap();
     std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nbuilder:x:1000:1000::/home/builder:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").unwrap();
+    std::fs::write(
         root.join("init"),
         "#!/bin/sh\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
@@ -104,6 +112,20 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
          echo RAVE-ERR-BEGIN; cat /tmp/err.txt; echo RAVE-ERR-END\n\
          echo RAVE-JSON-BEGIN; cat /tmp/out.json; echo RAVE-JSON-END\n\
          echo RAVE-LEFT-BEGIN; find /sys/fs/cgroup -maxdepth 3 -type d -name 'rave-*'; echo RAVE-LEFT-END\n\
+         # An unprivileged user with a delegated subtree, as systemd's user@.service gets it:\n\
+         # the subtree is the user's, the user's shell sits in a leaf of it.\n\
+         echo '+memory +cpu' > /sys/fs/cgroup/cgroup.subtree_control\n\
+         mkdir -p /sys/fs/cgroup/user.slice/shell /home/builder /work2\n\
+         cd /sys/fs/cgroup/user.slice && chown 1000:1000 . cgroup.procs cgroup.subtree_control cgroup.threads\n\
+         chown -R 1000:1000 /sys/fs/cgroup/user.slice/shell /home/builder /work2\n\
+         cp /work/.gitlab-ci.yml /work2/ && chown 1000:1000 /work2/.gitlab-ci.yml\n\
+         echo $$ > /sys/fs/cgroup/user.slice/shell/cgroup.procs\n\
+         cd /work2\n\
+         su builder -s /bin/sh -c 'cd /work2 && HOME=/home/builder PATH=/bin TMPDIR=/tmp rave run --json --jobs 2 --cpus 2 --memory 512M --force-budget > /tmp/out2.json 2> /tmp/err2.txt'\n\
+         echo \"RAVE-EXIT2 $?\"\n\
+         echo RAVE-ERR2-BEGIN; cat /tmp/err2.txt; echo RAVE-ERR2-END\n\
+         echo RAVE-JSON2-BEGIN; cat /tmp/out2.json; echo RAVE-JSON2-END\n\
+         echo RAVE-LEFT2-BEGIN; find /sys/fs/cgroup/user.slice -maxdepth 3 -type d -name 'rave-*'; echo RAVE-LEFT2-END\n\
          poweroff -f\n",
     )
     .unwrap();
@@ -206,4 +228,22 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
         "",
         "groups left behind in the guest"
     );
+
+    // The same pipeline as an unprivileged user in a delegated subtree: the job groups go
+    // under the delegated group (the user's own leaf holds processes and cannot have any).
+    let err = section("ERR2");
+    assert!(
+        !err.contains("no per-job cgroups"),
+        "rave found no usable delegated cgroup:\n{err}"
+    );
+    let v = json(section("JSON2").trim());
+    let hog = job(&v, "hog");
+    assert_eq!(hog["failure_reason"], "oom_killed", "{v:#}\n{err}");
+    assert!(
+        hog["peak_memory_bytes"].as_u64().unwrap_or(0) > 32 << 20,
+        "{v:#}"
+    );
+    assert_eq!(job(&v, "small")["status"], "success", "{v:#}\n{err}");
+    assert!(log.contains("RAVE-EXIT2 1"), "{log}");
+    assert_eq!(section("LEFT2").trim(), "", "groups left behind");
 }

@@ -73,7 +73,43 @@ impl Cgroups {
         let v2_controllers = Path::new(V2_ROOT).join("cgroup.controllers");
         if v2_controllers.exists() {
             let own = own_path("").unwrap_or_else(|| "/".into());
-            let parent = Path::new(V2_ROOT).join(own.trim_start_matches('/'));
+            let own = Path::new(V2_ROOT).join(own.trim_start_matches('/'));
+            // Our group's children only get a controller their parent hands down. Our own
+            // group usually holds processes (rave, the shell that started it), and the kernel
+            // lets no group with processes hand controllers down, except the root: so the
+            // job groups go under the nearest group, ours or an ancestor we were delegated
+            // (as systemd delegates `user@.service`), that hands memory down or can be made to.
+            let hands_down = |g: &Path| {
+                let handed =
+                    fs::read_to_string(g.join("cgroup.subtree_control")).unwrap_or_default();
+                for c in ["memory", "cpu"] {
+                    if !handed.split_whitespace().any(|h| h == c) {
+                        let _ = write(&g.join("cgroup.subtree_control"), &format!("+{c}"));
+                    }
+                }
+                fs::read_to_string(g.join("cgroup.subtree_control"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .any(|h| h == "memory")
+            };
+            // … and one we may create our group in.
+            let ours = |g: &Path| {
+                rustix::fs::access(g, rustix::fs::Access::WRITE_OK).is_ok() && hands_down(g)
+            };
+            let mut parent = own.clone();
+            while !ours(&parent) {
+                match parent.parent() {
+                    Some(up) if up.starts_with(V2_ROOT) && up != parent => {
+                        parent = up.to_path_buf()
+                    }
+                    _ => {
+                        return Err(format!(
+                            "cgroup v2: no group from {} up hands the memory controller down to a group rave may create (delegate a subtree to this user, as systemd's Delegate=yes does)",
+                            own.display()
+                        ));
+                    }
+                }
+            }
             let controllers =
                 fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
             if !controllers.split_whitespace().any(|c| c == "memory") {
@@ -83,17 +119,6 @@ impl Cgroups {
                 ));
             }
             sweep_dead(&parent);
-            // Our group's children only get a controller its parent hands down. Where nothing
-            // did (a root cgroup with no systemd, a delegated subtree left as it came), hand
-            // them down: allowed in the root cgroup, and in a delegated group without
-            // processes of its own.
-            let handed =
-                fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
-            for c in ["memory", "cpu"] {
-                if !handed.split_whitespace().any(|h| h == c) {
-                    let _ = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
-                }
-            }
             let base = parent.join(&tag);
             fs::create_dir_all(&base)
                 .map_err(|e| format!("cannot create {}: {e}", base.display()))?;
