@@ -58,6 +58,11 @@ pub struct JobInstance {
     pub memory_source: RequestSource,
     /// Where its CPU request came from.
     pub cpu_source: RequestSource,
+    /// The CPU quota it runs under (and its tools' caps): its request, or for a learned
+    /// request the default it would have had. CPU is compressible: admission packs by what
+    /// a job usually uses, and a burst may still use the default's share (it slows others a
+    /// little, it never kills anything).
+    pub cpu_limit: f64,
     pub cpus: f64,
     pub job: Job,
 }
@@ -316,6 +321,7 @@ pub fn plan(
                 memory_bytes: 0,
                 memory_source: RequestSource::Default,
                 cpu_source: RequestSource::Default,
+                cpu_limit: 0.0,
                 cpus: 0.0,
                 job,
             });

@@ -126,6 +126,11 @@ pub fn assign(
         }
         j.memory_bytes = memory;
         j.memory_source = source;
+        j.cpu_limit = if matches!(cpu_source, crate::RequestSource::Learned { .. }) {
+            default_cpus.max(cpus)
+        } else {
+            cpus
+        };
         j.cpus = cpus;
         j.cpu_source = cpu_source;
     }

@@ -107,7 +107,7 @@ pub(super) fn job_env(i: &EnvInput, workdir: &Path) -> Vec<(String, String)> {
         env.extend(t.env(&j.name, i.attempt));
     }
     let lookup = |k: &str| finals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let caps = caps::env(i.memory, j.cpus, &i.cfg.budget, &lookup);
+    let caps = caps::env(i.memory, j.cpu_limit.max(j.cpus), &i.cfg.budget, &lookup);
     env.extend(finals.iter().cloned());
     env.extend(caps);
     env

@@ -875,7 +875,7 @@ impl<'p, E: Executor> Run<'p, E> {
             timeout: j.job.timeout.unwrap_or(self.cfg.default_timeout),
             after_script_timeout: self.cfg.after_script_timeout,
             memory_bytes: self.memory(id),
-            cpus: j.cpus,
+            cpus: j.cpu_limit.max(j.cpus),
             image: j.job.image.as_ref().map(|i| i.name.clone()),
             pull_policy: j
                 .job
