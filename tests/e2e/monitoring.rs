@@ -304,4 +304,13 @@ fn the_server_pushes_each_pipelines_metrics() {
         .unwrap_or_else(|| panic!("no rave_job_success in:\n{text}"));
     assert!(line.contains(&format!("pipeline=\"{id}\"")), "{line}");
     assert!(line.contains("project=\"team/app\""), "{line}");
+    // The server's own /metrics: the pipeline's budget utilisation was observed.
+    let own = client()
+        .get(format!("{}/metrics", s.url))
+        .bearer_auth(READER)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(own.contains("rave_budget_utilisation_count 1"), "{own}");
 }

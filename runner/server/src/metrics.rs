@@ -181,6 +181,7 @@ pub struct Metrics {
     pipelines: Family<StatusLabels, Gauge>,
     jobs: Family<StatusLabels, Gauge>,
     job_duration: Histogram,
+    utilisation: Histogram,
     queue_depth: Gauge,
     budget_used: Gauge,
     budget: Gauge,
@@ -235,6 +236,12 @@ impl Default for Metrics {
             "Duration of finished jobs",
             job_duration.clone(),
         );
+        let utilisation = Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]);
+        registry.register(
+            "rave_budget_utilisation",
+            "Per pipeline: memory-seconds its jobs used over the budget's memory-seconds during the run",
+            utilisation.clone(),
+        );
         let queue_depth = Gauge::default();
         registry.register(
             "rave_queue_depth",
@@ -281,6 +288,7 @@ impl Default for Metrics {
             pipelines,
             jobs,
             job_duration,
+            utilisation,
             queue_depth,
             budget_used,
             budget,
@@ -309,6 +317,10 @@ impl Metrics {
                 .inc();
         }
         self.webhook_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn pipeline_utilisation(&self, ratio: f64) {
+        self.utilisation.observe(ratio);
     }
 
     pub fn trace_dropped(&self) {

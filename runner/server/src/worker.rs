@@ -499,6 +499,12 @@ async fn run_pipeline(
         }
     };
     tail.read(state);
+    // The run's summary (its stdout): how well it used the budget.
+    if let Ok(summary) = rave_engine::event::RunSummary::read(&dir.join("summary.json"))
+        && let Some(u) = summary.pipeline.budget_utilisation
+    {
+        state.metrics.pipeline_utilisation(u);
+    }
     prune_checkout(&src);
     let _ = std::fs::remove_dir_all(&secrets);
     match (tail.finished, code) {
