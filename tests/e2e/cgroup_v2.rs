@@ -88,11 +88,16 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
             put(&root, &lib, &lib.to_string_lossy());
         }
     }
+    let pipeline = "hog:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['head -c 400000000 /dev/zero | tail']\nsmall:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['timeout 1 sh -c \"while :; do :; done\" || true', echo fine]\n";
+    // As root, one more job: a limit above what the guest has, and more than that used,
+    // so the guest kernel's own OOM killer acts (a real host OOM, safely inside the guest).
     std::fs::write(
         root.join("work/.gitlab-ci.yml"),
-        "hog:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['head -c 400000000 /dev/zero | tail']\nsmall:\n  variables: {RAVE_MEMORY: 64M}\n  script: ['timeout 1 sh -c \"while :; do :; done\" || true', echo fine]\n",
+        format!("{pipeline}host-hog:\n  variables: {{RAVE_MEMORY: 2G}}\n  script: ['head -c 600000000 /dev/zero | tail']\n"),
     )
     .unwrap();
+    std::fs::create_dir_all(root.join("work2")).unwrap();
+    std::fs::write(root.join("work2/.gitlab-ci.yml"), pipeline).unwrap();
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0::/root:/bin/sh\nbuilder:x:1000:1000::/home/builder:/bin/sh\n",
@@ -107,7 +112,7 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
          export PATH=/bin HOME=/root TMPDIR=/tmp\n\
          echo \"controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\"\n\
          cd /work\n\
-         rave run --json --jobs 2 --cpus 2 --memory 512M --force-budget > /tmp/out.json 2> /tmp/err.txt\n\
+         rave run --json --jobs 3 --cpus 3 --memory 3G --force-budget > /tmp/out.json 2> /tmp/err.txt\n\
          echo \"RAVE-EXIT $?\"\n\
          echo RAVE-ERR-BEGIN; cat /tmp/err.txt; echo RAVE-ERR-END\n\
          echo RAVE-JSON-BEGIN; cat /tmp/out.json; echo RAVE-JSON-END\n\
@@ -115,10 +120,9 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
          # An unprivileged user with a delegated subtree, as systemd's user@.service gets it:\n\
          # the subtree is the user's, the user's shell sits in a leaf of it.\n\
          echo '+memory +cpu' > /sys/fs/cgroup/cgroup.subtree_control\n\
-         mkdir -p /sys/fs/cgroup/user.slice/shell /home/builder /work2\n\
+         mkdir -p /sys/fs/cgroup/user.slice/shell /home/builder\n\
          cd /sys/fs/cgroup/user.slice && chown 1000:1000 . cgroup.procs cgroup.subtree_control cgroup.threads\n\
          chown -R 1000:1000 /sys/fs/cgroup/user.slice/shell /home/builder /work2\n\
-         cp /work/.gitlab-ci.yml /work2/ && chown 1000:1000 /work2/.gitlab-ci.yml\n\
          echo $$ > /sys/fs/cgroup/user.slice/shell/cgroup.procs\n\
          cd /work2\n\
          su builder -s /bin/sh -c 'cd /work2 && HOME=/home/builder PATH=/bin TMPDIR=/tmp rave run --json --jobs 2 --cpus 2 --memory 512M --force-budget > /tmp/out2.json 2> /tmp/err2.txt'\n\
@@ -150,7 +154,7 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
             "-append",
             "console=ttyS0 panic=-1 quiet",
             "-m",
-            "1024",
+            "384",
             "-smp",
             "2",
             "-accel",
@@ -215,6 +219,15 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     assert!(
         hog["note"].as_str().unwrap_or_default().contains("64 MiB"),
         "{v:#}"
+    );
+    let host = job(&v, "host-hog");
+    assert_eq!(host["failure_reason"], "oom_killed", "{v:#}\n{err}");
+    assert!(
+        host["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("host's OOM killer"),
+        "a host OOM is named as one: {v:#}"
     );
     let small = job(&v, "small");
     assert_eq!(small["status"], "success", "{v:#}\n{err}");

@@ -442,10 +442,33 @@ impl JobCgroup {
         }
     }
 
-    /// Did the kernel OOM-kill a process of this group?
+    /// Did the host's OOM killer (not the group's limit) kill a process of this group? Known
+    /// on v2 only (`oom_kill` beyond `oom` in `memory.events`); v1 counts only its own.
+    pub fn host_oom_killed(&self) -> Option<bool> {
+        match self.layout {
+            Layout::V2 { .. } => {
+                let events = self.mem_dir().join("memory.events");
+                let oom = read_key(&events, "oom")?;
+                let killed = read_key(&events, "oom_kill")?;
+                Some(killed > oom)
+            }
+            Layout::V1 { .. } => None,
+        }
+    }
+
+    /// Did the kernel OOM-kill a process of this group *for the group's own limit*?
     pub fn oom_killed(&self) -> bool {
         let kills = match self.layout {
-            Layout::V2 { .. } => read_key(&self.mem_dir().join("memory.events"), "oom_kill"),
+            // v2's `oom_kill` counts kills by any OOM killer, the host's too; `oom` counts
+            // the times the group itself hit its limit and had to kill (found by the QEMU
+            // guest test: a host OOM was reported as the job's own).
+            Layout::V2 { .. } => {
+                let events = self.mem_dir().join("memory.events");
+                match (read_key(&events, "oom"), read_key(&events, "oom_kill")) {
+                    (Some(oom), Some(killed)) => Some(oom.min(killed)),
+                    _ => None,
+                }
+            }
             Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill"),
         };
         kills.unwrap_or(0) > 0

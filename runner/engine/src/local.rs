@@ -299,15 +299,22 @@ impl Executor for LocalExecutor {
             s.abort();
         }
         outcome.largest_process = largest.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut host_killed_here = None;
         if let Some(cg) = &cg {
             outcome.oom_killed = cg.oom_killed();
+            host_killed_here = cg.host_oom_killed();
         }
-        // Killed (SIGKILL) without the job's own limit being hit, while the host's OOM killer
-        // was busy: the machine ran out of memory.
+        // A process of the job killed (SIGKILL: the shell itself, or a command it reports as
+        // 137) without the job's own limit being hit, while the host's OOM killer was busy:
+        // the machine ran out of memory. cgroup v2 says so for the job's own group.
+        let sigkilled = outcome.signal == Some(9) || outcome.exit_code == Some(137);
+        let host_busy = matches!(
+            (host_kills_before, crate::cgroup::host_oom_kills()),
+            (Some(a), Some(b)) if b > a
+        );
         if !outcome.oom_killed
-            && outcome.signal == Some(9)
-            && let (Some(a), Some(b)) = (host_kills_before, crate::cgroup::host_oom_kills())
-            && b > a
+            && (host_killed_here == Some(true)
+                || (sigkilled && host_killed_here.is_none() && host_busy))
         {
             outcome.host_oom_kill = true;
         }
