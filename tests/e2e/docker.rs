@@ -126,7 +126,7 @@ fn jobs_with_an_image_run_in_containers_under_their_limits() {
     let d = git_repo(&[(
         ".gitlab-ci.yml",
         &format!(
-            "stages: [build, test]\nbuild:\n  stage: build\n  image: {IMAGE}\n  script:\n    - test \"$CI_PROJECT_DIR\" = /builds/local/$(basename $CI_PROJECT_DIR)\n    - mkdir -p out && echo built-in-container > out/x.txt\n  artifacts: {{paths: [out/]}}\n  after_script: ['echo after=$CI_JOB_STATUS']\nuse:\n  stage: test\n  script: [cat out/x.txt]\nhog:\n  stage: test\n  image: {IMAGE}\n  variables: {{RAVE_MEMORY: 64M}}\n  script: ['head -c 300000000 /dev/zero | tail > /dev/null']\nmissing:\n  stage: test\n  image: {{name: 'rave-test/not-here:1', pull_policy: never}}\n  script: [echo never]\n"
+            "stages: [build, test]\nbuild:\n  stage: build\n  image: {IMAGE}\n  script:\n    - test \"$CI_PROJECT_DIR\" = /builds/local/$(basename $CI_PROJECT_DIR)\n    - mkdir -p out && echo built-in-container > out/x.txt\n  artifacts: {{paths: [out/]}}\n  after_script: ['echo after=$CI_JOB_STATUS']\nuse:\n  stage: test\n  script: [cat out/x.txt]\nhog:\n  stage: test\n  image: {IMAGE}\n  variables: {{RAVE_MEMORY: 64M}}\n  script: ['head -c 300000000 /dev/zero | tail > /dev/null']\nslowhog:\n  stage: test\n  image: {IMAGE}\n  variables: {{RAVE_MEMORY: 64M}}\n  script: ['for i in $(seq 1 40); do head -c 4000000 /dev/zero; sleep 0.1; done | tail > /dev/null']\nmissing:\n  stage: test\n  image: {{name: 'rave-test/not-here:1', pull_policy: never}}\n  script: [echo never]\n"
         ),
     )]);
     let r = rave(d.path(), &["run", "--json"]);
@@ -148,6 +148,16 @@ fn jobs_with_an_image_run_in_containers_under_their_limits() {
             .contains("hog: killed: exceeded its memory limit of 64 MiB"),
         "{}",
         r.stderr
+    );
+    // Growing slowly, the job's biggest process is sampled inside its container's group.
+    let slow = job(&v, "slowhog");
+    assert_eq!(slow["failure_reason"], "oom_killed", "{}", r.stderr);
+    assert!(
+        slow["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("largest process: tail"),
+        "{slow:#}"
     );
     let missing = job(&v, "missing");
     assert_eq!(missing["failure_reason"], "runner_error");

@@ -377,10 +377,24 @@ fn remove_tree(dir: &Path) -> usize {
     killed
 }
 
-/// The biggest process listed in `dir/cgroup.procs`: (command, resident memory).
+/// The biggest process in the group at `dir` or a group below it (a container job's
+/// processes sit in the containers' own groups under the job's): (command, resident memory).
+/// At most 256 processes are read.
 pub fn largest_process_in(dir: &Path) -> Option<(String, u64)> {
-    pids_in(dir)
-        .into_iter()
+    let mut pids = pids_in(dir);
+    let mut stack: Vec<(PathBuf, u32)> = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        if depth >= 3 || pids.len() >= 256 {
+            continue;
+        }
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pids.extend(pids_in(&e.path()));
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    pids.into_iter()
         .take(256)
         .filter_map(|pid| {
             let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
