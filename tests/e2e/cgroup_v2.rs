@@ -98,6 +98,13 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     .unwrap();
     std::fs::create_dir_all(root.join("work2")).unwrap();
     std::fs::write(root.join("work2/.gitlab-ci.yml"), pipeline).unwrap();
+    // A user with no delegated group: two jobs of 300 MiB under 512 MiB.
+    std::fs::create_dir_all(root.join("work3")).unwrap();
+    std::fs::write(
+        root.join("work3/.gitlab-ci.yml"),
+        "a:\n  variables: {RAVE_MEMORY: 300M}\n  script: [sleep 1]\nb:\n  variables: {RAVE_MEMORY: 300M}\n  script: [sleep 1]\n",
+    )
+    .unwrap();
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0::/root:/bin/sh\nbuilder:x:1000:1000::/home/builder:/bin/sh\n",
@@ -130,6 +137,12 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
          echo RAVE-ERR2-BEGIN; cat /tmp/err2.txt; echo RAVE-ERR2-END\n\
          echo RAVE-JSON2-BEGIN; cat /tmp/out2.json; echo RAVE-JSON2-END\n\
          echo RAVE-LEFT2-BEGIN; find /sys/fs/cgroup/user.slice -maxdepth 3 -type d -name 'rave-*'; echo RAVE-LEFT2-END\n\
+         # The same user in a group nobody delegated: no job groups can be made.\n\
+         mkdir -p /sys/fs/cgroup/other && echo $$ > /sys/fs/cgroup/other/cgroup.procs\n\
+         chown -R 1000:1000 /work3\n\
+         su builder -s /bin/sh -c 'cd /work3 && HOME=/home/builder PATH=/bin TMPDIR=/tmp rave run --json --jobs 2 --cpus 2 --memory 512M --force-budget > /tmp/out3.json 2> /tmp/err3.txt'\n\
+         echo RAVE-ERR3-BEGIN; cat /tmp/err3.txt; echo RAVE-ERR3-END\n\
+         echo RAVE-JSON3-BEGIN; cat /tmp/out3.json; echo RAVE-JSON3-END\n\
          poweroff -f\n",
     )
     .unwrap();
@@ -259,4 +272,24 @@ fn the_cgroup_v2_path_limits_names_the_oom_and_cleans_up_in_a_guest() {
     assert_eq!(job(&v, "small")["status"], "success", "{v:#}\n{err}");
     assert!(log.contains("RAVE-EXIT2 1"), "{log}");
     assert_eq!(section("LEFT2").trim(), "", "groups left behind");
+
+    // No delegated group: rave says so once, and admission still keeps the two 300 MiB jobs
+    // of a 512 MiB budget apart.
+    let err = section("ERR3");
+    assert_eq!(err.matches("no per-job cgroups").count(), 1, "{err}");
+    let v = json(section("JSON3").trim());
+    let (a, b) = (job(&v, "a"), job(&v, "b"));
+    assert_eq!(a["status"], "success", "{v:#}");
+    assert_eq!(b["status"], "success", "{v:#}");
+    let t =
+        |j: &serde_json::Value, k: &str| humantime::parse_rfc3339(j[k].as_str().unwrap()).unwrap();
+    let (first, second) = if t(a, "started_at") <= t(b, "started_at") {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert!(
+        t(second, "started_at") >= t(first, "finished_at"),
+        "they overlapped: {v:#}"
+    );
 }

@@ -604,6 +604,13 @@ fn jobs_without_a_request_are_admitted_with_what_they_measured_before() {
         learned
     );
     assert_eq!(job(&v, "small")["memory_source"], "learned from 1 run(s)");
+    // A third run: the request now comes from the peaks of all three.
+    let (r, _) = run_json(d.path(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        job(&graph(&[]), "small")["memory_source"],
+        "learned from 3 run(s)"
+    );
     // --no-learn: the default again.
     assert_eq!(
         job(&graph(&["--no-learn"]), "small")["memory_source"],
