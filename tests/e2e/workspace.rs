@@ -225,3 +225,55 @@ fn gc_prunes_unused_build_directories_and_cached_includes() {
     assert!(!rave_dir.join("includes/projects/old.git").exists());
     assert!(rave_dir.join("includes/projects/new.git").exists());
 }
+
+/// `GIT_SUBMODULE_STRATEGY`, as GitLab Runner reads it: `none` leaves the submodule's
+/// directory empty, `normal` checks it out at the commit the superproject records (from the
+/// project's own checkout when it has it, else fetched from its URL, relative URLs against
+/// `origin`), `recursive` also its submodules; anything else fails the job with the cause.
+#[test]
+fn submodules_are_checked_out_as_gitlab_runner_does() {
+    let d = tempfile::tempdir().unwrap();
+    sh(
+        d.path(),
+        "git init -q --bare lib.git && git -C lib.git symbolic-ref HEAD refs/heads/main \
+         && git init -q -b main libwork && cd libwork && echo 'from the submodule' > lib.txt \
+         && git add -A && git -c user.name=t -c user.email=t@t commit -qm lib && git push -q ../lib.git main \
+         && cd .. && git init -q --bare app.git && git init -q -b main app && cd app \
+         && git remote add origin ../app.git \
+         && git -c protocol.file.allow=always submodule add -q ../lib.git vendor/lib \
+         && printf 'with:\\n  variables: {GIT_SUBMODULE_STRATEGY: normal}\\n  script: [cat vendor/lib/lib.txt]\\nwithout:\\n  script: [test -d vendor/lib, test -z \"$(ls -A vendor/lib)\"]\\nbad:\\n  variables: {GIT_SUBMODULE_STRATEGY: sometimes}\\n  script: [true]\\n' > .gitlab-ci.yml \
+         && git add -A && git -c user.name=t -c user.email=t@t commit -qm app && git push -q origin main",
+    );
+    let check = |dir: &std::path::Path| {
+        let r = rave(dir, &["run", "--json"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        let v = json(&r.stdout);
+        assert_eq!(job(&v, "with")["status"], "success", "{}", r.stderr);
+        assert!(
+            r.stderr.contains("with    > from the submodule"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(job(&v, "without")["status"], "success", "{}", r.stderr);
+        let bad = job(&v, "bad");
+        assert_eq!(bad["failure_reason"], "runner_error");
+        assert!(
+            bad["note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("GIT_SUBMODULE_STRATEGY `sometimes` is not none, normal or recursive"),
+            "{v:#}"
+        );
+    };
+    // The developer's tree, with the submodule checked out there.
+    check(&d.path().join("app"));
+    // A clone that never checked it out (as a server's checkout): fetched from `../lib.git`,
+    // relative to the clone's origin.
+    sh(d.path(), "git clone -q -b main app.git fresh");
+    assert!(!d.path().join("fresh/vendor/lib/lib.txt").exists());
+    check(&d.path().join("fresh"));
+    assert!(
+        d.path().join("fresh/.rave/submodules").is_dir(),
+        "fetched into a mirror kept in the project's state"
+    );
+}

@@ -109,6 +109,33 @@ impl JobGit {
     }
 }
 
+/// A submodule URL as `.gitmodules` writes it: relative ones (`../lib.git`) are relative to
+/// the superproject's `origin`, else to its directory.
+fn resolve_submodule_url(repo_dir: &Path, url: &str) -> String {
+    if !(url.starts_with("./") || url.starts_with("../")) {
+        return url.to_string();
+    }
+    let base = rave_repo::Repo::discover(repo_dir)
+        .ok()
+        .and_then(|r| r.origin_url())
+        .unwrap_or_else(|| repo_dir.display().to_string());
+    let mut base = base.trim_end_matches('/').to_string();
+    let mut rest = url;
+    loop {
+        if let Some(r) = rest.strip_prefix("./") {
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("../") {
+            rest = r;
+            if let Some(i) = base.rfind('/') {
+                base.truncate(i);
+            }
+        } else {
+            break;
+        }
+    }
+    format!("{base}/{rest}")
+}
+
 /// Keep the few most recent generated `.git` directories.
 fn prune_old(base: &Path, keep: &Path) {
     let Ok(rd) = std::fs::read_dir(base) else {
@@ -332,12 +359,100 @@ impl Workspace {
                 let _ = std::fs::remove_file(&shallow);
             }
         }
-        if matches!(v.submodules.as_deref(), Some("normal" | "recursive")) {
-            notes.push(
-                "WARNING: GIT_SUBMODULE_STRATEGY: rave does not check submodules out; their directories hold what the project directory holds (nothing, unless checked out there)".into(),
-            );
+        let root = git
+            .repo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .root()
+            .to_path_buf();
+        match v.submodules.as_deref().map(str::trim) {
+            None | Some("") | Some("none") => {
+                // As a clone without submodules: their directories exist, empty.
+                for s in rave_repo::submodules_at(&root, &git.sha).unwrap_or_default() {
+                    let _ = std::fs::create_dir_all(dir.join(&s.path));
+                }
+            }
+            Some(strategy @ ("normal" | "recursive")) => {
+                let n =
+                    self.check_out_submodules(&root, &git.sha, dir, strategy == "recursive", 0)?;
+                notes.push(format!(
+                    "Checked out {n} submodule(s) (GIT_SUBMODULE_STRATEGY: {strategy})"
+                ));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "GIT_SUBMODULE_STRATEGY `{other}` is not none, normal or recursive"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// Check the submodules of `commit` (of the repository at `repo_dir`) out into `dest`, at
+    /// the commits the superproject records: from the project's own checkout of them when it
+    /// has those commits (`rave run` on a developer's tree), else fetched from their URL into
+    /// a mirror kept in the project's state. Returns how many were checked out.
+    fn check_out_submodules(
+        &self,
+        repo_dir: &Path,
+        commit: &str,
+        dest: &Path,
+        recursive: bool,
+        depth: usize,
+    ) -> Result<usize, String> {
+        if depth > 5 {
+            return Ok(0);
+        }
+        let subs = rave_repo::submodules_at(repo_dir, commit).map_err(|e| e.to_string())?;
+        let mut n = 0;
+        for s in subs {
+            let local = [
+                repo_dir.join(&s.path),
+                repo_dir.join(".git").join("modules").join(&s.name),
+            ]
+            .into_iter()
+            .find(|p| rave_repo::has_commit(p, &s.commit));
+            let source = match local {
+                Some(p) => p,
+                None => {
+                    let url = resolve_submodule_url(repo_dir, &s.url);
+                    let safe: String = s
+                        .name
+                        .chars()
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || c == '-' {
+                                c
+                            } else {
+                                '_'
+                            }
+                        })
+                        .collect();
+                    let mirror = self
+                        .state_dir
+                        .join("submodules")
+                        .join(format!("{safe}.git"));
+                    std::fs::create_dir_all(&mirror)
+                        .map_err(|e| format!("{}: {e}", mirror.display()))?;
+                    rave_repo::fetch_mirror(&url, &rave_repo::Credentials::None, &mirror)
+                        .map_err(|e| format!("submodule `{}`: cannot fetch {url}: {e}", s.name))?;
+                    if !rave_repo::has_commit(&mirror, &s.commit) {
+                        return Err(format!(
+                            "submodule `{}`: {url} has no commit {}",
+                            s.name, s.commit
+                        ));
+                    }
+                    mirror
+                }
+            };
+            let to = dest.join(&s.path);
+            rave_repo::write_tree(&source, &s.commit, &to)
+                .map_err(|e| format!("submodule `{}`: {e}", s.name))?;
+            n += 1;
+            if recursive {
+                n += self.check_out_submodules(&source, &s.commit, &to, true, depth + 1)?;
+            }
+        }
+        Ok(n)
     }
 
     /// After the job's artifacts are saved: take its directory's overlay down.

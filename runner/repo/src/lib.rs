@@ -920,3 +920,140 @@ mod ssh_tests {
         assert_eq!(known_host_keys(kh, "example.com", Some(22)).len(), 1);
     }
 }
+
+/// A submodule of a commit: its `.gitmodules` entry and the commit its gitlink records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submodule {
+    pub name: String,
+    pub path: String,
+    pub url: String,
+    pub commit: String,
+}
+
+/// The submodules of `commit` in the repository at `repo_dir` (a working tree or a bare
+/// mirror): every gitlink of its tree with the `.gitmodules` entry of the same path.
+pub fn submodules_at(repo_dir: &Path, commit: &str) -> Result<Vec<Submodule>, RepoError> {
+    let repo = git(Repository::open(repo_dir), "open the repository")?;
+    let oid = git(git2::Oid::from_str(commit), "commit id")?;
+    let tree = git(
+        git(repo.find_commit(oid), &format!("commit {commit}"))?.tree(),
+        "the commit's tree",
+    )?;
+    // `.gitmodules`: [submodule "name"] sections with path and url.
+    let mut entries: Vec<(String, String, String)> = Vec::new();
+    if let Ok(e) = tree.get_path(Path::new(".gitmodules"))
+        && let Ok(blob) = repo.find_blob(e.id())
+    {
+        let text = String::from_utf8_lossy(blob.content()).into_owned();
+        let mut current: Option<(String, String, String)> = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("[submodule") {
+                if let Some(c) = current.take() {
+                    entries.push(c);
+                }
+                let name = rest.trim().trim_end_matches(']').trim().trim_matches('"');
+                current = Some((name.to_string(), String::new(), String::new()));
+            } else if let Some((k, v)) = line.split_once('=')
+                && let Some(c) = current.as_mut()
+            {
+                match k.trim() {
+                    "path" => c.1 = v.trim().to_string(),
+                    "url" => c.2 = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(c) = current.take() {
+            entries.push(c);
+        }
+    }
+    let mut out = Vec::new();
+    git(
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, e| {
+            if e.kind() == Some(git2::ObjectType::Commit) {
+                let path = format!("{dir}{}", e.name().unwrap_or_default());
+                if let Some((name, _, url)) = entries.iter().find(|(_, p, _)| *p == path) {
+                    out.push(Submodule {
+                        name: name.clone(),
+                        path,
+                        url: url.clone(),
+                        commit: e.id().to_string(),
+                    });
+                }
+            }
+            git2::TreeWalkResult::Ok
+        }),
+        "walk the tree",
+    )?;
+    Ok(out)
+}
+
+/// Does the repository at `repo_dir` hold `commit`?
+pub fn has_commit(repo_dir: &Path, commit: &str) -> bool {
+    let Ok(repo) = Repository::open(repo_dir) else {
+        return false;
+    };
+    git2::Oid::from_str(commit).is_ok_and(|oid| repo.find_commit(oid).is_ok())
+}
+
+/// Write the files of `commit` (from the repository at `repo_dir`) into `dest`: blobs with
+/// their executable bit, symlinks as symlinks, gitlinks as empty directories.
+pub fn write_tree(repo_dir: &Path, commit: &str, dest: &Path) -> Result<usize, RepoError> {
+    use std::os::unix::fs::PermissionsExt;
+    let repo = git(Repository::open(repo_dir), "open the repository")?;
+    let oid = git(git2::Oid::from_str(commit), "commit id")?;
+    let tree = git(
+        git(repo.find_commit(oid), &format!("commit {commit}"))?.tree(),
+        "the commit's tree",
+    )?;
+    let io = |e: std::io::Error, p: &Path| RepoError::Git {
+        context: format!("write {}", p.display()),
+        source: git2::Error::from_str(&e.to_string()),
+    };
+    std::fs::create_dir_all(dest).map_err(|e| io(e, dest))?;
+    let mut written = 0;
+    let mut failed = None;
+    git(
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, e| {
+            let path = dest.join(dir).join(e.name().unwrap_or_default());
+            let r: Result<(), std::io::Error> = match e.kind() {
+                Some(git2::ObjectType::Tree) | Some(git2::ObjectType::Commit) => {
+                    std::fs::create_dir_all(&path)
+                }
+                Some(git2::ObjectType::Blob) => match repo.find_blob(e.id()) {
+                    Ok(blob) if e.filemode() == 0o120000 => {
+                        let target = String::from_utf8_lossy(blob.content()).into_owned();
+                        let _ = std::fs::remove_file(&path);
+                        std::os::unix::fs::symlink(target, &path)
+                    }
+                    Ok(blob) => std::fs::write(&path, blob.content()).and_then(|()| {
+                        let mode = if e.filemode() == 0o100755 {
+                            0o755
+                        } else {
+                            0o644
+                        };
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    }),
+                    Err(err) => Err(std::io::Error::other(err.to_string())),
+                },
+                _ => Ok(()),
+            };
+            match r {
+                Ok(()) => {
+                    written += 1;
+                    git2::TreeWalkResult::Ok
+                }
+                Err(err) => {
+                    failed = Some(io(err, &path));
+                    git2::TreeWalkResult::Abort
+                }
+            }
+        }),
+        "walk the tree",
+    )
+    .map_err(|e| failed.take().unwrap_or(e))?;
+    if let Some(f) = failed {
+        return Err(f);
+    }
+    Ok(written)
+}
