@@ -1842,3 +1842,43 @@ fn trigger_project_starts_the_downstream_pipeline_on_the_server() {
         "{v:#}"
     );
 }
+
+/// On the server a checkout's `origin` is the project's URL, not the server's mirror: jobs
+/// see it, and a submodule with a relative URL is fetched next to the project.
+#[test]
+fn server_checkouts_point_origin_at_the_project_and_fetch_submodules() {
+    let d = tempfile::tempdir().unwrap();
+    sh(
+        d.path(),
+        "git init -q --bare lib.git && git -C lib.git symbolic-ref HEAD refs/heads/main \
+         && git init -q -b main libwork && cd libwork && echo 'from the submodule' > lib.txt \
+         && git add -A && git -c user.name=t -c user.email=t@t commit -qm lib && git push -q ../lib.git main \
+         && cd .. && git init -q --bare app.git && git -C app.git symbolic-ref HEAD refs/heads/main \
+         && git init -q -b main app && cd app && git remote add origin ../app.git \
+         && git -c protocol.file.allow=always submodule add -q ../lib.git vendor/lib \
+         && printf 'job:\\n  variables: {GIT_SUBMODULE_STRATEGY: normal}\\n  script:\\n    - git remote get-url origin\\n    - cat vendor/lib/lib.txt\\n' > .gitlab-ci.yml \
+         && git add -A && git -c user.name=t -c user.email=t@t commit -qm app && git push -q origin main",
+    );
+    let bare = d.path().join("app.git");
+    let data = tempfile::tempdir().unwrap();
+    let cfg = data.path().join("rave.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nscope = \"admin\"\n\n[[tokens]]\nname = \"dash\"\ntoken = \"{READER}\"\nscope = \"read\"\n",
+            bare.display()
+        ),
+    )
+    .unwrap();
+    let s = start(&data.path().join("data"), &cfg);
+    let id = api_pipeline(&s, json!({"project": "team/app", "ref": "main"}));
+    let v = finished(&s, id);
+    assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
+    let log = text(&s, &format!("/api/jobs/{}/log", job(&v, "job")["id"]));
+    assert!(
+        log.contains(&bare.display().to_string()),
+        "origin is the project: {log}"
+    );
+    assert!(!log.contains("mirrors"), "not the server's mirror: {log}");
+    assert!(log.contains("from the submodule"), "{log}");
+}

@@ -1057,3 +1057,48 @@ pub fn write_tree(repo_dir: &Path, commit: &str, dest: &Path) -> Result<usize, R
     }
     Ok(written)
 }
+
+/// Point the checkout at `dir`'s `origin` to `url`, without any password it carries (jobs
+/// read their `.git/config`): what `git remote get-url origin` and relative submodule URLs
+/// see in a server's checkout, instead of the server's own mirror.
+pub fn set_origin(dir: &Path, url: &str) -> Result<(), RepoError> {
+    let repo = git(Repository::open(dir), "open the checkout")?;
+    git(
+        repo.remote_set_url("origin", &without_password(url)),
+        "set origin",
+    )
+}
+
+/// `https://user:secret@host/p.git` → `https://user@host/p.git`; other URLs as they are.
+pub fn without_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && !userinfo.contains('/')
+    {
+        let user = userinfo.split(':').next().unwrap_or_default();
+        return format!("{scheme}://{user}@{host}");
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::without_password;
+
+    #[test]
+    fn passwords_are_dropped_from_urls() {
+        assert_eq!(
+            without_password("https://oauth2:glpat-secret@gitlab.example.com/g/app.git"),
+            "https://oauth2@gitlab.example.com/g/app.git"
+        );
+        assert_eq!(
+            without_password("ssh://git@host:2222/g/app.git"),
+            "ssh://git@host:2222/g/app.git"
+        );
+        assert_eq!(without_password("/srv/git/app.git"), "/srv/git/app.git");
+        assert_eq!(
+            without_password("https://host/a@b/app.git"),
+            "https://host/a@b/app.git"
+        );
+    }
+}

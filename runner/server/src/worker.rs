@@ -267,6 +267,11 @@ async fn run_pipeline(
         }
         return ("failed".into(), Some(e));
     }
+    // Jobs see the project's URL as `origin` (relative submodule URLs resolve against it),
+    // not the server's mirror.
+    if let Err(e) = rave_repo::set_origin(&src, &project.clone_url) {
+        warn!(pipeline = p.id, "cannot set the checkout's origin: {e}");
+    }
     if let Some(ctx) = trace {
         let mut s = rave_traces::SpanData::new("checkout", Some(ctx.span_id))
             .attr("rave.sha", p.sha.as_str());
