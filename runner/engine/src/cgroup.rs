@@ -456,6 +456,23 @@ impl JobCgroup {
         }
     }
 
+    /// OOM kills for their own limits in this run's job groups (this one and its siblings),
+    /// on v1, where the host's counter (`/proc/vmstat oom_kill`) counts them too: a host OOM
+    /// is told only by kills beyond these.
+    pub fn run_memcg_oom_kills(&self) -> Option<u64> {
+        let Layout::V1 { .. } = self.layout else {
+            return None;
+        };
+        let parent = self.mem_dir().parent()?;
+        let mut n = 0;
+        for e in fs::read_dir(parent).ok()?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += read_key(&e.path().join("memory.oom_control"), "oom_kill").unwrap_or(0);
+            }
+        }
+        Some(n)
+    }
+
     /// Did the host's OOM killer (not the group's limit) kill a process of this group? Known
     /// on v2 only (`oom_kill` beyond `oom` in `memory.events`); v1 counts only its own.
     pub fn host_oom_killed(&self) -> Option<bool> {

@@ -262,6 +262,7 @@ impl Executor for LocalExecutor {
         // OOM forensics: the host's OOM-kill counter before, and the job's biggest process
         // sampled while it runs (twice a second, a few hundred /proc reads at most).
         let host_kills_before = crate::cgroup::host_oom_kills();
+        let memcg_kills_before = cg.as_ref().and_then(|g| g.run_memcg_oom_kills());
         let largest = std::sync::Arc::new(std::sync::Mutex::new(None));
         let sampler = cg.as_ref().map(|g| {
             let dir = g.procs_dir();
@@ -300,21 +301,26 @@ impl Executor for LocalExecutor {
         }
         outcome.largest_process = largest.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut host_killed_here = None;
+        let mut memcg_kills = None;
         if let Some(cg) = &cg {
             outcome.oom_killed = cg.oom_killed();
             host_killed_here = cg.host_oom_killed();
+            memcg_kills = match (memcg_kills_before, cg.run_memcg_oom_kills()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            };
         }
-        // A process of the job killed (SIGKILL: the shell itself, or a command it reports as
-        // 137) without the job's own limit being hit, while the host's OOM killer was busy:
-        // the machine ran out of memory. cgroup v2 says so for the job's own group.
-        let sigkilled = outcome.signal == Some(9) || outcome.exit_code == Some(137);
-        let host_busy = matches!(
-            (host_kills_before, crate::cgroup::host_oom_kills()),
-            (Some(a), Some(b)) if b > a
-        );
+        // cgroup v2 says for the job's own group whether the host's OOM killer hit it. On v1,
+        // the shell killed (SIGKILL) without the job's own limit being hit, while the host's
+        // counter rose by more than the kills of this run's own groups for their limits (a
+        // neighbour's OOM is not the host's): the machine ran out of memory.
+        let host_busy = match (host_kills_before, crate::cgroup::host_oom_kills()) {
+            (Some(a), Some(b)) => b.saturating_sub(a) > memcg_kills.unwrap_or(0),
+            _ => false,
+        };
         if !outcome.oom_killed
             && (host_killed_here == Some(true)
-                || (sigkilled && host_killed_here.is_none() && host_busy))
+                || (host_killed_here.is_none() && outcome.signal == Some(9) && host_busy))
         {
             outcome.host_oom_kill = true;
         }
