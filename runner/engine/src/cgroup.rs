@@ -405,6 +405,28 @@ pub fn largest_process_in(dir: &Path) -> Option<(String, u64)> {
         .max_by_key(|(_, rss)| *rss)
 }
 
+/// The last sample of a job's biggest process: (command, resident memory).
+pub type Largest = std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>>;
+
+/// The biggest process under `dir`, sampled twice a second until the returned task is
+/// aborted; the last sample is in the returned cell (OOM forensics for local and container
+/// jobs alike).
+pub fn sample_largest(dir: PathBuf) -> (tokio::task::JoinHandle<()>, Largest) {
+    let largest: Largest = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let cell = largest.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let d = dir.clone();
+            if let Ok(Some(top)) = tokio::task::spawn_blocking(move || largest_process_in(&d)).await
+            {
+                *cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(top);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    (task, largest)
+}
+
 fn pids_in(dir: &Path) -> Vec<i32> {
     fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()

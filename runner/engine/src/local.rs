@@ -263,23 +263,13 @@ impl Executor for LocalExecutor {
         // sampled while it runs (twice a second, a few hundred /proc reads at most).
         let host_kills_before = crate::cgroup::host_oom_kills();
         let memcg_kills_before = cg.as_ref().and_then(|g| g.run_memcg_oom_kills());
-        let largest = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let sampler = cg.as_ref().map(|g| {
-            let dir = g.procs_dir();
-            let largest = largest.clone();
-            tokio::spawn(async move {
-                loop {
-                    let d = dir.clone();
-                    if let Ok(Some(top)) =
-                        tokio::task::spawn_blocking(move || crate::cgroup::largest_process_in(&d))
-                            .await
-                    {
-                        *largest.lock().unwrap_or_else(|p| p.into_inner()) = Some(top);
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            })
-        });
+        let (sampler, largest) = match cg
+            .as_ref()
+            .map(|g| crate::cgroup::sample_largest(g.procs_dir()))
+        {
+            Some((task, cell)) => (Some(task), Some(cell)),
+            None => (None, None),
+        };
         let shell = Shell {
             bash: &self.bash,
             spec: &spec,
@@ -299,7 +289,8 @@ impl Executor for LocalExecutor {
         if let Some(s) = sampler {
             s.abort();
         }
-        outcome.largest_process = largest.lock().unwrap_or_else(|p| p.into_inner()).take();
+        outcome.largest_process =
+            largest.and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut host_killed_here = None;
         let mut memcg_kills = None;
         if let Some(cg) = &cg {

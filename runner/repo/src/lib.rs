@@ -934,11 +934,7 @@ pub struct Submodule {
 /// mirror): every gitlink of its tree with the `.gitmodules` entry of the same path.
 pub fn submodules_at(repo_dir: &Path, commit: &str) -> Result<Vec<Submodule>, RepoError> {
     let repo = git(Repository::open(repo_dir), "open the repository")?;
-    let oid = git(git2::Oid::from_str(commit), "commit id")?;
-    let tree = git(
-        git(repo.find_commit(oid), &format!("commit {commit}"))?.tree(),
-        "the commit's tree",
-    )?;
+    let tree = commit_tree(&repo, commit)?;
     // `.gitmodules`: [submodule "name"] sections with path and url.
     let mut entries: Vec<(String, String, String)> = Vec::new();
     if let Ok(e) = tree.get_path(Path::new(".gitmodules"))
@@ -988,6 +984,15 @@ pub fn submodules_at(repo_dir: &Path, commit: &str) -> Result<Vec<Submodule>, Re
     Ok(out)
 }
 
+/// The tree of `commit` in `repo`.
+fn commit_tree<'r>(repo: &'r Repository, commit: &str) -> Result<git2::Tree<'r>, RepoError> {
+    let oid = git(git2::Oid::from_str(commit), "commit id")?;
+    git(
+        git(repo.find_commit(oid), &format!("commit {commit}"))?.tree(),
+        "the commit's tree",
+    )
+}
+
 /// Does the repository at `repo_dir` hold `commit`?
 pub fn has_commit(repo_dir: &Path, commit: &str) -> bool {
     let Ok(repo) = Repository::open(repo_dir) else {
@@ -1001,11 +1006,7 @@ pub fn has_commit(repo_dir: &Path, commit: &str) -> bool {
 pub fn write_tree(repo_dir: &Path, commit: &str, dest: &Path) -> Result<usize, RepoError> {
     use std::os::unix::fs::PermissionsExt;
     let repo = git(Repository::open(repo_dir), "open the repository")?;
-    let oid = git(git2::Oid::from_str(commit), "commit id")?;
-    let tree = git(
-        git(repo.find_commit(oid), &format!("commit {commit}"))?.tree(),
-        "the commit's tree",
-    )?;
+    let tree = commit_tree(&repo, commit)?;
     let io = |e: std::io::Error, p: &Path| RepoError::Git {
         context: format!("write {}", p.display()),
         source: git2::Error::from_str(&e.to_string()),

@@ -185,30 +185,22 @@ impl Executor for DockerExecutor {
         };
         // OOM forensics as for a local job: the biggest process of the job's containers (they
         // sit in groups under the job's), sampled twice a second.
-        let largest = Arc::new(std::sync::Mutex::new(None));
-        let sampler = res.group.as_ref().map(|g| {
-            let dir = g.procs_dir();
-            let largest = largest.clone();
-            tokio::spawn(async move {
-                loop {
-                    let d = dir.clone();
-                    if let Ok(Some(top)) =
-                        tokio::task::spawn_blocking(move || crate::cgroup::largest_process_in(&d))
-                            .await
-                    {
-                        *largest.lock().unwrap_or_else(|p| p.into_inner()) = Some(top);
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            })
-        });
+        let (sampler, largest) = match res
+            .group
+            .as_ref()
+            .map(|g| crate::cgroup::sample_largest(g.procs_dir()))
+        {
+            Some((task, cell)) => (Some(task), Some(cell)),
+            None => (None, None),
+        };
         let ran = self
             .run_container(&shell, "script.sh", spec.timeout, true)
             .await;
         if let Some(s) = sampler {
             s.abort();
         }
-        outcome.largest_process = largest.lock().unwrap_or_else(|p| p.into_inner()).take();
+        outcome.largest_process =
+            largest.and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).take());
         match ran {
             Ok(e) => {
                 outcome.exit_code = e.exit_code.map(|c| c as i32);

@@ -461,24 +461,7 @@ impl<'p, E: Executor> Run<'p, E> {
                     changed = true;
                 }
                 if status == JobStatus::Skipped && self.jobs[id].blocked.is_none() {
-                    let j = self.job(id);
-                    let b = self.jobs[id]
-                        .deps
-                        .iter()
-                        .copied()
-                        .find(|&d| {
-                            self.jobs[d]
-                                .record
-                                .as_ref()
-                                .is_some_and(|r| r.status == JobStatus::Manual)
-                                && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
-                        })
-                        .or_else(|| {
-                            self.jobs[id]
-                                .deps
-                                .iter()
-                                .find_map(|&d| self.jobs[d].blocked)
-                        });
+                    let b = self.blocked_by(id);
                     if b.is_some() {
                         self.jobs[id].blocked = b;
                         changed = true;
@@ -487,6 +470,31 @@ impl<'p, E: Executor> Run<'p, E> {
             }
         }
         self.named = resume.named;
+    }
+
+    /// The manual job `id` waits for, if any. A manual job nobody started blocks its
+    /// dependents unless it may fail (a job that `needs` it waits either way), and what waits
+    /// for a blocked job is blocked too: in GitLab every later stage waits until the manual
+    /// job is played.
+    fn blocked_by(&self, id: usize) -> Option<usize> {
+        let j = self.job(id);
+        self.jobs[id]
+            .deps
+            .iter()
+            .copied()
+            .find(|&d| {
+                self.jobs[d]
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.status == JobStatus::Manual)
+                    && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
+            })
+            .or_else(|| {
+                self.jobs[id]
+                    .deps
+                    .iter()
+                    .find_map(|&d| self.jobs[d].blocked)
+            })
     }
 
     /// Decide every waiting job whose dependencies are all done.
@@ -518,26 +526,7 @@ impl<'p, E: Executor> Run<'p, E> {
             .iter()
             .any(|&d| self.jobs[d].upstream_failed);
         self.jobs[id].upstream_failed = upstream_failed;
-        // A manual job nobody started blocks its dependents unless it may fail (a job that
-        // `needs` it waits either way), and what waits for a blocked job is blocked too: in
-        // GitLab every later stage waits until the manual job is played.
-        let blocked_by = self.jobs[id]
-            .deps
-            .iter()
-            .copied()
-            .find(|&d| {
-                self.jobs[d]
-                    .record
-                    .as_ref()
-                    .is_some_and(|r| r.status == JobStatus::Manual)
-                    && (j.uses_needs || !self.job(d).allow_failure.is_allowed_at_all())
-            })
-            .or_else(|| {
-                self.jobs[id]
-                    .deps
-                    .iter()
-                    .find_map(|&d| self.jobs[d].blocked)
-            });
+        let blocked_by = self.blocked_by(id);
         // Named on the command line; in a resumed run `selected` is every job taking part, and
         // only the retried or played ones count as named.
         let named = if self.cfg.resume.is_some() {
