@@ -45,6 +45,34 @@ pub struct JobRecord {
     pub children: Vec<ChildJob>,
 }
 
+impl JobRecord {
+    /// A job's record before anything is known of its run: no times, exit code or peak, one
+    /// attempt (callers fill in what they know with `..JobRecord::new(..)`).
+    pub fn new(name: impl Into<String>, stage: impl Into<String>, status: JobStatus) -> Self {
+        JobRecord {
+            name: name.into(),
+            stage: stage.into(),
+            status,
+            failure_reason: None,
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            peak_memory_bytes: None,
+            setup_ms: None,
+            memory_limit_bytes: 0,
+            memory_source: None,
+            cpus: 1.0,
+            cpu_seconds: None,
+            attempts: 1,
+            note: None,
+            reused_from: None,
+            reuse: None,
+            children: Vec::new(),
+        }
+    }
+}
+
 /// One line of `rave run --events FILE`: what `rave serve` (and any dashboard) follows.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

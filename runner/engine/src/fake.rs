@@ -260,27 +260,7 @@ mod tests {
              test: {stage: test, script: [20 ok]}\n\
              deploy: {stage: deploy, script: [20 ok]}\n";
         let d = tempfile::tempdir().unwrap();
-        let record = |name: &str, stage: &str, status| JobRecord {
-            name: name.into(),
-            stage: stage.into(),
-            status,
-            failure_reason: None,
-            exit_code: None,
-            started_at: None,
-            finished_at: None,
-            duration_ms: None,
-            peak_memory_bytes: None,
-            setup_ms: None,
-            memory_limit_bytes: 0,
-            memory_source: None,
-            cpus: 1.0,
-            cpu_seconds: None,
-            attempts: 1,
-            note: None,
-            reused_from: None,
-            reuse: None,
-            children: Vec::new(),
-        };
+        let record = |name: &str, stage: &str, status| JobRecord::new(name, stage, status);
         // build passed, test failed, deploy was skipped: retry test.
         let resume = Resume {
             carried: vec![

@@ -159,25 +159,11 @@ mod tests {
 
     fn record(name: &str, peak: u64) -> JobRecord {
         JobRecord {
-            name: name.into(),
-            stage: "test".into(),
-            status: crate::JobStatus::Success,
-            failure_reason: None,
             exit_code: Some(0),
-            started_at: None,
-            finished_at: None,
             duration_ms: Some(1),
             peak_memory_bytes: Some(peak),
-            setup_ms: None,
             memory_limit_bytes: 512 << 20,
-            memory_source: None,
-            cpus: 1.0,
-            cpu_seconds: None,
-            attempts: 1,
-            note: None,
-            reused_from: None,
-            reuse: None,
-            children: Vec::new(),
+            ..JobRecord::new(name, "test", crate::JobStatus::Success)
         }
     }
 

@@ -387,28 +387,15 @@ impl<'p, E: Executor> Run<'p, E> {
     fn record(&self, id: usize, status: JobStatus, note: Option<String>) -> JobRecord {
         let j = self.job(id);
         JobRecord {
-            name: j.name.clone(),
-            stage: j.stage.clone(),
-            status,
-            failure_reason: None,
-            exit_code: None,
-            started_at: None,
-            finished_at: None,
-            duration_ms: None,
-            peak_memory_bytes: None,
-            setup_ms: None,
-            reused_from: None,
-            reuse: None,
             memory_limit_bytes: self.memory(id),
             memory_source: Some(match self.jobs[id].memory_raised {
                 Some(_) => format!("{}, raised after an OOM kill", j.memory_source),
                 None => j.memory_source.to_string(),
             }),
             cpus: j.cpus,
-            cpu_seconds: None,
             attempts: self.jobs[id].attempts,
             note,
-            children: Vec::new(),
+            ..JobRecord::new(j.name.clone(), j.stage.clone(), status)
         }
     }
 
