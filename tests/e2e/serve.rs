@@ -110,6 +110,15 @@ fn github_push(s: &Server, delivery: &str, r: &str, sha: &str) -> reqwest::block
     github_push_to(s, "team/app", delivery, r, sha)
 }
 
+/// A push to `team/app` the server accepted (202): its pipeline's id.
+fn queued(s: &Server, delivery: &str, r: &str, sha: &str) -> i64 {
+    let resp = github_push(s, delivery, r, sha);
+    assert_eq!(resp.status(), 202);
+    resp.json::<Value>().unwrap()["pipeline_id"]
+        .as_i64()
+        .unwrap()
+}
+
 /// A push delivery for `project`, signed as GitHub signs it.
 fn github_push_to(
     s: &Server,
@@ -234,9 +243,7 @@ fn push_and_tag_webhooks_run_pipelines_at_the_pushed_commit() {
         .unwrap();
     assert_eq!(huge.status(), 413);
 
-    let r = github_push(&s, "delivery-1", "refs/heads/main", &a);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "delivery-1", "refs/heads/main", &a);
     // The branch moves on before the pipeline checks out: it still runs exactly `a`.
     let b = origin.commit(&[("later.txt", "later\n")], &[]);
     let again = github_push(&s, "delivery-1", "refs/heads/main", &a);
@@ -462,9 +469,7 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
     let cfg = config(data.path(), &origin, "max_pipelines = 1");
     let dd = data.path().join("data");
     let s = start(&dd, &cfg);
-    let r = github_push(&s, "k-1", "refs/heads/main", &a);
-    assert_eq!(r.status(), 202);
-    let first = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let first = queued(&s, "k-1", "refs/heads/main", &a);
     // Follow the log while the job runs: lines arrive as they are written.
     wait_until("the slow job never started", 60, || {
         let v = get(&s, &format!("/api/pipelines/{first}"), READER);
@@ -487,9 +492,7 @@ fn kill_9_loses_no_acknowledged_delivery_and_fails_the_running_job() {
         seen.extend_from_slice(&buf[..n]);
     }
     // A second delivery is acknowledged while the first pipeline runs.
-    let r = github_push(&s, "k-2", "refs/heads/main", &b);
-    assert_eq!(r.status(), 202);
-    let second = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let second = queued(&s, "k-2", "refs/heads/main", &b);
 
     let mut s = s;
     s.child.kill().unwrap(); // SIGKILL
@@ -630,9 +633,7 @@ fn fetches_over_ssh_with_the_projects_key_and_a_pinned_host_key() {
     )
     .unwrap();
     let s = start(&data.path().join("data"), &cfg);
-    let r = github_push(&s, "ssh-1", "refs/heads/main", &a);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "ssh-1", "refs/heads/main", &a);
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(v["pipeline"]["sha"], a);
@@ -696,9 +697,7 @@ fn fetches_over_http_with_the_projects_token() {
             line.trim().strip_prefix("listening on ").unwrap()
         ),
     };
-    let r = github_push(&s, "http-1", "refs/heads/main", &a);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "http-1", "refs/heads/main", &a);
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
 
@@ -736,9 +735,7 @@ fn fetches_over_http_with_the_projects_token() {
         )],
         &[],
     );
-    let r = github_push(&s, "http-3", "refs/heads/main", &b);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "http-3", "refs/heads/main", &b);
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(job(&v, "from-ci")["status"], "success", "{v:#}");
@@ -1095,9 +1092,7 @@ fn a_full_disk_fails_the_pipeline_with_its_cause() {
     ]);
     let cfg = config(data.path(), &origin, "");
     let s = start(&mnt, &cfg);
-    let r = github_push(&s, "full-1", "refs/heads/main", &origin.head());
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "full-1", "refs/heads/main", &origin.head());
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "failed", "{v:#}");
     let err = v["pipeline"]["error"].as_str().unwrap_or_default();
@@ -1260,9 +1255,7 @@ fn child_pipelines_show_under_their_trigger_job_on_the_server() {
     let data = tempfile::tempdir().unwrap();
     let cfg = config(data.path(), &origin, "");
     let s = start(&data.path().join("data"), &cfg);
-    let r = github_push(&s, "child-1", "refs/heads/main", &origin.head());
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "child-1", "refs/heads/main", &origin.head());
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     assert_eq!(job(&v, "run-child")["status"], "success", "{v:#}");
@@ -1727,9 +1720,7 @@ fn includes_come_over_ssh_with_the_projects_key() {
     )
     .unwrap();
     let s = start(&data.path().join("data"), &cfg);
-    let r = github_push(&s, "ssh-include-1", "refs/heads/main", &a);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().unwrap()["pipeline_id"].as_i64().unwrap();
+    let id = queued(&s, "ssh-include-1", "refs/heads/main", &a);
     let v = finished(&s, id);
     assert_eq!(v["pipeline"]["status"], "success", "{v:#}");
     let included = job(&v, "from-template");
