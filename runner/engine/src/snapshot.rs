@@ -265,6 +265,7 @@ fn update_in_place(
     old: Option<Index>,
     started: i128,
 ) -> Result<SnapshotStats, String> {
+    let fresh = old.is_none();
     let old = match old {
         Some(o) => o,
         None => {
@@ -282,6 +283,8 @@ fn update_in_place(
     };
     let mut stats = SnapshotStats::default();
     let mut made: HashSet<PathBuf> = HashSet::new();
+    // Files to copy, copied together after the walk (several at a time).
+    let mut pending: Vec<(&Path, std::fs::Metadata, PathBuf)> = Vec::new();
     for it in all {
         let (f, id, from) = (it.rel, it.id, &it.from);
         let mirrored = files_dir.join(f);
@@ -313,18 +316,18 @@ fn update_in_place(
         if !meta.is_file() {
             continue;
         }
-        if !old.trusts(f, id, source, Some(&meta)) || !mirrored.is_file() {
-            mkdirs(&mut made, mirrored.parent())?;
-            stats.bytes_copied += replace_copy(from, &meta, &mirrored)?;
-            stats.copied += 1;
-        }
         let stamp = match (it.exact, id) {
             (true, Some(id)) => Stamp::Blob(id.clone()),
             _ => record(id, &meta, started),
         };
+        if fresh || !old.trusts(f, id, source, Some(&meta)) || !mirrored.is_file() {
+            pending.push((from, meta, mirrored));
+        }
         new.entries.insert(f.clone(), stamp);
         stats.files += 1;
     }
+    stats.copied = pending.len();
+    stats.bytes_copied += copy_all(&pending, fresh)?;
     // Files gone from the project leave the mirror, and so do directories they leave empty.
     for gone in old.entries.keys().filter(|k| !new.entries.contains_key(*k)) {
         let p = files_dir.join(gone);
@@ -343,6 +346,115 @@ fn update_in_place(
         &serde_json::to_vec(&new).map_err(|e| e.to_string())?,
     )?;
     Ok(stats)
+}
+
+/// Copy `(from, its metadata, to)` for every pending file, on a few threads: creating a file
+/// is mostly the file system's inode allocation, which proceeds in parallel for files of
+/// different directories (a first snapshot of 20,000 files is all inode allocation). The list
+/// is cut into contiguous runs, so each directory is mostly one thread's. `fresh`: the
+/// mirror was just emptied, so nothing can hold a link to a file being replaced and copies go
+/// straight to their names.
+fn copy_all(pending: &[(&Path, std::fs::Metadata, PathBuf)], fresh: bool) -> Result<u64, String> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    // Below a few hundred files a thread costs more than it saves.
+    let threads = if pending.len() < 256 { 1 } else { threads };
+    let chunk = pending.len().div_ceil(threads).max(1);
+    let copy_run = |run: &[(&Path, std::fs::Metadata, PathBuf)]| -> Result<u64, String> {
+        let mut made: HashSet<PathBuf> = HashSet::new();
+        let mut bytes = 0;
+        for (from, meta, to) in run {
+            mkdirs(&mut made, to.parent())?;
+            bytes += if fresh {
+                copy_file(from, meta, to, true)
+                    .map_err(|e| format!("cannot copy {} into the snapshot: {e}", from.display()))?
+            } else {
+                replace_copy(from, meta, to)?
+            };
+        }
+        Ok(bytes)
+    };
+    if threads == 1 {
+        return copy_run(pending);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pending
+            .chunks(chunk)
+            .map(|run| scope.spawn(move || copy_run(run)))
+            .collect();
+        let mut bytes = 0;
+        for h in handles {
+            bytes += h
+                .join()
+                .map_err(|_| "a snapshot copy thread panicked".to_string())??;
+        }
+        Ok(bytes)
+    })
+}
+
+/// Copy one file's content, permissions and mtime (one open of each side; the content goes
+/// through `copy_file_range`, in the kernel, for as many bytes as the stat said).
+fn copy_file(
+    from: &Path,
+    meta: &std::fs::Metadata,
+    to: &Path,
+    create_new: bool,
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let src = std::fs::File::open(from)?;
+    let mode = meta.mode() & 0o7777;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(create_new)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(to)?;
+    // As many bytes as the stat said: a file growing while it is copied is racy anyway, and
+    // its stamp makes the next snapshot copy it again.
+    let mut copied = 0u64;
+    while copied < meta.len() {
+        let want = (meta.len() - copied) as usize;
+        match rustix::fs::copy_file_range(&src, None, &dst, None, want) {
+            Ok(0) => break,
+            Ok(n) => copied += n as u64,
+            // Not on this pair of file systems: copy through user space.
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL)
+                if copied == 0 =>
+            {
+                let (mut src, mut dst) = (&src, &dst);
+                copied = std::io::copy(&mut src, &mut dst)?;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The mode given at creation passed through the umask; most modes come out whole.
+    if mode & umask() != 0 {
+        dst.set_permissions(meta.permissions())?;
+    }
+    if let Ok(mtime) = meta.modified() {
+        dst.set_modified(mtime)?;
+    }
+    Ok(copied)
+}
+
+/// This process's umask, read once (`/proc/self/status`: reading it through `umask(2)` would
+/// change it for other threads for a moment). All bits when it cannot be read, so modes are
+/// always set explicitly.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o7777)
+    })
 }
 
 /// `farm` from hard links to the mirror's unchanged files and copies of the changed ones.
@@ -422,13 +534,8 @@ fn replace_copy(from: &Path, meta: &std::fs::Metadata, to: &Path) -> Result<u64,
         // A path that was a directory in the last snapshot and is a file now.
         let _ = std::fs::remove_dir_all(to);
     }
-    let n = std::fs::copy(from, &tmp)
+    let n = copy_file(from, meta, &tmp, false)
         .map_err(|e| format!("cannot copy {} into the snapshot: {e}", from.display()))?;
-    if let Ok(mtime) = meta.modified()
-        && let Ok(f) = std::fs::File::options().write(true).open(&tmp)
-    {
-        let _ = f.set_modified(mtime);
-    }
     std::fs::rename(&tmp, to).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         format!("cannot place {} in the snapshot: {e}", to.display())
@@ -526,6 +633,57 @@ mod tests {
         assert!(
             !d.path().join("farm4").exists(),
             "no copy when the mirror is free"
+        );
+    }
+
+    #[test]
+    fn a_large_first_snapshot_is_copied_on_several_threads_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        // Enough files for the threaded copy, in many directories, some empty, some
+        // executable, one larger than a single copy_file_range call might move.
+        let big = "x".repeat(3 << 20);
+        let contents: Vec<(String, String)> = (0..600)
+            .map(|i| {
+                let body = match i % 3 {
+                    0 => String::new(),
+                    _ if i == 301 => big.clone(),
+                    _ => format!("file {i}\n"),
+                };
+                (format!("d{}/e{}/f{i}.txt", i % 17, i % 5), body)
+            })
+            .collect();
+        let pairs: Vec<(&str, &str)> = contents
+            .iter()
+            .map(|(f, c)| (f.as_str(), c.as_str()))
+            .collect();
+        let files = tree(&src, &pairs);
+        for (f, _) in contents.iter().step_by(7) {
+            std::fs::set_permissions(src.join(f), std::fs::Permissions::from_mode(0o775)).unwrap();
+        }
+        settle();
+        let mirror = d.path().join("mirror");
+        let s = take(
+            &src,
+            &files,
+            &HashMap::new(),
+            &[],
+            &mirror,
+            &d.path().join("farm"),
+        )
+        .unwrap();
+        assert_eq!((s.stats.files, s.stats.copied), (600, 600));
+        for (f, body) in &contents {
+            let (a, b) = (src.join(f), s.dir.join(f));
+            assert_eq!(&read(&b), body, "{f}");
+            let (ma, mb) = (a.metadata().unwrap(), b.metadata().unwrap());
+            assert_eq!(ma.permissions().mode(), mb.permissions().mode(), "{f}");
+            assert_eq!(ma.modified().unwrap(), mb.modified().unwrap(), "{f}");
+        }
+        assert_eq!(
+            s.stats.bytes_copied,
+            contents.iter().map(|(_, c)| c.len() as u64).sum::<u64>()
         );
     }
 

@@ -55,6 +55,8 @@ pub struct JobGit {
     pub extra: Vec<crate::snapshot::Extra>,
     pub objects: PathBuf,
     repo: std::sync::Mutex<rave_repo::Repo>,
+    /// The commit's submodules, read once per run (every job needs them).
+    submodules: std::sync::OnceLock<Vec<rave_repo::Submodule>>,
 }
 
 impl JobGit {
@@ -98,6 +100,7 @@ impl JobGit {
                 .collect(),
             objects,
             repo: std::sync::Mutex::new(repo),
+            submodules: std::sync::OnceLock::new(),
         })
     }
 
@@ -106,6 +109,12 @@ impl JobGit {
         let repo = self.repo.lock().unwrap_or_else(|p| p.into_inner());
         repo.shallow_boundary(&self.sha, depth)
             .map_err(|e| e.to_string())
+    }
+
+    /// The submodules of the pipeline's commit (none when it cannot be read).
+    fn submodules(&self, root: &Path) -> &[rave_repo::Submodule] {
+        self.submodules
+            .get_or_init(|| rave_repo::submodules_at(root, &self.sha).unwrap_or_default())
     }
 }
 
@@ -368,7 +377,7 @@ impl Workspace {
         match v.submodules.as_deref().map(str::trim) {
             None | Some("") | Some("none") => {
                 // As a clone without submodules: their directories exist, empty.
-                for s in rave_repo::submodules_at(&root, &git.sha).unwrap_or_default() {
+                for s in git.submodules(&root) {
                     let _ = std::fs::create_dir_all(dir.join(&s.path));
                 }
             }
