@@ -123,6 +123,35 @@ fn oom_kill_is_named_with_limit_and_peak() {
     assert!(!r.stderr.contains("unreachable\n"), "{}", r.stderr);
 }
 
+/// One job at a time, so each job gets the cgroup the one before it emptied (rave keeps
+/// emptied v1 groups for later jobs): nothing of the job before carries over, neither its OOM,
+/// nor its peak, nor its limit.
+#[test]
+fn a_reused_cgroup_carries_nothing_of_the_job_before() {
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "stages: [a, b, c]\n\
+         hog:\n  stage: a\n  allow_failure: true\n  variables: {RAVE_MEMORY: 64M}\n  script:\n    - grep memory /proc/self/cgroup > hog.cg\n    - head -c 600M /dev/zero | tail > /dev/null\n  artifacts: {when: always, paths: [hog.cg]}\n\
+         big:\n  stage: b\n  variables: {RAVE_MEMORY: 256M}\n  script:\n    - grep memory /proc/self/cgroup > big.cg\n    - head -c 100M /dev/zero | tail > /dev/null\n  artifacts: {paths: [big.cg]}\n\
+         small:\n  stage: c\n  variables: {RAVE_MEMORY: 32M}\n  script:\n    - grep memory /proc/self/cgroup > small.cg\n    - cmp hog.cg big.cg && cmp hog.cg small.cg\n",
+    )]);
+    let (r, v) = run_json(d.path(), &["--jobs", "1", "--no-learn"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(job(&v, "hog")["failure_reason"], "oom_killed");
+    let big = job(&v, "big");
+    assert_eq!(big["status"], "success", "{big:#}");
+    let peak = big["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak > 90 << 20 && peak <= 256 << 20, "big's peak {peak}");
+    let small = job(&v, "small");
+    assert_eq!(
+        small["status"], "success",
+        "the three jobs ran in one group: {small:#}"
+    );
+    let peak = small["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak < 16 << 20, "small's peak {peak} is not big's");
+    assert_eq!(small["memory_limit_bytes"], 32u64 << 20);
+}
+
 #[test]
 fn big_jobs_never_overlap_when_the_budget_holds_one() {
     let d = git_repo(&[(

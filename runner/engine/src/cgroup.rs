@@ -31,7 +31,16 @@ enum Layout {
 #[derive(Clone, Debug)]
 pub struct Cgroups {
     layout: Layout,
+    /// Emptied v1 job groups kept for later jobs (see [`Cgroups::recycle`]).
+    pool: std::sync::Arc<std::sync::Mutex<Vec<JobCgroup>>>,
 }
+
+/// How many emptied groups a run keeps for reuse: about the jobs that run at once.
+const POOL_MAX: usize = 16;
+/// A group still charged with more than this after its job (page cache the job left) is
+/// removed, not reused: its charge would count in the next job's peak, and the kernel moves a
+/// removed group's cache to the parent instead of dropping it.
+const POOL_MAX_LEFT_BYTES: u64 = 1 << 20;
 
 /// One job's group.
 #[derive(Debug)]
@@ -44,6 +53,10 @@ pub struct JobCgroup {
     dirs: Vec<PathBuf>,
     /// Where the group's CPU time is read: v2 `cpu.stat` (`usage_usec`), v1 `cpuacct.usage`.
     cpu_usage: Option<PathBuf>,
+    /// Its memory limit now (a reused group's limit is changed in the order v1 allows).
+    memory_bytes: u64,
+    /// OOM kills counted before this job had the group (a reused group keeps its count).
+    oom_base: u64,
 }
 
 fn own_path(controller: &str) -> Option<String> {
@@ -134,6 +147,7 @@ impl Cgroups {
                 ));
             }
             return Ok(Cgroups {
+                pool: Default::default(),
                 layout: Layout::V2 { base },
             });
         }
@@ -173,6 +187,7 @@ impl Cgroups {
             })
         };
         Ok(Cgroups {
+            pool: Default::default(),
             layout: Layout::V1 {
                 memory,
                 cpu,
@@ -196,6 +211,17 @@ impl Cgroups {
     pub fn create(&self, name: &str, memory_bytes: u64, cpus: f64) -> io::Result<JobCgroup> {
         let period: u64 = 100_000;
         let quota = ((cpus * period as f64) as u64).max(1000);
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(mut g) = pooled {
+            match g.reconfigure(memory_bytes, quota) {
+                Ok(()) => return Ok(g),
+                Err(_) => {
+                    for d in g.dirs.iter().rev() {
+                        let _ = fs::remove_dir(d);
+                    }
+                }
+            }
+        }
         match &self.layout {
             Layout::V2 { base } => {
                 let dir = base.join(name);
@@ -210,6 +236,8 @@ impl Cgroups {
                     join_files: vec![dir.join("cgroup.procs")],
                     cpu_usage: Some(dir.join("cpu.stat")),
                     dirs: vec![dir],
+                    memory_bytes,
+                    oom_base: 0,
                 })
             }
             Layout::V1 {
@@ -217,9 +245,9 @@ impl Cgroups {
                 cpu,
                 cpuacct,
             } => {
-                let dir = memory.join(name);
-                let _ = fs::remove_dir(&dir);
-                fs::create_dir(&dir)?;
+                // A name taken by a group another job reuses gets a suffix.
+                let (dir, name) = free_name(memory, name)?;
+                let name = name.as_str();
                 write(
                     &dir.join("memory.limit_in_bytes"),
                     &memory_bytes.to_string(),
@@ -258,9 +286,33 @@ impl Cgroups {
                     join_files: procs,
                     dirs,
                     cpu_usage,
+                    memory_bytes,
+                    oom_base: 0,
                 })
             }
         }
+    }
+
+    /// Done with a job's group, emptied by [`JobCgroup::kill_all`]: on cgroup v1 a group
+    /// the job left (nearly) uncharged is kept for a later job — making and removing the three
+    /// v1 groups of a job costs more than its whole run when the job is short — else it is
+    /// removed in the background. v2 groups are always removed: `memory.peak` cannot be reset
+    /// on the kernels most hosts run.
+    pub fn recycle(&self, g: JobCgroup, emptied: bool) {
+        let reusable = emptied
+            && matches!(g.layout, Layout::V1 { .. })
+            && read_u64(&g.mem_dir().join("memory.usage_in_bytes"))
+                .is_some_and(|b| b <= POOL_MAX_LEFT_BYTES);
+        if reusable {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(g);
+                return;
+            }
+        }
+        // The kernel frees an emptied group a moment after its last process is reaped;
+        // removing it is not worth making the job (and its dependents) wait for that.
+        tokio::spawn(async move { g.remove().await });
     }
 
     /// Remove rave's groups at exit: job groups not yet removed, then the parents. Job groups
@@ -410,11 +462,14 @@ pub type Largest = std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>>;
 
 /// The biggest process under `dir`, sampled twice a second until the returned task is
 /// aborted; the last sample is in the returned cell (OOM forensics for local and container
-/// jobs alike).
+/// jobs alike). The first sample waits 100 ms: at its start a job is only its shell, and most
+/// short jobs are over by then (sampling at once cost every job a thread hop and a few
+/// hundred microseconds of /proc reads).
 pub fn sample_largest(dir: PathBuf) -> (tokio::task::JoinHandle<()>, Largest) {
     let largest: Largest = std::sync::Arc::new(std::sync::Mutex::new(None));
     let cell = largest.clone();
     let task = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
         loop {
             let d = dir.clone();
             if let Ok(Some(top)) = tokio::task::spawn_blocking(move || largest_process_in(&d)).await
@@ -456,9 +511,59 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
     })
 }
 
+/// `parent/name`, or `parent/name-2`, `-3`, … when a group of that name is still there (a
+/// group kept for reuse, or one the kernel has not freed yet).
+fn free_name(parent: &Path, name: &str) -> io::Result<(PathBuf, String)> {
+    let mut last = None;
+    for n in 1..=64 {
+        let candidate = if n == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{n}")
+        };
+        let dir = parent.join(&candidate);
+        // Never removed here: it may be a kept group another job is about to join.
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok((dir, candidate)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free cgroup name")))
+}
+
 impl JobCgroup {
     fn mem_dir(&self) -> &Path {
         &self.dirs[0]
+    }
+
+    /// Make a kept v1 group ready for another job: its limits, its peak and CPU time reset,
+    /// its OOM count so far remembered.
+    fn reconfigure(&mut self, memory_bytes: u64, quota: u64) -> io::Result<()> {
+        let mem = self.mem_dir().to_path_buf();
+        let limit = mem.join("memory.limit_in_bytes");
+        let memsw = mem.join("memory.memsw.limit_in_bytes");
+        let has_memsw = memsw.exists();
+        // v1 wants limit ≤ memsw limit at every moment: raise memsw first, lower it last.
+        if memory_bytes >= self.memory_bytes && has_memsw {
+            write(&memsw, &memory_bytes.to_string())?;
+        }
+        write(&limit, &memory_bytes.to_string())?;
+        if memory_bytes < self.memory_bytes && has_memsw {
+            write(&memsw, &memory_bytes.to_string())?;
+        }
+        self.memory_bytes = memory_bytes;
+        write(&mem.join("memory.max_usage_in_bytes"), "0")?;
+        self.oom_base = read_key(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0);
+        for d in &self.dirs[1..] {
+            if d.join("cpu.cfs_quota_us").exists() {
+                write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        if let Some(usage) = &self.cpu_usage {
+            write(usage, "0")?;
+        }
+        Ok(())
     }
 
     /// Peak memory of everything that ran in the group.
@@ -522,7 +627,8 @@ impl JobCgroup {
                     _ => None,
                 }
             }
-            Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill"),
+            Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill")
+                .map(|k| k.saturating_sub(self.oom_base)),
         };
         kills.unwrap_or(0) > 0
     }
@@ -564,7 +670,7 @@ impl JobCgroup {
     }
 
     /// SIGKILL everything in the group until it is empty (processes may fork while we kill).
-    pub async fn kill_all(&self) {
+    pub async fn kill_all(&self) -> bool {
         if let Layout::V2 { .. } = self.layout {
             let _ = fs::write(self.mem_dir().join("cgroup.kill"), "1");
         }
@@ -574,7 +680,7 @@ impl JobCgroup {
         for _ in 0..200 {
             let pids = self.pids();
             if pids.is_empty() {
-                return;
+                return true;
             }
             for pid in pids {
                 if let Some(p) = rustix::process::Pid::from_raw(pid) {
@@ -584,6 +690,7 @@ impl JobCgroup {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(20));
         }
+        false
     }
 
     /// Remove the group; it must be empty (call [`JobCgroup::kill_all`] first).

@@ -342,16 +342,12 @@ impl Executor for LocalExecutor {
                 }
             }
         }
-        if let Some(cg) = &cg {
+        if let (Some(cg), Some(cgroups)) = (cg, &self.cgroups) {
             outcome.peak_memory_bytes = cg.peak_memory();
             outcome.cpu_seconds = cg.cpu_seconds();
             // after_script may hit the limit too, but only the main script's OOM counts.
-            cg.kill_all().await;
-        }
-        if let Some(cg) = cg {
-            // The kernel frees an emptied group a moment after its last process is reaped;
-            // removing it is not worth making the job (and its dependents) wait for that.
-            tokio::spawn(async move { cg.remove().await });
+            let emptied = cg.kill_all().await;
+            cgroups.recycle(cg, emptied);
         }
         outcome
     }
