@@ -2,7 +2,12 @@
 """rave benchmarks: the same DAGs run by `rave run`, `make -j2` and gitlab-ci-local, side by
 side in one run, printed as ratios. Timings are reported, never asserted.
 
-Usage: bench/bench.py [--only NAME] [--no-gcl] [--rave PATH]
+Usage: bench/bench.py [--only NAME] [--no-gcl] [--rave PATH] [--dir DIR]
+
+--dir DIR makes the benchmark repositories under DIR (default: the system's temporary
+directory). File creation costs depend on the file system and on what it deleted lately (an
+ext4 without a journal scans recently deleted inodes on every create), so compare series
+made on one file system; bench/README.md says which.
 
 Shapes:
   noop-200     200 independent no-op jobs
@@ -276,7 +281,11 @@ def main():
     ap.add_argument("--only")
     ap.add_argument("--no-gcl", action="store_true")
     ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
+    ap.add_argument("--dir", help="make the benchmark repositories under this directory")
     args = ap.parse_args()
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = args.dir
     rave = args.rave
     if not Path(rave).exists():
         print("building rave (release) ...")

@@ -33,6 +33,53 @@ pub struct Cgroups {
     layout: Layout,
     /// Emptied v1 job groups kept for later jobs (see [`Cgroups::recycle`]).
     pool: std::sync::Arc<std::sync::Mutex<Vec<JobCgroup>>>,
+    oom: std::sync::Arc<std::sync::Mutex<OomBook>>,
+}
+
+/// This run's count of OOM kills at job groups' own limits (v1), kept cheap to read.
+#[derive(Debug, Default)]
+struct OomBook {
+    /// Kills counted by groups already removed (their counters went with them).
+    removed: u64,
+    /// The last (host count, run count) read together: while the host's count has not moved,
+    /// no group's count can have, so the run's count need not be read again.
+    last: Option<(u64, u64)>,
+}
+
+/// OOM kill counts taken before a job, to tell afterwards whether the host's OOM killer was
+/// busy meanwhile (see [`OomWatch::host_busy`]).
+pub struct OomWatch {
+    host: Option<u64>,
+    run: Option<u64>,
+}
+
+impl OomWatch {
+    pub fn start(cgroups: Option<&Cgroups>) -> OomWatch {
+        let host = host_oom_kills();
+        let run = match (cgroups, host) {
+            (Some(c), Some(h)) => c.run_oom_kills(h),
+            _ => None,
+        };
+        OomWatch { host, run }
+    }
+
+    /// Did the host's OOM killer kill more since [`OomWatch::start`] than this run's groups
+    /// did at their own limits? On v1, where `/proc/vmstat`'s count includes every group's
+    /// kills, that is how a host-wide OOM is told from a neighbour's (a neighbour's OOM is not
+    /// the host's). Reads one counter when nothing was killed anywhere, the common case.
+    pub fn host_busy(&self, cgroups: Option<&Cgroups>) -> bool {
+        let (Some(before), Some(now)) = (self.host, host_oom_kills()) else {
+            return false;
+        };
+        if now == before {
+            return false;
+        }
+        let own = match (cgroups, self.run) {
+            (Some(c), Some(run)) => c.run_oom_kills(now).map_or(0, |n| n.saturating_sub(run)),
+            _ => 0,
+        };
+        now - before > own
+    }
 }
 
 /// How many emptied groups a run keeps for reuse: about the jobs that run at once.
@@ -148,6 +195,7 @@ impl Cgroups {
             }
             return Ok(Cgroups {
                 pool: Default::default(),
+                oom: Default::default(),
                 layout: Layout::V2 { base },
             });
         }
@@ -188,6 +236,7 @@ impl Cgroups {
         };
         Ok(Cgroups {
             pool: Default::default(),
+            oom: Default::default(),
             layout: Layout::V1 {
                 memory,
                 cpu,
@@ -293,6 +342,28 @@ impl Cgroups {
         }
     }
 
+    /// OOM kills at their own limits in this run's v1 job groups so far (None on v2), given
+    /// the host's count read just before.
+    fn run_oom_kills(&self, host_now: u64) -> Option<u64> {
+        let Layout::V1 { memory, .. } = &self.layout else {
+            return None;
+        };
+        let mut book = self.oom.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((host, run)) = book.last
+            && host == host_now
+        {
+            return Some(run);
+        }
+        let mut n = book.removed;
+        for e in fs::read_dir(memory).ok()?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += read_key(&e.path().join("memory.oom_control"), "oom_kill").unwrap_or(0);
+            }
+        }
+        book.last = Some((host_now, n));
+        Some(n)
+    }
+
     /// Done with a job's group, emptied by [`JobCgroup::kill_all`]: on cgroup v1 a group
     /// the job left (nearly) uncharged is kept for a later job — making and removing the three
     /// v1 groups of a job costs more than its whole run when the job is short — else it is
@@ -311,8 +382,19 @@ impl Cgroups {
             }
         }
         // The kernel frees an emptied group a moment after its last process is reaped;
-        // removing it is not worth making the job (and its dependents) wait for that.
-        tokio::spawn(async move { g.remove().await });
+        // removing it is not worth making the job (and its dependents) wait for that. Its
+        // OOM count stays in the run's.
+        let book = self.oom.clone();
+        tokio::spawn(async move {
+            let kills = read_key(&g.mem_dir().join("memory.oom_control"), "oom_kill");
+            if g.remove().await
+                && let Some(k) = kills
+            {
+                let mut book = book.lock().unwrap_or_else(|p| p.into_inner());
+                book.removed += k;
+                book.last = None;
+            }
+        });
     }
 
     /// Remove rave's groups at exit: job groups not yet removed, then the parents. Job groups
@@ -583,23 +665,6 @@ impl JobCgroup {
         }
     }
 
-    /// OOM kills for their own limits in this run's job groups (this one and its siblings),
-    /// on v1, where the host's counter (`/proc/vmstat oom_kill`) counts them too: a host OOM
-    /// is told only by kills beyond these.
-    pub fn run_memcg_oom_kills(&self) -> Option<u64> {
-        let Layout::V1 { .. } = self.layout else {
-            return None;
-        };
-        let parent = self.mem_dir().parent()?;
-        let mut n = 0;
-        for e in fs::read_dir(parent).ok()?.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                n += read_key(&e.path().join("memory.oom_control"), "oom_kill").unwrap_or(0);
-            }
-        }
-        Some(n)
-    }
-
     /// Did the host's OOM killer (not the group's limit) kill a process of this group? Known
     /// on v2 only (`oom_kill` beyond `oom` in `memory.events`); v1 counts only its own.
     pub fn host_oom_killed(&self) -> Option<bool> {
@@ -693,17 +758,24 @@ impl JobCgroup {
         false
     }
 
-    /// Remove the group; it must be empty (call [`JobCgroup::kill_all`] first).
-    pub async fn remove(&self) {
+    /// Remove the group; it must be empty (call [`JobCgroup::kill_all`] first). Whether its
+    /// memory group is gone.
+    pub async fn remove(&self) -> bool {
+        let mut gone = true;
         for dir in self.dirs.iter().rev() {
+            gone = false;
             for _ in 0..50 {
                 match fs::remove_dir(dir) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        gone = true;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                     // The kernel frees a group a moment after its last process exits.
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
             }
         }
+        gone
     }
 }

@@ -261,8 +261,7 @@ impl Executor for LocalExecutor {
         let main = script_text(&spec.script, true);
         // OOM forensics: the host's OOM-kill counter before, and the job's biggest process
         // sampled while it runs (twice a second, a few hundred /proc reads at most).
-        let host_kills_before = crate::cgroup::host_oom_kills();
-        let memcg_kills_before = cg.as_ref().and_then(|g| g.run_memcg_oom_kills());
+        let oom_watch = crate::cgroup::OomWatch::start(self.cgroups.as_deref());
         let (sampler, largest) = match cg
             .as_ref()
             .map(|g| crate::cgroup::sample_largest(g.procs_dir()))
@@ -292,26 +291,18 @@ impl Executor for LocalExecutor {
         outcome.largest_process =
             largest.and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut host_killed_here = None;
-        let mut memcg_kills = None;
         if let Some(cg) = &cg {
             outcome.oom_killed = cg.oom_killed();
             host_killed_here = cg.host_oom_killed();
-            memcg_kills = match (memcg_kills_before, cg.run_memcg_oom_kills()) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
-            };
         }
         // cgroup v2 says for the job's own group whether the host's OOM killer hit it. On v1,
         // the shell killed (SIGKILL) without the job's own limit being hit, while the host's
-        // counter rose by more than the kills of this run's own groups for their limits (a
-        // neighbour's OOM is not the host's): the machine ran out of memory.
-        let host_busy = match (host_kills_before, crate::cgroup::host_oom_kills()) {
-            (Some(a), Some(b)) => b.saturating_sub(a) > memcg_kills.unwrap_or(0),
-            _ => false,
-        };
+        // OOM killer was busy beyond this run's own groups: the machine ran out of memory.
         if !outcome.oom_killed
             && (host_killed_here == Some(true)
-                || (host_killed_here.is_none() && outcome.signal == Some(9) && host_busy))
+                || (host_killed_here.is_none()
+                    && outcome.signal == Some(9)
+                    && oom_watch.host_busy(self.cgroups.as_deref())))
         {
             outcome.host_oom_kill = true;
         }
