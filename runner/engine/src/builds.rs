@@ -19,7 +19,7 @@
 //! `GIT_STRATEGY: clone` starts from nothing, `fetch` (the default) resets tracked files and
 //! cleans, `none` leaves the directory as the job's last run left it (artifacts still come).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -189,6 +189,7 @@ impl IgnoreCheck for NoIgnores {
 pub struct Tracked {
     files: HashSet<String>,
     dirs: HashSet<String>,
+    children: HashMap<String, Vec<(String, bool)>>,
 }
 
 impl Tracked {
@@ -213,10 +214,29 @@ impl Tracked {
                 p = parent;
             }
         }
+        let mut children: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+        for (path, is_dir) in files
+            .iter()
+            .map(|f| (f, false))
+            .chain(dirs.iter().map(|d| (d, true)))
+        {
+            let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+            children
+                .entry(parent.to_string())
+                .or_default()
+                .push((name.to_string(), is_dir));
+        }
         Tracked {
             files: files.iter().cloned().collect(),
             dirs,
+            children,
         }
+    }
+
+    /// The tracked files and directories directly in `rel_dir` ("" for the top): (name, is a
+    /// directory).
+    fn children(&self, rel_dir: &str) -> &[(String, bool)] {
+        self.children.get(rel_dir).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -320,6 +340,19 @@ struct SyncState {
     /// Per tracked file: the snapshot's inode it was copied from, and the copy's length and
     /// mtime right after copying.
     files: std::collections::BTreeMap<String, (u64, u64, i64, i64)>,
+    /// Per tracked directory, when the sync left nothing untracked in the copy (`-ffdx`): its
+    /// inode and ctime then. A directory whose ctime has not moved since had no entry added,
+    /// removed or renamed, so the next sync checks its tracked files without listing it. Only
+    /// ctimes older than the sync by a second are recorded (a change within the same clock
+    /// tick could leave the ctime as it was; a job cannot set a ctime back).
+    #[serde(default)]
+    dirs: std::collections::BTreeMap<String, (u64, i64, i64)>,
+}
+
+/// A directory's inode and ctime (seconds, nanoseconds).
+fn dir_stamp(path: &Path) -> Option<(u64, i64, i64)> {
+    let m = path.symlink_metadata().ok().filter(|m| m.is_dir())?;
+    Some((m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Builds {
@@ -491,13 +524,47 @@ impl Builds {
             .as_deref()
             .and_then(|b| serde_json::from_slice(b).ok());
         let dir = &claim.dir;
-        let mut keep: HashSet<String> = HashSet::new();
+        // Tracked files the copy already has, with their state entry (read during the walk,
+        // not stat'ed again below).
+        let mut keep: HashMap<String, (u64, u64, i64, i64)> = HashMap::new();
+        let sync_started = std::time::SystemTime::now();
+        let trust_dirs = clean.removes_everything();
+        // Directories found as the last sync left them (their stamps carry over).
+        let mut unchanged_dirs: HashMap<String, (u64, i64, i64)> = HashMap::new();
+        let same_file = |old: &SyncState, rel: &str, mine: Option<std::fs::Metadata>| {
+            old.files.get(rel).copied().filter(|&(ino, len, s, ns)| {
+                let snap = snapshot.join(rel).symlink_metadata().ok();
+                snap.is_some_and(|m| m.ino() == ino)
+                    && mine.is_some_and(|m| (m.len(), m.mtime(), m.mtime_nsec()) == (len, s, ns))
+            })
+        };
         match old {
             Some(old) if strategy == GitStrategy::Fetch && dir.is_dir() => {
                 // Tracked files unchanged on both sides stay; untracked ones are cleaned.
                 let mut stack = vec![String::new()];
                 while let Some(rel_dir) = stack.pop() {
-                    let Ok(rd) = std::fs::read_dir(dir.join(&rel_dir)) else {
+                    let here = dir.join(&rel_dir);
+                    if trust_dirs
+                        && let Some(stamp) = old.dirs.get(&rel_dir)
+                        && dir_stamp(&here).as_ref() == Some(stamp)
+                    {
+                        // Holds only tracked entries, as the last sync left it.
+                        for (name, is_dir) in tracked.children(&rel_dir) {
+                            let rel = join(&rel_dir, name);
+                            if *is_dir {
+                                stack.push(rel);
+                            } else if let Some(entry) =
+                                same_file(&old, &rel, dir.join(&rel).symlink_metadata().ok())
+                            {
+                                keep.insert(rel, entry);
+                            } else {
+                                let _ = std::fs::remove_file(dir.join(&rel));
+                            }
+                        }
+                        unchanged_dirs.insert(rel_dir, *stamp);
+                        continue;
+                    }
+                    let Ok(rd) = std::fs::read_dir(&here) else {
                         continue;
                     };
                     for e in rd.flatten() {
@@ -515,16 +582,8 @@ impl Builds {
                             continue;
                         }
                         if tracked.files.contains(&rel) {
-                            let same = old.files.get(&rel).is_some_and(|&(ino, len, s, ns)| {
-                                let snap = snapshot.join(&rel).symlink_metadata().ok();
-                                let mine = e.metadata().ok();
-                                snap.is_some_and(|m| m.ino() == ino)
-                                    && mine.is_some_and(|m| {
-                                        (m.len(), m.mtime(), m.mtime_nsec()) == (len, s, ns)
-                                    })
-                            });
-                            if same {
-                                keep.insert(rel);
+                            if let Some(entry) = same_file(&old, &rel, e.metadata().ok()) {
+                                keep.insert(rel, entry);
                             } else {
                                 let _ = std::fs::remove_file(e.path());
                             }
@@ -543,12 +602,16 @@ impl Builds {
         let mut state = SyncState::default();
         let mut copied = 0;
         for f in &tracked.files {
+            if let Some(entry) = keep.get(f) {
+                state.files.insert(f.clone(), *entry);
+                continue;
+            }
             let from = snapshot.join(f);
             let Ok(snap) = from.symlink_metadata() else {
                 continue;
             };
             let to = dir.join(f);
-            if !keep.contains(f) {
+            {
                 if let Some(parent) = to.parent() {
                     std::fs::create_dir_all(parent)
                         .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -577,6 +640,24 @@ impl Builds {
                 state
                     .files
                     .insert(f.clone(), (snap.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+            }
+        }
+        if trust_dirs {
+            let settled = sync_started - std::time::Duration::from_secs(1);
+            let settled = settled
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| (d.as_secs() as i64, d.subsec_nanos() as i64))
+                .unwrap_or_default();
+            for d in std::iter::once("").chain(tracked.dirs.iter().map(String::as_str)) {
+                let stamp = match unchanged_dirs.get(d) {
+                    Some(s) => Some(*s),
+                    None => dir_stamp(&dir.join(d)),
+                };
+                if let Some(s @ (_, secs, nanos)) = stamp
+                    && (secs, nanos) < settled
+                {
+                    state.dirs.insert(d.to_string(), s);
+                }
             }
         }
         let bytes = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
@@ -635,6 +716,11 @@ impl Builds {
 }
 
 impl Claim {
+    /// Is an overlay mounted on the directory (releasing it means an unmount)?
+    pub fn is_mounted(&self) -> bool {
+        self.mounted
+    }
+
     /// Mark the claim as used now (for `prune`).
     pub fn touch(&self) {
         let _ = self._lock.set_modified(std::time::SystemTime::now());
@@ -890,6 +976,58 @@ mod tests {
             Filled::Copied { copied: 3, kept: 0 }
         );
         assert!(!dir.join("left.txt").exists());
+    }
+
+    #[test]
+    fn copy_sync_skips_listing_settled_directories_yet_sees_every_change() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = d.path().join("snap");
+        let files = tree(
+            &[("a.txt", "a"), ("src/b.rs", "b"), ("src/deep/c.rs", "c")],
+            &snap,
+        );
+        let builds = Builds::new(d.path().join("builds")).copy_only();
+        let dir = d.path().join("builds/job");
+        let sync = || run_copy(GitStrategy::Fetch, "", &builds, &snap, &files);
+        assert_eq!(sync(), Filled::Copied { copied: 3, kept: 0 });
+        // Directories just written are not trusted: their ctime may not move again within
+        // the same tick. A second later they are, and the state records them.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.path().join("builds/.state/job.json")).unwrap(),
+        )
+        .unwrap();
+        let dirs = state["dirs"].as_object().unwrap();
+        assert!(
+            ["", "src", "src/deep"]
+                .iter()
+                .all(|k| dirs.contains_key(*k)),
+            "{state}"
+        );
+        // What a job does to its directory is still seen: new files and directories in a
+        // recorded directory, a tracked file edited in place, one deleted.
+        std::fs::write(dir.join("src/deep/new.txt"), "n").unwrap();
+        std::fs::create_dir_all(dir.join("src/generated")).unwrap();
+        std::fs::write(dir.join("src/generated/x"), "x").unwrap();
+        std::fs::write(dir.join("a.txt"), "A").unwrap();
+        std::fs::remove_file(dir.join("src/b.rs")).unwrap();
+        assert_eq!(sync(), Filled::Copied { copied: 2, kept: 1 });
+        assert!(!dir.join("src/deep/new.txt").exists());
+        assert!(!dir.join("src/generated").exists());
+        assert_eq!(std::fs::read_to_string(dir.join("a.txt")).unwrap(), "a");
+        assert_eq!(std::fs::read_to_string(dir.join("src/b.rs")).unwrap(), "b");
+        // Cleaning flags that keep untracked files never trust a recorded directory.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
+        std::fs::write(dir.join("src/keep.log"), "k").unwrap();
+        assert_eq!(
+            run_copy(GitStrategy::Fetch, "-f -e keep.log", &builds, &snap, &files),
+            Filled::Copied { copied: 0, kept: 3 }
+        );
+        assert!(dir.join("src/keep.log").exists());
+        assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
+        assert!(!dir.join("src/keep.log").exists());
     }
 
     #[test]

@@ -190,7 +190,16 @@ impl<E: Executor> JobTask<E> {
                 ..ExecOutcome::default()
             },
         };
-        let (dotenv, notes) = {
+        // After the job: artifacts, caches, the overlay taken down. A job with none of these
+        // (most short jobs) has nothing that blocks, and skips the hop to a blocking thread.
+        let nothing_to_save = j.job.artifacts.is_none()
+            && caches.is_empty()
+            && claim.as_ref().is_none_or(|c| !c.is_mounted());
+        let (dotenv, notes) = if nothing_to_save {
+            // The directory is free for the job's next attempt before the scheduler hears.
+            drop(claim);
+            (HashMap::new(), Vec::new())
+        } else {
             let ws = ws.clone();
             let outcome = outcome.clone();
             let slug = slug.clone();
