@@ -2,12 +2,14 @@
 """rave benchmarks: the same DAGs run by `rave run`, `make -j2` and gitlab-ci-local, side by
 side in one run, printed as ratios. Timings are reported, never asserted.
 
-Usage: bench/bench.py [--only NAME] [--no-gcl] [--rave PATH] [--dir DIR]
+Usage: bench/bench.py [--only NAME] [--no-gcl] [--rave PATH] [--dir DIR | --fresh-ext4]
 
---dir DIR makes the benchmark repositories under DIR (default: the system's temporary
-directory). File creation costs depend on the file system and on what it deleted lately (an
-ext4 without a journal scans recently deleted inodes on every create), so compare series
-made on one file system; bench/README.md says which.
+Where the benchmark repositories live matters: creating a file costs what the file system
+makes it cost, and an ext4 without a journal (as some VMs' root) scans every recently deleted
+inode on each create, so a series run right after another one deleted thousands of files is
+several times slower. --fresh-ext4 (root) makes them on a new journaled ext4 in a loop file,
+as most disks are formatted; --dir DIR under DIR; by default the system's temporary directory.
+make and gitlab-ci-local run in the same directories as rave.
 
 Shapes:
   noop-200     200 independent no-op jobs
@@ -282,10 +284,38 @@ def main():
     ap.add_argument("--no-gcl", action="store_true")
     ap.add_argument("--rave", default=str(ROOT / "target" / "release" / "rave"))
     ap.add_argument("--dir", help="make the benchmark repositories under this directory")
+    ap.add_argument("--fresh-ext4", action="store_true",
+                    help="make them on a new journaled ext4 in a loop file (needs root)")
     args = ap.parse_args()
+    if args.fresh_ext4:
+        with fresh_ext4() as d:
+            tempfile.tempdir = str(d)
+            return run(args)
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
         tempfile.tempdir = args.dir
+    return run(args)
+
+
+class fresh_ext4:
+    """A new journaled ext4 (mkfs.ext4 defaults) in a sparse loop file, mounted for the run."""
+
+    def __enter__(self):
+        self.img = Path(tempfile.mkdtemp(prefix="rave-bench-fs-")) / "fs.img"
+        self.mnt = self.img.parent / "mnt"
+        self.mnt.mkdir()
+        subprocess.run(["truncate", "-s", "8G", str(self.img)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.img)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(self.img), str(self.mnt)], check=True)
+        print(f"benchmark repositories on a fresh journaled ext4 at {self.mnt}")
+        return self.mnt
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", "-l", str(self.mnt)])
+        shutil.rmtree(self.img.parent, ignore_errors=True)
+
+
+def run(args):
     rave = args.rave
     if not Path(rave).exists():
         print("building rave (release) ...")
