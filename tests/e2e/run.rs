@@ -726,6 +726,59 @@ fn an_oom_report_names_the_biggest_process_and_an_outside_kill_is_not_an_oom() {
     assert!(note.contains("SIGKILL from outside the job"), "{note}");
 }
 
+/// An OOM kill that is not the job's own limit, on cgroup v1: rave runs inside a group limited
+/// to 192 MiB, the job may use 1 GiB, and grows past 192 MiB. The kernel kills in the job's
+/// group for the ancestor's limit; the job's group never reached its own, so rave says the
+/// memory ran out outside the job (as it would for the machine), not that the job exceeded
+/// its limit. (The v2 path, with a real host OOM, is `cgroup_v2.rs`.)
+#[test]
+fn an_oom_kill_beyond_the_job_s_own_limit_is_not_reported_as_its_limit() {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let Some(own) = own.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
+        ctrl.split(',')
+            .any(|c| c == "memory")
+            .then(|| path.to_string())
+    }) else {
+        panic!("this test needs the cgroup v1 memory controller (v2 is covered by cgroup_v2.rs)");
+    };
+    let outer = Path::new("/sys/fs/cgroup/memory")
+        .join(own.trim_start_matches('/'))
+        .join(format!("rave-test-outer-{}", std::process::id()));
+    std::fs::create_dir(&outer).unwrap();
+    std::fs::write(
+        outer.join("memory.limit_in_bytes"),
+        (192u64 << 20).to_string(),
+    )
+    .unwrap();
+    let d = git_repo(&[(
+        ".gitlab-ci.yml",
+        "grow:\n  variables: {RAVE_MEMORY: 1G}\n  script:\n    - head -c 600M /dev/zero | tail > /dev/null\n",
+    )]);
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} run --json --memory 2G",
+            outer.display(),
+            rave_bin().display()
+        ))
+        .current_dir(d.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&outer);
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    let grow = job(&v, "grow");
+    assert_eq!(grow["failure_reason"], "oom_killed", "{grow:#}");
+    let note = grow["note"].as_str().unwrap();
+    assert!(
+        note.contains("not the job's limit of 1 GiB"),
+        "{note}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// GitLab's retry inside the pipeline, locally: `rave run --continue N JOB` runs the failed job
 /// again (its next attempt) and the job that was skipped because of it; the job before it is
 /// not rebuilt (the same artifact and dotenv value reach the jobs after it); a manual job named

@@ -33,53 +33,6 @@ pub struct Cgroups {
     layout: Layout,
     /// Emptied v1 job groups kept for later jobs (see [`Cgroups::recycle`]).
     pool: std::sync::Arc<std::sync::Mutex<Vec<JobCgroup>>>,
-    oom: std::sync::Arc<std::sync::Mutex<OomBook>>,
-}
-
-/// This run's count of OOM kills at job groups' own limits (v1), kept cheap to read.
-#[derive(Debug, Default)]
-struct OomBook {
-    /// Kills counted by groups already removed (their counters went with them).
-    removed: u64,
-    /// The last (host count, run count) read together: while the host's count has not moved,
-    /// no group's count can have, so the run's count need not be read again.
-    last: Option<(u64, u64)>,
-}
-
-/// OOM kill counts taken before a job, to tell afterwards whether the host's OOM killer was
-/// busy meanwhile (see [`OomWatch::host_busy`]).
-pub struct OomWatch {
-    host: Option<u64>,
-    run: Option<u64>,
-}
-
-impl OomWatch {
-    pub fn start(cgroups: Option<&Cgroups>) -> OomWatch {
-        let host = host_oom_kills();
-        let run = match (cgroups, host) {
-            (Some(c), Some(h)) => c.run_oom_kills(h),
-            _ => None,
-        };
-        OomWatch { host, run }
-    }
-
-    /// Did the host's OOM killer kill more since [`OomWatch::start`] than this run's groups
-    /// did at their own limits? On v1, where `/proc/vmstat`'s count includes every group's
-    /// kills, that is how a host-wide OOM is told from a neighbour's (a neighbour's OOM is not
-    /// the host's). Reads one counter when nothing was killed anywhere, the common case.
-    pub fn host_busy(&self, cgroups: Option<&Cgroups>) -> bool {
-        let (Some(before), Some(now)) = (self.host, host_oom_kills()) else {
-            return false;
-        };
-        if now == before {
-            return false;
-        }
-        let own = match (cgroups, self.run) {
-            (Some(c), Some(run)) => c.run_oom_kills(now).map_or(0, |n| n.saturating_sub(run)),
-            _ => 0,
-        };
-        now - before > own
-    }
 }
 
 /// How many emptied groups a run keeps for reuse: about the jobs that run at once.
@@ -104,6 +57,10 @@ pub struct JobCgroup {
     memory_bytes: u64,
     /// OOM kills counted before this job had the group (a reused group keeps its count).
     oom_base: u64,
+    /// Control files opened once and read or written in place (at offset 0) from then on:
+    /// a kept group is read and written a dozen times a job, and opening a cgroup file is most
+    /// of what such an access costs.
+    held: std::sync::Mutex<std::collections::HashMap<PathBuf, fs::File>>,
 }
 
 fn own_path(controller: &str) -> Option<String> {
@@ -195,7 +152,6 @@ impl Cgroups {
             }
             return Ok(Cgroups {
                 pool: Default::default(),
-                oom: Default::default(),
                 layout: Layout::V2 { base },
             });
         }
@@ -236,7 +192,6 @@ impl Cgroups {
         };
         Ok(Cgroups {
             pool: Default::default(),
-            oom: Default::default(),
             layout: Layout::V1 {
                 memory,
                 cpu,
@@ -287,6 +242,7 @@ impl Cgroups {
                     dirs: vec![dir],
                     memory_bytes,
                     oom_base: 0,
+                    held: Default::default(),
                 })
             }
             Layout::V1 {
@@ -337,31 +293,10 @@ impl Cgroups {
                     cpu_usage,
                     memory_bytes,
                     oom_base: 0,
+                    held: Default::default(),
                 })
             }
         }
-    }
-
-    /// OOM kills at their own limits in this run's v1 job groups so far (None on v2), given
-    /// the host's count read just before.
-    fn run_oom_kills(&self, host_now: u64) -> Option<u64> {
-        let Layout::V1 { memory, .. } = &self.layout else {
-            return None;
-        };
-        let mut book = self.oom.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((host, run)) = book.last
-            && host == host_now
-        {
-            return Some(run);
-        }
-        let mut n = book.removed;
-        for e in fs::read_dir(memory).ok()?.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                n += read_key(&e.path().join("memory.oom_control"), "oom_kill").unwrap_or(0);
-            }
-        }
-        book.last = Some((host_now, n));
-        Some(n)
     }
 
     /// Done with a job's group, emptied by [`JobCgroup::kill_all`]: on cgroup v1 a group
@@ -372,7 +307,7 @@ impl Cgroups {
     pub fn recycle(&self, g: JobCgroup, emptied: bool) {
         let reusable = emptied
             && matches!(g.layout, Layout::V1 { .. })
-            && read_u64(&g.mem_dir().join("memory.usage_in_bytes"))
+            && g.read_u64(&g.mem_dir().join("memory.usage_in_bytes"))
                 .is_some_and(|b| b <= POOL_MAX_LEFT_BYTES);
         if reusable {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -382,19 +317,8 @@ impl Cgroups {
             }
         }
         // The kernel frees an emptied group a moment after its last process is reaped;
-        // removing it is not worth making the job (and its dependents) wait for that. Its
-        // OOM count stays in the run's.
-        let book = self.oom.clone();
-        tokio::spawn(async move {
-            let kills = read_key(&g.mem_dir().join("memory.oom_control"), "oom_kill");
-            if g.remove().await
-                && let Some(k) = kills
-            {
-                let mut book = book.lock().unwrap_or_else(|p| p.into_inner());
-                book.removed += k;
-                book.last = None;
-            }
-        });
+        // removing it is not worth making the job (and its dependents) wait for that.
+        tokio::spawn(async move { g.remove().await });
     }
 
     /// Remove rave's groups at exit: job groups not yet removed, then the parents. Job groups
@@ -579,18 +503,37 @@ fn page_size() -> u64 {
 /// How many processes the kernel's OOM killer has killed on this host since boot (any cgroup
 /// or none): compared before and after a job, it tells a host-wide OOM from the job's own.
 pub fn host_oom_kills() -> Option<u64> {
-    read_key(Path::new("/proc/vmstat"), "oom_kill")
+    // Read twice a job where there are no cgroups: kept open.
+    static VMSTAT: std::sync::Mutex<Option<fs::File>> = std::sync::Mutex::new(None);
+    let mut f = VMSTAT.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_none() {
+        *f = fs::File::open("/proc/vmstat").ok();
+    }
+    find_key(&read_at_start(f.as_ref()?).ok()?, "oom_kill")
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn read_key(path: &Path, key: &str) -> Option<u64> {
-    fs::read_to_string(path).ok()?.lines().find_map(|l| {
+/// The value of `key` in `key value` lines.
+fn find_key(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
     })
+}
+
+/// The whole content of a cgroup or proc file through an open descriptor, read from offset 0
+/// (the kernel generates it anew for each read from the start).
+fn read_at_start(f: &fs::File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = f.read_at(&mut buf, out.len() as u64)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// `parent/name`, or `parent/name-2`, `-3`, … when a group of that name is still there (a
@@ -619,31 +562,77 @@ impl JobCgroup {
         &self.dirs[0]
     }
 
+    /// `f(file)` on the group's control file at `path`, opened on first use (for reading
+    /// and writing where the file takes writes).
+    fn held<T>(&self, path: &Path, f: impl FnOnce(&fs::File) -> io::Result<T>) -> io::Result<T> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match held.entry(path.to_path_buf()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .or_else(|_| fs::File::open(path))?;
+                v.insert(file)
+            }
+        };
+        f(file)
+    }
+
+    fn read(&self, path: &Path) -> Option<String> {
+        self.held(path, read_at_start).ok()
+    }
+
+    fn read_u64(&self, path: &Path) -> Option<u64> {
+        self.read(path)?.trim().parse().ok()
+    }
+
+    fn read_key(&self, path: &Path, key: &str) -> Option<u64> {
+        find_key(&self.read(path)?, key)
+    }
+
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.held(path, |f| f.write_at(value.as_bytes(), 0).map(|_| ()))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
     /// Make a kept v1 group ready for another job: its limits, its peak and CPU time reset,
     /// its OOM count so far remembered.
+    /// Does the group have this control file (opened then, for later use)?
+    fn has(&self, path: &Path) -> bool {
+        self.held(path, |_| Ok(())).is_ok()
+    }
+
     fn reconfigure(&mut self, memory_bytes: u64, quota: u64) -> io::Result<()> {
         let mem = self.mem_dir().to_path_buf();
         let limit = mem.join("memory.limit_in_bytes");
         let memsw = mem.join("memory.memsw.limit_in_bytes");
-        let has_memsw = memsw.exists();
+        let has_memsw = self.has(&memsw);
         // v1 wants limit ≤ memsw limit at every moment: raise memsw first, lower it last.
         if memory_bytes >= self.memory_bytes && has_memsw {
-            write(&memsw, &memory_bytes.to_string())?;
+            self.write(&memsw, &memory_bytes.to_string())?;
         }
-        write(&limit, &memory_bytes.to_string())?;
+        self.write(&limit, &memory_bytes.to_string())?;
         if memory_bytes < self.memory_bytes && has_memsw {
-            write(&memsw, &memory_bytes.to_string())?;
+            self.write(&memsw, &memory_bytes.to_string())?;
         }
         self.memory_bytes = memory_bytes;
-        write(&mem.join("memory.max_usage_in_bytes"), "0")?;
-        self.oom_base = read_key(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0);
+        self.write(&mem.join("memory.max_usage_in_bytes"), "0")?;
+        if has_memsw {
+            self.write(&mem.join("memory.memsw.max_usage_in_bytes"), "0")?;
+        }
+        self.oom_base = self
+            .read_key(&mem.join("memory.oom_control"), "oom_kill")
+            .unwrap_or(0);
         for d in &self.dirs[1..] {
-            if d.join("cpu.cfs_quota_us").exists() {
-                write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            if self.has(&d.join("cpu.cfs_quota_us")) {
+                self.write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
             }
         }
-        if let Some(usage) = &self.cpu_usage {
-            write(usage, "0")?;
+        if let Some(usage) = self.cpu_usage.clone() {
+            self.write(&usage, "0")?;
         }
         Ok(())
     }
@@ -653,49 +642,70 @@ impl JobCgroup {
     pub fn cpu_seconds(&self) -> Option<f64> {
         let path = self.cpu_usage.as_ref()?;
         match self.layout {
-            Layout::V2 { .. } => read_key(path, "usage_usec").map(|us| us as f64 / 1e6),
-            Layout::V1 { .. } => read_u64(path).map(|ns| ns as f64 / 1e9),
+            Layout::V2 { .. } => self.read_key(path, "usage_usec").map(|us| us as f64 / 1e6),
+            Layout::V1 { .. } => self.read_u64(path).map(|ns| ns as f64 / 1e9),
         }
     }
 
     pub fn peak_memory(&self) -> Option<u64> {
         match self.layout {
-            Layout::V2 { .. } => read_u64(&self.mem_dir().join("memory.peak")),
-            Layout::V1 { .. } => read_u64(&self.mem_dir().join("memory.max_usage_in_bytes")),
+            Layout::V2 { .. } => self.read_u64(&self.mem_dir().join("memory.peak")),
+            Layout::V1 { .. } => self.read_u64(&self.mem_dir().join("memory.max_usage_in_bytes")),
         }
     }
 
-    /// Did the host's OOM killer (not the group's limit) kill a process of this group? Known
-    /// on v2 only (`oom_kill` beyond `oom` in `memory.events`); v1 counts only its own.
+    /// v1: OOM kills in the group since this job got it, and whether the group reached its
+    /// limit. The kernel counts every OOM kill of a process on the process's own group, whoever
+    /// ran out (the group at its limit, an ancestor group at its, or the machine); a group
+    /// whose high-water mark stayed below its limit cannot have been the one that ran out.
+    fn v1_kills(&self) -> Option<(u64, bool)> {
+        let kills = self
+            .read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill")?
+            .saturating_sub(self.oom_base);
+        let peak = self.read_u64(&self.mem_dir().join("memory.max_usage_in_bytes"))?;
+        // With swap accounted, the limit on memory plus swap may be what was reached.
+        let peak_with_swap = self
+            .read_u64(&self.mem_dir().join("memory.memsw.max_usage_in_bytes"))
+            .unwrap_or(0);
+        // Within a few pages of the limit is at it: the charge that failed was not made.
+        Some((
+            kills,
+            peak.max(peak_with_swap) + (256 << 10) >= self.memory_bytes,
+        ))
+    }
+
+    /// Did an OOM killer outside the group's limit — the host's, or an ancestor group's at
+    /// its own limit — kill a process of this group?
     pub fn host_oom_killed(&self) -> Option<bool> {
         match self.layout {
             Layout::V2 { .. } => {
-                let events = self.mem_dir().join("memory.events");
-                let oom = read_key(&events, "oom")?;
-                let killed = read_key(&events, "oom_kill")?;
+                let events = self.read(&self.mem_dir().join("memory.events"))?;
+                let oom = find_key(&events, "oom")?;
+                let killed = find_key(&events, "oom_kill")?;
                 Some(killed > oom)
             }
-            Layout::V1 { .. } => None,
+            Layout::V1 { .. } => self.v1_kills().map(|(k, at_limit)| k > 0 && !at_limit),
         }
     }
 
     /// Did the kernel OOM-kill a process of this group *for the group's own limit*?
     pub fn oom_killed(&self) -> bool {
-        let kills = match self.layout {
+        match self.layout {
             // v2's `oom_kill` counts kills by any OOM killer, the host's too; `oom` counts
             // the times the group itself hit its limit and had to kill (found by the QEMU
             // guest test: a host OOM was reported as the job's own).
             Layout::V2 { .. } => {
-                let events = self.mem_dir().join("memory.events");
-                match (read_key(&events, "oom"), read_key(&events, "oom_kill")) {
-                    (Some(oom), Some(killed)) => Some(oom.min(killed)),
-                    _ => None,
+                let events = self.read(&self.mem_dir().join("memory.events"));
+                let events = events.as_deref().unwrap_or_default();
+                match (find_key(events, "oom"), find_key(events, "oom_kill")) {
+                    (Some(oom), Some(killed)) => oom.min(killed) > 0,
+                    _ => false,
                 }
             }
-            Layout::V1 { .. } => read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill")
-                .map(|k| k.saturating_sub(self.oom_base)),
-        };
-        kills.unwrap_or(0) > 0
+            Layout::V1 { .. } => self
+                .v1_kills()
+                .is_some_and(|(k, at_limit)| k > 0 && at_limit),
+        }
     }
 
     /// The group as a Docker `cgroup_parent` (cgroupfs driver): the path below the controller's
@@ -731,7 +741,11 @@ impl JobCgroup {
 
     /// Pids currently in the group.
     pub fn pids(&self) -> Vec<i32> {
-        pids_in(self.mem_dir())
+        self.read(&self.mem_dir().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     /// SIGKILL everything in the group until it is empty (processes may fork while we kill).
@@ -761,6 +775,8 @@ impl JobCgroup {
     /// Remove the group; it must be empty (call [`JobCgroup::kill_all`] first). Whether its
     /// memory group is gone.
     pub async fn remove(&self) -> bool {
+        // Nothing of it stays open.
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut gone = true;
         for dir in self.dirs.iter().rev() {
             gone = false;

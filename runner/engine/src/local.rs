@@ -261,7 +261,8 @@ impl Executor for LocalExecutor {
         let main = script_text(&spec.script, true);
         // OOM forensics: the host's OOM-kill counter before, and the job's biggest process
         // sampled while it runs (twice a second, a few hundred /proc reads at most).
-        let oom_watch = crate::cgroup::OomWatch::start(self.cgroups.as_deref());
+        // Without cgroups the only trace of an OOM kill is the host's counter.
+        let host_kills_before = cg.is_none().then(crate::cgroup::host_oom_kills).flatten();
         let (sampler, largest) = match cg
             .as_ref()
             .map(|g| crate::cgroup::sample_largest(g.procs_dir()))
@@ -295,14 +296,15 @@ impl Executor for LocalExecutor {
             outcome.oom_killed = cg.oom_killed();
             host_killed_here = cg.host_oom_killed();
         }
-        // cgroup v2 says for the job's own group whether the host's OOM killer hit it. On v1,
-        // the shell killed (SIGKILL) without the job's own limit being hit, while the host's
-        // OOM killer was busy beyond this run's own groups: the machine ran out of memory.
+        // The job's group says whether an OOM killer beyond its own limit hit it. Without
+        // one, a SIGKILL while the host's OOM-kill count rose is the best guess there is.
+        let host_busy = || match (host_kills_before, crate::cgroup::host_oom_kills()) {
+            (Some(a), Some(b)) => b > a,
+            _ => false,
+        };
         if !outcome.oom_killed
             && (host_killed_here == Some(true)
-                || (host_killed_here.is_none()
-                    && outcome.signal == Some(9)
-                    && oom_watch.host_busy(self.cgroups.as_deref())))
+                || (cg.is_none() && outcome.signal == Some(9) && host_busy()))
         {
             outcome.host_oom_kill = true;
         }
