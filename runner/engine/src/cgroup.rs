@@ -598,13 +598,13 @@ impl JobCgroup {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
 
-    /// Make a kept v1 group ready for another job: its limits, its peak and CPU time reset,
-    /// its OOM count so far remembered.
     /// Does the group have this control file (opened then, for later use)?
     fn has(&self, path: &Path) -> bool {
         self.held(path, |_| Ok(())).is_ok()
     }
 
+    /// Make a kept v1 group ready for another job: its limits, its peak and CPU time reset,
+    /// its OOM count so far remembered.
     fn reconfigure(&mut self, memory_bytes: u64, quota: u64) -> io::Result<()> {
         let mem = self.mem_dir().to_path_buf();
         let limit = mem.join("memory.limit_in_bytes");
@@ -637,7 +637,6 @@ impl JobCgroup {
         Ok(())
     }
 
-    /// Peak memory of everything that ran in the group.
     /// CPU time the group's processes used, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let path = self.cpu_usage.as_ref()?;
@@ -647,6 +646,7 @@ impl JobCgroup {
         }
     }
 
+    /// Peak memory of everything that ran in the group.
     pub fn peak_memory(&self) -> Option<u64> {
         match self.layout {
             Layout::V2 { .. } => self.read_u64(&self.mem_dir().join("memory.peak")),
