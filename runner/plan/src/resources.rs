@@ -28,14 +28,16 @@ pub fn assign(
                 .or(Some(j.job.span))
         };
         // A trigger job's child pipeline runs inside its share: unless it says otherwise, the
-        // share is the whole budget (the child's jobs are packed within it).
-        let (default_memory, default_cpus) = if j.job.trigger.is_some() {
-            (opts.budget.memory_bytes, opts.budget.cpus)
-        } else {
-            (
+        // share is the whole budget (the child's jobs are packed within it). A multi-project
+        // trigger runs nothing here (the server runs the other project's pipeline under the
+        // host budget while this job waits), so it holds nothing.
+        let (default_memory, default_cpus) = match &j.job.trigger {
+            Some(t) if t.project.is_some() => (0, 0.0),
+            Some(_) => (opts.budget.memory_bytes, opts.budget.cpus),
+            None => (
                 pipeline.rave.default_memory_bytes,
                 pipeline.rave.default_cpus,
-            )
+            ),
         };
         let mut memory = j.job.resources.memory_bytes.unwrap_or(default_memory);
         let mut source = if j.job.resources.memory_bytes.is_some() {

@@ -275,6 +275,24 @@ fn resources_from_variables_resources_and_defaults() {
     assert_eq!(p.by_name("c").unwrap().memory_bytes, 768 << 20);
 }
 
+/// A multi-project trigger runs nothing on this machine: it asks the server for the other
+/// project's pipeline and waits, so it requests nothing (it used to request the whole budget
+/// and so waited until every other job had ended before it could even ask). A child-pipeline
+/// trigger still gets the whole budget: its jobs run inside that share.
+#[test]
+fn a_multi_project_trigger_requests_nothing_and_a_child_trigger_the_budget() {
+    let p = ok(
+        "build: {stage: build, script: x}\nother: {stage: deploy, trigger: {project: g/other}}\nchild: {stage: deploy, trigger: {include: child.yml}}\n",
+    );
+    let other = p.by_name("other").unwrap();
+    assert_eq!((other.memory_bytes, other.cpus), (0, 0.0));
+    let child = p.by_name("child").unwrap();
+    assert_eq!(
+        child.memory_bytes,
+        PlanOptions::default().budget.memory_bytes
+    );
+}
+
 #[test]
 fn request_over_budget_is_an_error() {
     let e = err("big: {script: x, variables: {RAVE_MEMORY: 4G}}\n");
