@@ -661,12 +661,15 @@ impl Builds {
             }
         }
         let bytes = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-        // Most syncs change nothing: then the state file stays as it is (a write and rename
-        // per job is what the sync would mostly cost).
+        // Most syncs change nothing: then the state file stays as it is. When it changed it
+        // is rewritten in place, not through a new file and a rename: only the holder of the
+        // claim reads it, and a half-written state does not parse, so the next sync starts
+        // the directory over (a file less to allocate for every job of a first run).
         if old_bytes.as_deref() != Some(bytes.as_slice()) {
             std::fs::create_dir_all(state_path.parent().unwrap_or(&self.root))
                 .map_err(|e| format!("cannot create {}: {e}", self.root.display()))?;
-            crate::snapshot::write_replacing(&state_path, &bytes, false)?;
+            std::fs::write(&state_path, &bytes)
+                .map_err(|e| format!("cannot write {}: {e}", state_path.display()))?;
         }
         Ok((copied, keep.len()))
     }
