@@ -540,11 +540,26 @@ impl Builds {
         };
         match old {
             Some(old) if strategy == GitStrategy::Fetch && dir.is_dir() => {
+                // A directory that held files the project no longer has is listed whatever its
+                // stamp says, and so is every directory above (a removed directory's parent
+                // must find it).
+                let mut untrusted: HashSet<&str> = HashSet::new();
+                for gone in old.files.keys().filter(|f| !tracked.files.contains(*f)) {
+                    untrusted.insert("");
+                    let mut p = gone.as_str();
+                    while let Some((parent, _)) = p.rsplit_once('/') {
+                        if !untrusted.insert(parent) {
+                            break;
+                        }
+                        p = parent;
+                    }
+                }
                 // Tracked files unchanged on both sides stay; untracked ones are cleaned.
                 let mut stack = vec![String::new()];
                 while let Some(rel_dir) = stack.pop() {
                     let here = dir.join(&rel_dir);
                     if trust_dirs
+                        && !untrusted.contains(rel_dir.as_str())
                         && let Some(stamp) = old.dirs.get(&rel_dir)
                         && dir_stamp(&here).as_ref() == Some(stamp)
                     {
@@ -1020,6 +1035,20 @@ mod tests {
         assert!(!dir.join("src/generated").exists());
         assert_eq!(std::fs::read_to_string(dir.join("a.txt")).unwrap(), "a");
         assert_eq!(std::fs::read_to_string(dir.join("src/b.rs")).unwrap(), "b");
+        // Files and a whole directory the project no longer has leave a recorded directory.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
+        let fewer: Vec<String> = files
+            .iter()
+            .filter(|f| f.as_str() == "a.txt")
+            .cloned()
+            .collect();
+        assert_eq!(
+            run_copy(GitStrategy::Fetch, "", &builds, &snap, &fewer),
+            Filled::Copied { copied: 0, kept: 1 }
+        );
+        assert!(!dir.join("src").exists(), "src/ left behind");
+        assert_eq!(sync(), Filled::Copied { copied: 2, kept: 1 });
         // Cleaning flags that keep untracked files never trust a recorded directory.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
