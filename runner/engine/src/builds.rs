@@ -337,9 +337,10 @@ pub fn dir_name(job: &str) -> String {
 
 #[derive(Serialize, Deserialize, Default)]
 struct SyncState {
-    /// Per tracked file: the snapshot's inode it was copied from, and the copy's length and
-    /// mtime right after copying.
-    files: std::collections::BTreeMap<String, (u64, u64, i64, i64)>,
+    /// Per tracked file: the snapshot's inode it was copied from, and the copy's length, mtime
+    /// and ctime right after copying. The ctime catches what length and mtime miss: a job
+    /// that rewrites a file and sets its mtime back (it cannot set a ctime).
+    files: std::collections::BTreeMap<String, FileStamp>,
     /// Per tracked directory, when the sync left nothing untracked in the copy (`-ffdx`): its
     /// inode and ctime then. A directory whose ctime has not moved since had no entry added,
     /// removed or renamed, so the next sync checks its tracked files without listing it. Only
@@ -347,6 +348,21 @@ struct SyncState {
     /// tick could leave the ctime as it was; a job cannot set a ctime back).
     #[serde(default)]
     dirs: std::collections::BTreeMap<String, (u64, i64, i64)>,
+}
+
+/// (snapshot inode, length, mtime s, mtime ns, ctime s, ctime ns).
+type FileStamp = (u64, u64, i64, i64, i64, i64);
+
+/// A copy's stamp, with the inode of the snapshot file it came from.
+fn file_stamp(snap_ino: u64, m: &std::fs::Metadata) -> FileStamp {
+    (
+        snap_ino,
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
 }
 
 /// A directory's inode and ctime (seconds, nanoseconds).
@@ -526,16 +542,16 @@ impl Builds {
         let dir = &claim.dir;
         // Tracked files the copy already has, with their state entry (read during the walk,
         // not stat'ed again below).
-        let mut keep: HashMap<String, (u64, u64, i64, i64)> = HashMap::new();
+        let mut keep: HashMap<String, FileStamp> = HashMap::new();
         let sync_started = std::time::SystemTime::now();
         let trust_dirs = clean.removes_everything();
         // Directories found as the last sync left them (their stamps carry over).
         let mut unchanged_dirs: HashMap<String, (u64, i64, i64)> = HashMap::new();
         let same_file = |old: &SyncState, rel: &str, mine: Option<std::fs::Metadata>| {
-            old.files.get(rel).copied().filter(|&(ino, len, s, ns)| {
+            old.files.get(rel).copied().filter(|stamp| {
                 let snap = snapshot.join(rel).symlink_metadata().ok();
-                snap.is_some_and(|m| m.ino() == ino)
-                    && mine.is_some_and(|m| (m.len(), m.mtime(), m.mtime_nsec()) == (len, s, ns))
+                snap.is_some_and(|m| m.ino() == stamp.0)
+                    && mine.is_some_and(|m| file_stamp(stamp.0, &m) == *stamp)
             })
         };
         match old {
@@ -652,9 +668,7 @@ impl Builds {
                 copied += 1;
             }
             if let Ok(m) = to.symlink_metadata() {
-                state
-                    .files
-                    .insert(f.clone(), (snap.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+                state.files.insert(f.clone(), file_stamp(snap.ino(), &m));
             }
         }
         if trust_dirs {
@@ -1035,6 +1049,19 @@ mod tests {
         assert!(!dir.join("src/generated").exists());
         assert_eq!(std::fs::read_to_string(dir.join("a.txt")).unwrap(), "a");
         assert_eq!(std::fs::read_to_string(dir.join("src/b.rs")).unwrap(), "b");
+        // A job that rewrites a tracked file with as many bytes and sets its mtime back is
+        // caught by the ctime it cannot set.
+        let c = dir.join("src/deep/c.rs");
+        let mtime = std::fs::metadata(&c).unwrap().modified().unwrap();
+        std::fs::write(&c, "C").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&c)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(sync(), Filled::Copied { copied: 1, kept: 2 });
+        assert_eq!(std::fs::read_to_string(&c).unwrap(), "c");
         // Files and a whole directory the project no longer has leave a recorded directory.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(sync(), Filled::Copied { copied: 0, kept: 3 });
