@@ -1732,8 +1732,9 @@ fn includes_come_over_ssh_with_the_projects_key() {
 /// Multi-project pipelines: a `trigger: project` job makes the server start that project's
 /// pipeline (source `pipeline`) with the job's variables; with `strategy: depend` the job
 /// takes the downstream pipeline's result, without it the job succeeds once the pipeline
-/// exists. A project the server does not know fails the job with why; a plain `rave run`
-/// says such jobs run on `rave serve`.
+/// exists. A project the server does not know, or one that does not accept triggers from the
+/// upstream (`triggered_by`), fails the job with why; a plain `rave run` says such jobs run on
+/// `rave serve`.
 #[test]
 fn trigger_project_starts_the_downstream_pipeline_on_the_server() {
     let lib = Origin::new(&[(
@@ -1742,15 +1743,16 @@ fn trigger_project_starts_the_downstream_pipeline_on_the_server() {
     )]);
     let app = Origin::new(&[(
         ".gitlab-ci.yml",
-        "variables: {VERSION: \"1.2\"}\nstages: [build, deploy]\nbuild:\n  stage: build\n  script: [echo built]\nrelease-lib:\n  stage: deploy\n  trigger:\n    project: team/lib\n    strategy: depend\nnotify-lib:\n  stage: deploy\n  variables: {VERSION: broken}\n  trigger: team/lib\nunknown:\n  stage: deploy\n  trigger: {project: team/nowhere}\n  allow_failure: true\n",
+        "variables: {VERSION: \"1.2\"}\nstages: [build, deploy]\nbuild:\n  stage: build\n  script: [echo built]\nrelease-lib:\n  stage: deploy\n  trigger:\n    project: team/lib\n    strategy: depend\nnotify-lib:\n  stage: deploy\n  variables: {VERSION: broken}\n  trigger: team/lib\nunknown:\n  stage: deploy\n  trigger: {project: team/nowhere}\n  allow_failure: true\nclosed:\n  stage: deploy\n  trigger: {project: team/closed}\n  allow_failure: true\n",
     )]);
     let data = tempfile::tempdir().unwrap();
     let cfg = data.path().join("rave.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[projects]]\nname = \"team/lib\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nscope = \"admin\"\n\n[[tokens]]\nname = \"dash\"\ntoken = \"{READER}\"\nscope = \"read\"\n",
+            "[server]\nrate_limit_per_sec = 1000\n\n[[projects]]\nname = \"team/app\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\n\n[[projects]]\nname = \"team/lib\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\ntriggered_by = [\"team/app\"]\n\n[[projects]]\nname = \"team/closed\"\nclone_url = \"{}\"\nsecret = \"{SECRET}\"\ntriggered_by = [\"team/other\"]\n\n[[tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nscope = \"admin\"\n\n[[tokens]]\nname = \"dash\"\ntoken = \"{READER}\"\nscope = \"read\"\n",
             app.bare.display(),
+            lib.bare.display(),
             lib.bare.display()
         ),
     )
@@ -1780,6 +1782,17 @@ fn trigger_project_starts_the_downstream_pipeline_on_the_server() {
             .contains("`team/nowhere` is not configured on this rave serve"),
         "{v:#}"
     );
+    // A project that does not list the upstream among `triggered_by` runs nothing for it.
+    let closed = job(&v, "closed");
+    assert_eq!(closed["status"], "warning", "{v:#}");
+    assert!(
+        closed["note"].as_str().unwrap_or_default().contains(
+            "project `team/closed` does not accept pipelines triggered by `team/app`: add `triggered_by = [\"team/app\"]`"
+        ),
+        "{v:#}"
+    );
+    let none = get(&s, "/api/pipelines?project=team/closed", READER);
+    assert_eq!(none["pipelines"].as_array().unwrap().len(), 0, "{none:#}");
     // The downstream pipelines: source `pipeline`, the job's variables.
     let list = get(&s, "/api/pipelines?project=team/lib", READER);
     let downstream: Vec<i64> = list["pipelines"]

@@ -142,6 +142,12 @@ pub struct Project {
     /// not under `server_url`: e.g. `ssh://git@forge:2222/srv/git` for a forge reached over
     /// SSH, fetched with this project's `ssh_key` and pinned `ssh_known_hosts`.
     pub include_base: Option<String>,
+    /// Projects whose jobs may start this project's pipelines with `trigger: project` (`*`:
+    /// any configured project). None by default: a trigger runs this project's code with
+    /// its secrets and variables the other project chose, so this project's admin says who
+    /// may, as GitLab asks the triggering user for rights on the downstream project.
+    #[serde(default)]
+    pub triggered_by: Vec<String>,
 }
 
 fn default_protected_branches() -> Vec<String> {
@@ -240,6 +246,11 @@ fn from_env(
 }
 
 impl Project {
+    /// May a `trigger: project` job of `upstream` start this project's pipelines?
+    pub fn accepts_trigger_from(&self, upstream: &str) -> bool {
+        self.triggered_by.iter().any(|p| p == "*" || p == upstream)
+    }
+
     /// Is this ref protected (its pipelines get protected variables)?
     pub fn is_protected(&self, ref_name: &str, tag: bool) -> bool {
         let patterns = if tag {

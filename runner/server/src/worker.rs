@@ -901,10 +901,16 @@ async fn downstream_pipeline(state: Arc<State>, req: crate::budget::TriggerReque
             },
         );
     };
-    if state.cfg.project(&req.project).is_none() {
+    let Some(downstream) = state.cfg.project(&req.project) else {
         return fail(format!(
             "project `{}` is not configured on this rave serve: add it to rave.toml ([[projects]]) to trigger its pipelines",
             req.project
+        ));
+    };
+    if !downstream.accepts_trigger_from(&req.upstream_project) {
+        return fail(format!(
+            "project `{}` does not accept pipelines triggered by `{}`: add `triggered_by = [\"{}\"]` to its [[projects]] entry in rave.toml",
+            req.project, req.upstream_project, req.upstream_project
         ));
     }
     if req.depend && state.cfg.server.max_pipelines <= 1 {
