@@ -657,13 +657,9 @@ impl Builds {
                     std::os::unix::fs::symlink(target, &to)
                         .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
                 } else {
-                    std::fs::copy(&from, &to)
+                    // Content, mode and mtime, as the snapshot copies them.
+                    crate::snapshot::copy_file(&from, &snap, &to, false)
                         .map_err(|e| format!("cannot copy {f} into {}: {e}", dir.display()))?;
-                    if let Ok(t) = snap.modified()
-                        && let Ok(h) = std::fs::File::options().write(true).open(&to)
-                    {
-                        let _ = h.set_modified(t);
-                    }
                 }
                 copied += 1;
             }

@@ -395,7 +395,7 @@ fn copy_all(pending: &[(&Path, std::fs::Metadata, PathBuf)], fresh: bool) -> Res
 
 /// Copy one file's content, permissions and mtime (one open of each side; the content goes
 /// through `copy_file_range`, in the kernel, for as many bytes as the stat said).
-fn copy_file(
+pub(crate) fn copy_file(
     from: &Path,
     meta: &std::fs::Metadata,
     to: &Path,
