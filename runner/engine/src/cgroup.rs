@@ -42,6 +42,15 @@ const POOL_MAX: usize = 16;
 /// removed group's cache to the parent instead of dropping it.
 const POOL_MAX_LEFT_BYTES: u64 = 1 << 20;
 
+/// Whether OOM killers killed processes of a job's group, and for whose limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomKills {
+    /// For the group's own limit.
+    pub at_limit: bool,
+    /// By an OOM killer beyond it: the host ran out, or an ancestor group at its limit.
+    pub beyond_limit: bool,
+}
+
 /// One job's group.
 #[derive(Debug)]
 pub struct JobCgroup {
@@ -503,13 +512,7 @@ fn page_size() -> u64 {
 /// How many processes the kernel's OOM killer has killed on this host since boot (any cgroup
 /// or none): compared before and after a job, it tells a host-wide OOM from the job's own.
 pub fn host_oom_kills() -> Option<u64> {
-    // Read twice a job where there are no cgroups: kept open.
-    static VMSTAT: std::sync::Mutex<Option<fs::File>> = std::sync::Mutex::new(None);
-    let mut f = VMSTAT.lock().unwrap_or_else(|p| p.into_inner());
-    if f.is_none() {
-        *f = fs::File::open("/proc/vmstat").ok();
-    }
-    find_key(&read_at_start(f.as_ref()?).ok()?, "oom_kill")
+    find_key(&fs::read_to_string("/proc/vmstat").ok()?, "oom_kill")
 }
 
 /// The value of `key` in `key value` lines.
@@ -654,42 +657,11 @@ impl JobCgroup {
         }
     }
 
-    /// v1: OOM kills in the group since this job got it, and whether the group reached its
-    /// limit. The kernel counts every OOM kill of a process on the process's own group, whoever
-    /// ran out (the group at its limit, an ancestor group at its, or the machine); a group
-    /// whose high-water mark stayed below its limit cannot have been the one that ran out.
-    fn v1_kills(&self) -> Option<(u64, bool)> {
-        let kills = self
-            .read_key(&self.mem_dir().join("memory.oom_control"), "oom_kill")?
-            .saturating_sub(self.oom_base);
-        let peak = self.read_u64(&self.mem_dir().join("memory.max_usage_in_bytes"))?;
-        // With swap accounted, the limit on memory plus swap may be what was reached.
-        let peak_with_swap = self
-            .read_u64(&self.mem_dir().join("memory.memsw.max_usage_in_bytes"))
-            .unwrap_or(0);
-        // Within a few pages of the limit is at it: the charge that failed was not made.
-        Some((
-            kills,
-            peak.max(peak_with_swap) + (256 << 10) >= self.memory_bytes,
-        ))
-    }
-
-    /// Did an OOM killer outside the group's limit — the host's, or an ancestor group's at
-    /// its own limit — kill a process of this group?
-    pub fn host_oom_killed(&self) -> Option<bool> {
-        match self.layout {
-            Layout::V2 { .. } => {
-                let events = self.read(&self.mem_dir().join("memory.events"))?;
-                let oom = find_key(&events, "oom")?;
-                let killed = find_key(&events, "oom_kill")?;
-                Some(killed > oom)
-            }
-            Layout::V1 { .. } => self.v1_kills().map(|(k, at_limit)| k > 0 && !at_limit),
-        }
-    }
-
-    /// Did the kernel OOM-kill a process of this group *for the group's own limit*?
-    pub fn oom_killed(&self) -> bool {
+    /// The OOM kills of the group's processes since this job got it, read once: at the
+    /// group's own limit, or by an OOM killer beyond it (the host's, or an ancestor group's at
+    /// its own limit). The kernel counts every OOM kill on the killed process's own group,
+    /// whoever ran out.
+    pub fn oom_kills(&self) -> OomKills {
         match self.layout {
             // v2's `oom_kill` counts kills by any OOM killer, the host's too; `oom` counts
             // the times the group itself hit its limit and had to kill (found by the QEMU
@@ -697,15 +669,43 @@ impl JobCgroup {
             Layout::V2 { .. } => {
                 let events = self.read(&self.mem_dir().join("memory.events"));
                 let events = events.as_deref().unwrap_or_default();
-                match (find_key(events, "oom"), find_key(events, "oom_kill")) {
-                    (Some(oom), Some(killed)) => oom.min(killed) > 0,
-                    _ => false,
+                let (oom, killed) = (
+                    find_key(events, "oom").unwrap_or(0),
+                    find_key(events, "oom_kill").unwrap_or(0),
+                );
+                OomKills {
+                    at_limit: oom.min(killed) > 0,
+                    beyond_limit: killed > oom,
                 }
             }
-            Layout::V1 { .. } => self
-                .v1_kills()
-                .is_some_and(|(k, at_limit)| k > 0 && at_limit),
+            // v1 counts kills only: a group whose high-water mark stayed below its limit
+            // cannot have been the one that ran out.
+            Layout::V1 { .. } => {
+                let mem = self.mem_dir();
+                let kills = self
+                    .read_key(&mem.join("memory.oom_control"), "oom_kill")
+                    .unwrap_or(0)
+                    .saturating_sub(self.oom_base);
+                let peak = self
+                    .read_u64(&mem.join("memory.max_usage_in_bytes"))
+                    .unwrap_or(0);
+                // With swap accounted, the limit on memory plus swap may be what was reached.
+                let peak_with_swap = self
+                    .read_u64(&mem.join("memory.memsw.max_usage_in_bytes"))
+                    .unwrap_or(0);
+                // Within a few pages of the limit is at it: the charge that failed was not made.
+                let at_limit = peak.max(peak_with_swap) + (256 << 10) >= self.memory_bytes;
+                OomKills {
+                    at_limit: kills > 0 && at_limit,
+                    beyond_limit: kills > 0 && !at_limit,
+                }
+            }
         }
+    }
+
+    /// Did the kernel OOM-kill a process of this group *for the group's own limit*?
+    pub fn oom_killed(&self) -> bool {
+        self.oom_kills().at_limit
     }
 
     /// The group as a Docker `cgroup_parent` (cgroupfs driver): the path below the controller's

@@ -259,9 +259,9 @@ impl Executor for LocalExecutor {
             None => None,
         };
         let main = script_text(&spec.script, true);
-        // OOM forensics: the host's OOM-kill counter before, and the job's biggest process
-        // sampled while it runs (twice a second, a few hundred /proc reads at most).
-        // Without cgroups the only trace of an OOM kill is the host's counter.
+        // OOM forensics: the job's biggest process sampled while it runs (twice a second, a
+        // few hundred /proc reads at most); without cgroups, the host's OOM-kill counter
+        // before, the only trace of an OOM kill there is.
         let host_kills_before = cg.is_none().then(crate::cgroup::host_oom_kills).flatten();
         let (sampler, largest) = match cg
             .as_ref()
@@ -291,22 +291,21 @@ impl Executor for LocalExecutor {
         }
         outcome.largest_process =
             largest.and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let mut host_killed_here = None;
-        if let Some(cg) = &cg {
-            outcome.oom_killed = cg.oom_killed();
-            host_killed_here = cg.host_oom_killed();
-        }
         // The job's group says whether an OOM killer beyond its own limit hit it. Without
         // one, a SIGKILL while the host's OOM-kill count rose is the best guess there is.
-        let host_busy = || match (host_kills_before, crate::cgroup::host_oom_kills()) {
-            (Some(a), Some(b)) => b > a,
-            _ => false,
-        };
-        if !outcome.oom_killed
-            && (host_killed_here == Some(true)
-                || (cg.is_none() && outcome.signal == Some(9) && host_busy()))
-        {
-            outcome.host_oom_kill = true;
+        match &cg {
+            Some(cg) => {
+                let kills = cg.oom_kills();
+                outcome.oom_killed = kills.at_limit;
+                outcome.host_oom_kill = !kills.at_limit && kills.beyond_limit;
+            }
+            None => {
+                outcome.host_oom_kill = outcome.signal == Some(9)
+                    && matches!(
+                        (host_kills_before, crate::cgroup::host_oom_kills()),
+                        (Some(a), Some(b)) if b > a
+                    );
+            }
         }
         if !spec.after_script.is_empty() && !cancel.force.is_cancelled() {
             let status = outcome.ci_job_status();
