@@ -1217,7 +1217,7 @@ mod tests {
         let builds = Builds::new(d.path().join("builds")).overlay_always();
         let keep = CleanFlags::parse(Some("none")).unwrap();
         let mut c = builds.claim("job").unwrap();
-        let mut prepare = |c: &mut Claim| {
+        let prepare = |c: &mut Claim| {
             let (filled, note) = builds
                 .prepare(c, &snap, &tracked, GitStrategy::Fetch, &keep, &NoIgnores)
                 .unwrap();
