@@ -119,6 +119,39 @@ impl Index {
     }
 }
 
+/// A file the last snapshot could not vouch for only because it had just been written (its
+/// stat then could hide a same-size write in the same clock tick), unchanged by stat since, and
+/// whose mirrored copy holds the same bytes: kept, so the mirror's inode stays and the jobs'
+/// copies of it stay valid. Without this a file edited right before a run was copied again on
+/// the next run, and with it every job's copy (a fresh clone's files all at once).
+fn settled(old: &Index, f: &str, source: &Path, meta: &std::fs::Metadata, mirrored: &Path) -> bool {
+    old.source == source
+        && old.entries.get(f) == Some(&stat_stamp(meta))
+        && same_content(&old.source.join(f), mirrored, meta.len()).unwrap_or(false)
+}
+
+/// Do two files hold the same `len` bytes (and no more)?
+fn same_content(a: &Path, b: &Path, len: u64) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != len || fb.metadata()?.len() != len {
+        return Ok(false);
+    }
+    let cap = (len as usize).clamp(1, 64 << 10);
+    let (mut ba, mut bb) = (vec![0u8; cap], vec![0u8; cap]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            // Also at the end of the other one.
+            return Ok(fb.read(&mut bb[..1])? == 0);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
 /// The stamp to record for a file just copied: its blob id when git vouches for it and it
 /// was not touched around the copy, else its stat.
 fn record(id: Option<&String>, meta: &std::fs::Metadata, started: i128) -> Stamp {
@@ -320,7 +353,11 @@ fn update_in_place(
             (true, Some(id)) => Stamp::Blob(id.clone()),
             _ => record(id, &meta, started),
         };
-        if fresh || !old.trusts(f, id, source, Some(&meta)) || !mirrored.is_file() {
+        if fresh || !mirrored.is_file() {
+            pending.push((from, meta, mirrored));
+        } else if !old.trusts(f, id, source, Some(&meta))
+            && !settled(&old, f, source, &meta, &mirrored)
+        {
             pending.push((from, meta, mirrored));
         }
         new.entries.insert(f.clone(), stamp);
@@ -634,6 +671,41 @@ mod tests {
             !d.path().join("farm4").exists(),
             "no copy when the mirror is free"
         );
+    }
+
+    #[test]
+    fn a_file_written_just_before_a_run_is_not_copied_again_while_unchanged() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        // Written now: its stat cannot vouch for it until it is older than the racy window.
+        let files = tree(
+            &src,
+            &[("fresh.txt", "new"), ("big.bin", &"x".repeat(200_000))],
+        );
+        let mirror = d.path().join("mirror");
+        let none = HashMap::new();
+        let ino = |f: &str| {
+            std::fs::metadata(mirror.join("files").join(f))
+                .unwrap()
+                .ino()
+        };
+        let s1 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm1")).unwrap();
+        assert_eq!(s1.stats.copied, 2);
+        drop(s1);
+        let before = (ino("fresh.txt"), ino("big.bin"));
+        let s2 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm2")).unwrap();
+        assert_eq!(s2.stats.copied, 0, "{:?}", s2.stats);
+        drop(s2);
+        // Same inodes: the jobs' copies made from them stay valid.
+        assert_eq!((ino("fresh.txt"), ino("big.bin")), before);
+        // Bytes decide, not the stat: a mirrored copy that differs is replaced.
+        let mut tail = "x".repeat(199_999);
+        tail.push('y');
+        std::fs::write(mirror.join("files/big.bin"), &tail).unwrap();
+        let s3 = take(&src, &files, &none, &[], &mirror, &d.path().join("farm3")).unwrap();
+        assert_eq!(s3.stats.copied, 1, "{:?}", s3.stats);
+        assert_eq!(read(&s3.dir.join("big.bin")), "x".repeat(200_000));
     }
 
     #[test]
