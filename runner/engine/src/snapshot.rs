@@ -353,10 +353,10 @@ fn update_in_place(
             (true, Some(id)) => Stamp::Blob(id.clone()),
             _ => record(id, &meta, started),
         };
-        if fresh || !mirrored.is_file() {
-            pending.push((from, meta, mirrored));
-        } else if !old.trusts(f, id, source, Some(&meta))
-            && !settled(&old, f, source, &meta, &mirrored)
+        if fresh
+            || !mirrored.is_file()
+            || (!old.trusts(f, id, source, Some(&meta))
+                && !settled(&old, f, source, &meta, &mirrored))
         {
             pending.push((from, meta, mirrored));
         }
