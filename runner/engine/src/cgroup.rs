@@ -739,13 +739,12 @@ impl JobCgroup {
         self.mem_dir().to_path_buf()
     }
 
-    /// Pids currently in the group.
+    /// Pids currently in the group. Opened anew each time, never held: cgroup v1 keeps the
+    /// list an open file read last (for a second after the last reader), so a held file kept
+    /// listing the job's exited processes and `kill_all` waited ~0.5 s for the list to expire
+    /// (every job in a kept group ended half a second late).
     pub fn pids(&self) -> Vec<i32> {
-        self.read(&self.mem_dir().join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        pids_in(self.mem_dir())
     }
 
     /// SIGKILL everything in the group until it is empty (processes may fork while we kill).
@@ -793,5 +792,36 @@ impl JobCgroup {
             }
         }
         gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_s_process_list_is_current_even_right_after_a_read() {
+        let cgroups =
+            Cgroups::detect().expect("this test needs cgroups (as root, where `./x test` runs it)");
+        let g = cgroups
+            .create(&format!("pids-test-{}", std::process::id()), 64 << 20, 1.0)
+            .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        for f in &g.join_files {
+            fs::write(f, pid.to_string()).unwrap();
+        }
+        assert_eq!(g.pids(), vec![pid]);
+        child.wait().unwrap();
+        // Gone from the list at once, not when the kernel's cached list of the read above expires.
+        assert_eq!(g.pids(), Vec::<i32>::new());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(g.remove()));
     }
 }
