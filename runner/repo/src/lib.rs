@@ -445,7 +445,10 @@ impl Repo {
     pub fn listing(&self) -> Result<Listing, RepoError> {
         let index = git(self.repo.index(), "reading the index")?;
         let mut opts = StatusOptions::new();
-        opts.include_untracked(true)
+        // Only the working tree against the index: what is staged is read from the index
+        // below, so comparing HEAD's tree with the index (every tree object) is not needed.
+        opts.show(git2::StatusShow::Workdir)
+            .include_untracked(true)
             .recurse_untracked_dirs(true)
             .include_ignored(false)
             .exclude_submodules(true);
