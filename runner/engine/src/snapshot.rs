@@ -124,10 +124,16 @@ impl Index {
 /// whose mirrored copy holds the same bytes: kept, so the mirror's inode stays and the jobs'
 /// copies of it stay valid. Without this a file edited right before a run was copied again on
 /// the next run, and with it every job's copy (a fresh clone's files all at once).
-fn settled(old: &Index, f: &str, source: &Path, meta: &std::fs::Metadata, mirrored: &Path) -> bool {
+fn settled(
+    old: &Index,
+    source: &Path,
+    it: &Item,
+    meta: &std::fs::Metadata,
+    mirrored: &Path,
+) -> bool {
     old.source == source
-        && old.entries.get(f) == Some(&stat_stamp(meta))
-        && same_content(&old.source.join(f), mirrored, meta.len()).unwrap_or(false)
+        && old.entries.get(it.rel) == Some(&stat_stamp(meta))
+        && same_content(&it.from, mirrored, meta.len()).unwrap_or(false)
 }
 
 /// Do two files hold the same `len` bytes (and no more)?
@@ -356,7 +362,7 @@ fn update_in_place(
         if fresh
             || !mirrored.is_file()
             || (!old.trusts(f, id, source, Some(&meta))
-                && !settled(&old, f, source, &meta, &mirrored))
+                && !settled(&old, source, it, &meta, &mirrored))
         {
             pending.push((from, meta, mirrored));
         }
