@@ -74,14 +74,14 @@ pub(super) async fn events(_: Reader, St(state): St<Shared>) -> Response {
 }
 
 pub(crate) fn budget_view(state: &State) -> Result<BudgetView, crate::db::StoreError> {
-    let c = state.store.counts()?;
+    let queued = state.store.queued_count()?;
     let share = state.broker.view();
     Ok(BudgetView {
         memory_budget_bytes: Some(share.memory_bytes),
         held_bytes: i64::try_from(share.used_memory_bytes).unwrap_or(i64::MAX),
         running_jobs: i64::from(share.running),
         waiting_jobs: i64::from(share.waiting),
-        queued_pipelines: c.queued,
+        queued_pipelines: queued,
         share,
     })
 }
