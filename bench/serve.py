@@ -250,6 +250,7 @@ def history(rave, args):
                 ("API  /api/pipelines", "/api/pipelines", api),
                 ("API  /api/pipelines?project=team/app3", "/api/pipelines?project=team/app3", api),
                 ("API  /api/budget (the UI's budget line)", "/api/budget", api),
+                ("API  /metrics (a Prometheus scrape)", "/metrics", api),
                 ("page /ui/pipelines", "/ui/pipelines", ui),
                 ("page /ui/pipelines?project=team/app3&status=failed&page=200",
                  "/ui/pipelines?project=team/app3&status=failed&page=200", ui),
