@@ -1208,7 +1208,10 @@ mod tests {
         if !rustix::process::geteuid().is_root() {
             // Without root no overlay is mounted (the copy path, tested above). CI runs the
             // suite as root, so this test never passes there without running.
-            assert!(std::env::var_os("CI").is_none(), "CI must run the tests as root");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the tests as root"
+            );
             eprintln!("needs root: overlay mounts are refused");
             return;
         }
