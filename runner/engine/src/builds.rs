@@ -929,6 +929,15 @@ fn reset_tree(
 mod tests {
     use super::*;
 
+    /// Takes down whatever a test mounted on the directory, even when an assertion fails
+    /// half-way (a panicking test would leave the overlay mounted under /tmp).
+    struct UnmountOnDrop(PathBuf);
+    impl Drop for UnmountOnDrop {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
     struct IgnoreTarget;
     impl IgnoreCheck for IgnoreTarget {
         fn is_ignored(&self, rel: &str, _: bool) -> bool {
@@ -1142,6 +1151,7 @@ mod tests {
         let builds = Builds::new(d.path().join("builds")).overlay_always();
         let flags = |s: &str| CleanFlags::parse(Some(s)).unwrap();
         let mut c = builds.claim("job").unwrap();
+        let _unmount = UnmountOnDrop(c.dir.clone());
         let (filled, note) = builds
             .prepare(
                 &mut c,
@@ -1222,6 +1232,7 @@ mod tests {
         let builds = Builds::new(d.path().join("builds")).overlay_always();
         let keep = CleanFlags::parse(Some("none")).unwrap();
         let mut c = builds.claim("job").unwrap();
+        let _unmount = UnmountOnDrop(c.dir.clone());
         let prepare = |c: &mut Claim| {
             let (filled, note) = builds
                 .prepare(c, &snap, &tracked, GitStrategy::Fetch, &keep, &NoIgnores)
