@@ -799,19 +799,23 @@ mod tests {
         assert_eq!(s.queued_count().unwrap(), 2);
         assert_eq!(s.counts().unwrap().queued, 2);
         // Not a scan of the history: SQLite's plan searches the index.
-        let c = s.lock();
-        let plan: Vec<String> = c
-            .prepare(&format!("EXPLAIN QUERY PLAN {QUEUED_COUNT}"))
-            .unwrap()
-            .query_map([], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let plan = query_plan(&s, QUEUED_COUNT);
         assert!(
             plan.iter()
                 .any(|l| l.contains("SEARCH") && l.contains("pipelines_status")),
             "{plan:?}"
         );
+    }
+
+    /// SQLite's plan for `sql`, a line per step (`SCAN t`, `SEARCH t USING INDEX i …`).
+    fn query_plan(s: &SqliteStore, sql: &str) -> Vec<String> {
+        s.lock()
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
     }
 
     type ByProjectAndStatus = Vec<(String, String, i64)>;
@@ -874,15 +878,8 @@ mod tests {
         assert!(s.reopen(p.id, &["build".to_string()]).unwrap());
         check(&s);
         // A scrape reads the small tables and the running jobs' index, never the history.
-        let c = s.lock();
         for sql in [PIPELINE_COUNTS, JOB_COUNTS, RUNNING_MEMORY] {
-            let plan: Vec<String> = c
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map([], |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap();
+            let plan = query_plan(&s, sql);
             assert!(
                 !plan
                     .iter()
