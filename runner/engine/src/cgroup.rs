@@ -64,6 +64,10 @@ pub struct JobCgroup {
     cpu_usage: Option<PathBuf>,
     /// Its memory limit now (a reused group's limit is changed in the order v1 allows).
     memory_bytes: u64,
+    /// v1: whether memory+swap is limited too (`memory.memsw.*`, with swap accounting on).
+    memsw: bool,
+    /// v1: the CPU quota file, rewritten for each job a kept group serves.
+    quota_file: Option<PathBuf>,
     /// OOM kills counted before this job had the group (a reused group keeps its count).
     oom_base: u64,
     /// Control files opened once and read or written in place (at offset 0) from then on:
@@ -250,6 +254,8 @@ impl Cgroups {
                     cpu_usage: Some(dir.join("cpu.stat")),
                     dirs: vec![dir],
                     memory_bytes,
+                    memsw: false,
+                    quota_file: None,
                     oom_base: 0,
                     held: Default::default(),
                 })
@@ -266,19 +272,24 @@ impl Cgroups {
                     &dir.join("memory.limit_in_bytes"),
                     &memory_bytes.to_string(),
                 )?;
-                let memsw = dir.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    let _ = write(&memsw, &memory_bytes.to_string());
+                let memsw_file = dir.join("memory.memsw.limit_in_bytes");
+                let memsw = memsw_file.exists();
+                if memsw {
+                    let _ = write(&memsw_file, &memory_bytes.to_string());
                 }
                 let mut procs = vec![dir.join("tasks")];
                 let mut dirs = vec![dir];
                 let mut cpu_usage = None;
+                let mut quota_file = None;
                 if let Some(cpu) = cpu {
                     let cdir = cpu.join(name);
                     let _ = fs::remove_dir(&cdir);
                     if fs::create_dir(&cdir).is_ok() {
                         let _ = write(&cdir.join("cpu.cfs_period_us"), &period.to_string());
-                        let _ = write(&cdir.join("cpu.cfs_quota_us"), &quota.to_string());
+                        let file = cdir.join("cpu.cfs_quota_us");
+                        if write(&file, &quota.to_string()).is_ok() {
+                            quota_file = Some(file);
+                        }
                         procs.push(cdir.join("tasks"));
                         if cdir.join("cpuacct.usage").exists() {
                             cpu_usage = Some(cdir.join("cpuacct.usage"));
@@ -301,6 +312,8 @@ impl Cgroups {
                     dirs,
                     cpu_usage,
                     memory_bytes,
+                    memsw,
+                    quota_file,
                     oom_base: 0,
                     held: Default::default(),
                 })
@@ -566,7 +579,7 @@ impl JobCgroup {
     }
 
     /// `f(file)` on the group's control file at `path`, opened on first use (for reading
-    /// and writing where the file takes writes).
+    /// and writing where the file takes writes). Never for the process list: see [`Self::pids`].
     fn held<T>(&self, path: &Path, f: impl FnOnce(&fs::File) -> io::Result<T>) -> io::Result<T> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let file = match held.entry(path.to_path_buf()) {
@@ -601,18 +614,13 @@ impl JobCgroup {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
 
-    /// Does the group have this control file (opened then, for later use)?
-    fn has(&self, path: &Path) -> bool {
-        self.held(path, |_| Ok(())).is_ok()
-    }
-
     /// Make a kept v1 group ready for another job: its limits, its peak and CPU time reset,
     /// its OOM count so far remembered.
     fn reconfigure(&mut self, memory_bytes: u64, quota: u64) -> io::Result<()> {
         let mem = self.mem_dir().to_path_buf();
         let limit = mem.join("memory.limit_in_bytes");
         let memsw = mem.join("memory.memsw.limit_in_bytes");
-        let has_memsw = self.has(&memsw);
+        let has_memsw = self.memsw;
         // v1 wants limit ≤ memsw limit at every moment: raise memsw first, lower it last.
         if memory_bytes >= self.memory_bytes && has_memsw {
             self.write(&memsw, &memory_bytes.to_string())?;
@@ -629,10 +637,8 @@ impl JobCgroup {
         self.oom_base = self
             .read_key(&mem.join("memory.oom_control"), "oom_kill")
             .unwrap_or(0);
-        for d in &self.dirs[1..] {
-            if self.has(&d.join("cpu.cfs_quota_us")) {
-                self.write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
-            }
+        if let Some(file) = self.quota_file.clone() {
+            self.write(&file, &quota.to_string())?;
         }
         if let Some(usage) = self.cpu_usage.clone() {
             self.write(&usage, "0")?;
@@ -690,9 +696,12 @@ impl JobCgroup {
                     .read_u64(&mem.join("memory.max_usage_in_bytes"))
                     .unwrap_or(0);
                 // With swap accounted, the limit on memory plus swap may be what was reached.
-                let peak_with_swap = self
-                    .read_u64(&mem.join("memory.memsw.max_usage_in_bytes"))
-                    .unwrap_or(0);
+                let peak_with_swap = if self.memsw {
+                    self.read_u64(&mem.join("memory.memsw.max_usage_in_bytes"))
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
                 // Within a few pages of the limit is at it: the charge that failed was not made.
                 let at_limit = peak.max(peak_with_swap) + (256 << 10) >= self.memory_bytes;
                 OomKills {
