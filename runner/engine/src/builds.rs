@@ -680,27 +680,25 @@ impl Builds {
                 continue;
             };
             let to = dir.join(f);
-            {
-                if let Some(parent) = to.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-                }
-                if to.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                    remove_all(&to)?;
-                }
-                if snap.file_type().is_symlink() {
-                    let _ = std::fs::remove_file(&to);
-                    let target = std::fs::read_link(&from)
-                        .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-                    std::os::unix::fs::symlink(target, &to)
-                        .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
-                } else {
-                    // Content, mode and mtime, as the snapshot copies them.
-                    crate::snapshot::copy_file(&from, &snap, &to, false)
-                        .map_err(|e| format!("cannot copy {f} into {}: {e}", dir.display()))?;
-                }
-                copied += 1;
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
             }
+            if to.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                remove_all(&to)?;
+            }
+            if snap.file_type().is_symlink() {
+                let _ = std::fs::remove_file(&to);
+                let target = std::fs::read_link(&from)
+                    .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+                std::os::unix::fs::symlink(target, &to)
+                    .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+            } else {
+                // Content, mode and mtime, as the snapshot copies them.
+                crate::snapshot::copy_file(&from, &snap, &to, false)
+                    .map_err(|e| format!("cannot copy {f} into {}: {e}", dir.display()))?;
+            }
+            copied += 1;
             if let Ok(m) = to.symlink_metadata() {
                 state.files.insert(f.clone(), file_stamp(snap.ino(), &m));
             }
