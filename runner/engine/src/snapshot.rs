@@ -91,8 +91,20 @@ fn now_ns() -> i128 {
 }
 
 impl Index {
-    /// Whether the mirror's copy of `f` is what `source` holds now.
+    /// Whether the mirror's copy of `f` (at `mirrored`) is what `source` holds now.
     fn trusts(
+        &self,
+        f: &str,
+        id: Option<&String>,
+        source: &Path,
+        meta: Option<&std::fs::Metadata>,
+        mirrored: &Path,
+    ) -> bool {
+        self.vouches(f, id, source, meta) || self.same_bytes(f, source, meta, mirrored)
+    }
+
+    /// By git's id, or by a stat old enough to be trusted.
+    fn vouches(
         &self,
         f: &str,
         id: Option<&String>,
@@ -117,23 +129,26 @@ impl Index {
             _ => false,
         }
     }
-}
 
-/// A file the last snapshot could not vouch for only because it had just been written (its
-/// stat then could hide a same-size write in the same clock tick), unchanged by stat since, and
-/// whose mirrored copy holds the same bytes: kept, so the mirror's inode stays and the jobs'
-/// copies of it stay valid. Without this a file edited right before a run was copied again on
-/// the next run, and with it every job's copy (a fresh clone's files all at once).
-fn settled(
-    old: &Index,
-    source: &Path,
-    it: &Item,
-    meta: &std::fs::Metadata,
-    mirrored: &Path,
-) -> bool {
-    old.source == source
-        && old.entries.get(it.rel) == Some(&stat_stamp(meta))
-        && same_content(&it.from, mirrored, meta.len()).unwrap_or(false)
+    /// A file the last snapshot could not vouch for only because it had just been written
+    /// (its stat then could hide a same-size write in the same clock tick), unchanged by stat
+    /// since, and whose mirrored copy holds the same bytes: kept, so the mirror's inode stays
+    /// and the jobs' copies of it stay valid. Without this a file edited right before a run
+    /// was copied again on the next run, and with it every job's copy (a fresh clone's files
+    /// all at once).
+    fn same_bytes(
+        &self,
+        f: &str,
+        source: &Path,
+        meta: Option<&std::fs::Metadata>,
+        mirrored: &Path,
+    ) -> bool {
+        self.source == source
+            && meta.is_some_and(|m| {
+                self.entries.get(f) == Some(&stat_stamp(m))
+                    && same_content(&source.join(f), mirrored, m.len()).unwrap_or(false)
+            })
+    }
 }
 
 /// Do two files hold the same `len` bytes (and no more)?
@@ -265,7 +280,7 @@ pub fn take(
                         && std::fs::read_link(files_dir.join(f)).ok()
                             == std::fs::read_link(source.join(f)).ok();
                 }
-                old.trusts(f, ids.get(f), source, meta.as_ref())
+                old.trusts(f, ids.get(f), source, meta.as_ref(), &files_dir.join(f))
             }) && old.entries.len() == files.len();
             if unchanged {
                 let reader = lock_shared(&readers_path)?;
@@ -359,11 +374,7 @@ fn update_in_place(
             (true, Some(id)) => Stamp::Blob(id.clone()),
             _ => record(id, &meta, started),
         };
-        if fresh
-            || !mirrored.is_file()
-            || (!old.trusts(f, id, source, Some(&meta))
-                && !settled(&old, source, it, &meta, &mirrored))
-        {
+        if fresh || !mirrored.is_file() || !old.trusts(f, id, source, Some(&meta), &mirrored) {
             pending.push((from, meta, mirrored));
         }
         new.entries.insert(f.clone(), stamp);
@@ -526,7 +537,7 @@ fn linked_copy(
             std::os::unix::fs::symlink(&target, &to)
                 .map_err(|e| format!("cannot create {}: {e}", to.display()))?;
         } else if meta.is_file() {
-            let linked = old.trusts(f, it.id, source, Some(&meta))
+            let linked = old.trusts(f, it.id, source, Some(&meta), &files_dir.join(f))
                 && std::fs::hard_link(files_dir.join(f), &to).is_ok();
             if !linked {
                 stats.bytes_copied += replace_copy(from, &meta, &to)?;
